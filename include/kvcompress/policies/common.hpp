@@ -1,0 +1,40 @@
+#pragma once
+// What every policy file needs, and the seed's integer conversions.
+#include <kvcompress/params.hpp>
+#include <kvcompress/scoring.hpp>
+#include <kvcompress/selection.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+
+namespace kvcompress {
+namespace detail {
+
+/// Python's int(x) for a double: truncation toward zero.
+inline int64_t py_int(double x) { return static_cast<int64_t>(std::trunc(x)); }
+/// Python's math.ceil of the double-precision value (ceil(0.7 * 10) is 8).
+inline int64_t py_ceil(double x) { return static_cast<int64_t>(std::ceil(x)); }
+
+/// The "sinks + smallest-norm middle + recent window" rule shared by h2o_l2, pyramid_kv and
+/// adaptive_l2: first `start`, then the `min(middle_keep, middle length)` smallest-norm tokens
+/// of [start, seq - recent), then the last `recent`. With an empty middle: first `start` and
+/// the last `fallback_recent` tokens.
+inline Selection sinks_middle_recent(const at::Tensor& keys, int64_t start, int64_t middle_keep,
+                                     int64_t recent, int64_t fallback_recent) {
+  const int64_t seq = keys.size(2);
+  const int64_t middle_end = seq - recent;
+  Selection s;
+  if (middle_end <= start) {
+    s.keep_span(0, start).keep_span(seq - fallback_recent, fallback_recent);
+    return s;
+  }
+  const int64_t middle_len = middle_end - start;
+  s.keep_span(0, start);
+  s.keep_indices(smallest_norm_positions(keys, start, middle_len, std::min(middle_keep, middle_len)));
+  s.keep_span(middle_end, recent);
+  return s;
+}
+
+}  // namespace detail
+}  // namespace kvcompress

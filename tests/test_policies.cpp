@@ -1,0 +1,312 @@
+// Exact kept positions for every policy on caches whose key norms are chosen by hand. Each test
+// runs on CPU and, where available, on CUDA.
+#include "test_support.hpp"
+
+using namespace kvtest;
+namespace kvc = kvcompress;
+
+class Policies : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == "cuda" && !at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  }
+  at::Device dev() const { return device_named(GetParam()); }
+  kvc::LayerKV layer(const Norms& n, at::ScalarType dtype = at::kFloat) const {
+    return layer_from_norms(n, 4, dtype, dev());
+  }
+  // Two rows, two heads, each (row, head) with its own norm ordering.
+  kvc::LayerKV mixed(int64_t seq) const {
+    return layer({{ramp(seq, true), ramp(seq, false)}, {ramp(seq, false), ramp(seq, true)}});
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Devices, Policies, ::testing::Values("cpu", "cuda"));
+
+// --- streaming_llm / recent_only: contiguous spans ---------------------------------------------
+
+TEST_P(Policies, StreamingLLMKeepsSinksAndRecent) {
+  auto in = mixed(10);
+  auto out = kvc::streaming_llm_compress({in}, {2, 3, {}});
+  expect_kept(out[0], in, everywhere(2, 2, {0, 1, 7, 8, 9}));
+}
+
+TEST_P(Policies, StreamingLLMWithinBudgetIsUnchanged) {
+  auto in = mixed(5);
+  expect_unchanged(kvc::streaming_llm_compress({in}, {2, 3, {}})[0], in);
+}
+
+TEST_P(Policies, StreamingLLMWithoutSinks) {
+  auto in = mixed(6);
+  expect_kept(kvc::streaming_llm_compress({in}, {0, 2, {}})[0], in, everywhere(2, 2, {4, 5}));
+}
+
+TEST_P(Policies, RecentOnlyKeepsLastWindow) {
+  auto in = mixed(9);
+  expect_kept(kvc::recent_only_compress({in}, {3, {}})[0], in, everywhere(2, 2, {6, 7, 8}));
+  auto small = mixed(3);
+  expect_unchanged(kvc::recent_only_compress({small}, {3, {}})[0], small);
+}
+
+TEST_P(Policies, SkipLayersAreUnchanged) {
+  auto a = mixed(9), b = mixed(9), c = mixed(9);
+  auto out = kvc::recent_only_compress({a, b, c});  // default skip_layers=[0,1]
+  expect_unchanged(out[0], a);
+  expect_unchanged(out[1], b);
+  expect_kept(out[2], c, everywhere(2, 2, {0, 1, 2, 3, 4, 5, 6, 7, 8}));  // 9 <= 512: unchanged
+  auto out2 = kvc::recent_only_compress({a, b, c}, {2, {1}});
+  expect_kept(out2[0], a, everywhere(2, 2, {7, 8}));
+  expect_unchanged(out2[1], b);
+  expect_kept(out2[2], c, everywhere(2, 2, {7, 8}));
+}
+
+// --- l2 (KnormPress) ----------------------------------------------------------------------------
+
+TEST_P(Policies, L2KeepsSmallestNormsPerRowAndHead) {
+  // Row 1 head 0 has a scrambled order: smallest four norms 1,2,3,4 sit at 1,3,5,7.
+  auto in = layer({{ramp(8, true), ramp(8, false)}, {{5, 1, 7, 2, 8, 3, 6, 4}, ramp(8, true)}});
+  auto out = kvc::l2_compress({in}, {0.5, 4, {}});
+  expect_kept(out[0], in, {{{0, 1, 2, 3}, {4, 5, 6, 7}}, {{1, 3, 5, 7}, {0, 1, 2, 3}}});
+}
+
+TEST_P(Policies, L2CeilIsOfTheDoubleProduct) {
+  // ceil(0.14 * 50) = 8: the double product is 7.000000000000001. (0.7 * 10 is exactly 7.0 in
+  // doubles, so it gives 7.)
+  auto in = mixed(50);
+  expect_kept(kvc::l2_compress({in}, {0.14, 0, {}})[0], in,
+              {{span(0, 8), span(42, 8)}, {span(42, 8), span(0, 8)}});
+  auto ten = mixed(10);
+  expect_kept(kvc::l2_compress({ten}, {0.7, 0, {}})[0], ten,
+              {{span(0, 7), span(3, 7)}, {span(3, 7), span(0, 7)}});
+}
+
+TEST_P(Policies, L2BoundaryRules) {
+  auto in = mixed(8);
+  expect_unchanged(kvc::l2_compress({in}, {0.5, 8, {}})[0], in);   // seq <= prune_after
+  expect_unchanged(kvc::l2_compress({in}, {1.0, 0, {}})[0], in);   // keep_ratio >= 1
+  expect_unchanged(kvc::l2_compress({in}, {0.99, 0, {}})[0], in);  // ceil(7.92) = 8 = seq
+  expect_kept(kvc::l2_compress({in}, {0.5, 7, {}})[0], in,         // seq = prune_after + 1
+              {{span(0, 4), span(4, 4)}, {span(4, 4), span(0, 4)}});
+  expect_unchanged(kvc::l2_compress({in})[0], in);                  // defaults: keep_ratio 1
+}
+
+// --- fix_size_l2 --------------------------------------------------------------------------------
+
+TEST_P(Policies, FixSizeKeepLowWithProtectedTail) {
+  // fix 5, keep_ratio 0.5: protected = int(2.5) = 2, zone [0, 6), 3 chosen from it.
+  auto in = mixed(8);
+  kvc::FixSizeL2Options o{5, 0.5, kvc::FixSizeStrategy::keep_low, {}};
+  expect_kept(kvc::fix_size_l2_compress({in}, o)[0], in,
+              {{{0, 1, 2, 6, 7}, {3, 4, 5, 6, 7}}, {{3, 4, 5, 6, 7}, {0, 1, 2, 6, 7}}});
+}
+
+TEST_P(Policies, FixSizeKeepHigh) {
+  auto in = mixed(8);
+  kvc::FixSizeL2Options o{5, 0.5, kvc::FixSizeStrategy::keep_high, {}};
+  expect_kept(kvc::fix_size_l2_compress({in}, o)[0], in,
+              {{{3, 4, 5, 6, 7}, {0, 1, 2, 6, 7}}, {{0, 1, 2, 6, 7}, {3, 4, 5, 6, 7}}});
+}
+
+TEST_P(Policies, FixSizeNoProtectedTail) {
+  auto in = mixed(8);
+  expect_kept(kvc::fix_size_l2_compress({in}, {3, 0.0, kvc::FixSizeStrategy::keep_low, {}})[0], in,
+              {{span(0, 3), span(5, 3)}, {span(5, 3), span(0, 3)}});
+}
+
+TEST_P(Policies, FixSizeAllProtectedKeepsLastTokens) {
+  auto in = mixed(8);  // keep_ratio 1: protected = fix_kv_size, nothing chosen by norm
+  expect_kept(kvc::fix_size_l2_compress({in}, {3, 1.0, kvc::FixSizeStrategy::keep_low, {}})[0], in,
+              everywhere(2, 2, {5, 6, 7}));
+  auto small = mixed(3);
+  expect_unchanged(kvc::fix_size_l2_compress({small}, {3, 0.5, kvc::FixSizeStrategy::keep_low, {}})[0], small);
+}
+
+TEST_P(Policies, FixSizeRandomIsAUniformSubsetOfTheZone) {
+  auto in = layer({{ramp(40, true), ramp(40, true)}, {ramp(40, true), ramp(40, true)}});
+  at::manual_seed(7);
+  auto out = kvc::fix_size_l2_compress({in}, {10, 0.2, kvc::FixSizeStrategy::random, {}})[0];
+  ASSERT_EQ(out.first.size(2), 10);
+  // Keys encode their position (norm t + 1), so the kept positions can be read back.
+  at::Tensor pos = out.first.select(-1, 0).to(at::kCPU).to(at::kLong) - 1;  // [2, 2, 10]
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t h = 0; h < 2; ++h) {
+      auto p = pos[b][h];
+      for (int64_t i = 0; i < 8; ++i) {
+        EXPECT_LT(p[i].item<int64_t>(), 38);  // chosen from [0, 38)
+        if (i) EXPECT_LT(p[i - 1].item<int64_t>(), p[i].item<int64_t>());
+      }
+      EXPECT_EQ(p[8].item<int64_t>(), 38);
+      EXPECT_EQ(p[9].item<int64_t>(), 39);
+    }
+  // Different (row, head) draw independently: with 8 of 38 the chance of four equal draws is nil.
+  EXPECT_FALSE(at::equal(pos[0][0], pos[0][1]) && at::equal(pos[0][0], pos[1][0]) &&
+               at::equal(pos[0][0], pos[1][1]));
+}
+
+// --- h2o_l2 -------------------------------------------------------------------------------------
+
+TEST_P(Policies, H2OKeepsSinksHeavyHittersRecent) {
+  // start 1, heavy 2, recent 2, seq 9: middle [1, 7).
+  auto in = layer({{ramp(9, true), ramp(9, false)}, {{9, 5, 1, 8, 2, 7, 3, 4, 6}, ramp(9, true)}});
+  auto out = kvc::h2o_l2_compress({in}, {1, 2, 2, {}});
+  expect_kept(out[0], in,
+              {{{0, 1, 2, 7, 8}, {0, 5, 6, 7, 8}}, {{0, 2, 4, 7, 8}, {0, 1, 2, 7, 8}}});
+}
+
+TEST_P(Policies, H2OWithoutHeavyHittersAndWithinBudget) {
+  auto in = mixed(9);
+  expect_kept(kvc::h2o_l2_compress({in}, {2, 0, 3, {}})[0], in, everywhere(2, 2, {0, 1, 6, 7, 8}));
+  expect_unchanged(kvc::h2o_l2_compress({in}, {2, 4, 3, {}})[0], in);  // seq 9 = budget
+}
+
+// --- snapkv_lite --------------------------------------------------------------------------------
+
+// Prefix norms [1,17,8,15,18,9,4,6] give scores 18 - n = [17,1,10,3,0,9,14,12] (+1e-6).
+// No pooling: top 4 at {0,2,6,7}. Kernel 2 (pad 1, trimmed): (s[i-1]+s[i])/2 =
+// [8.5,9,5.5,6.5,1.5,4.5,11.5,13] -> {0,1,6,7}. Kernel 3: (s[i-1]+s[i]+s[i+1])/3 =
+// [6,9.33,4.67,4.33,4,7.67,11.67,8.67] -> {1,5,6,7}. Window: last 2 (positions 8, 9).
+static const std::vector<double> kSnapNorms = {1, 17, 8, 15, 18, 9, 4, 6, 3, 5};
+
+TEST_P(Policies, SnapKVNoPooling) {
+  auto in = layer({{kSnapNorms}});
+  expect_kept(kvc::snapkv_lite_compress({in}, {2, 6, 1, {}})[0], in, {{{0, 2, 6, 7, 8, 9}}});
+}
+
+TEST_P(Policies, SnapKVEvenKernelDropsTheExtraPooledEntry) {
+  auto in = layer({{kSnapNorms}});
+  expect_kept(kvc::snapkv_lite_compress({in}, {2, 6, 2, {}})[0], in, {{{0, 1, 6, 7, 8, 9}}});
+}
+
+TEST_P(Policies, SnapKVOddKernel) {
+  auto in = layer({{kSnapNorms, ramp(10, true)}});
+  // Head 1: rising norms give falling scores; pooled with kernel 3 the top 4 are {0,1,2,3}.
+  expect_kept(kvc::snapkv_lite_compress({in}, {2, 6, 3, {}})[0], in,
+              {{{1, 5, 6, 7, 8, 9}, {0, 1, 2, 3, 8, 9}}});
+}
+
+TEST_P(Policies, SnapKVBoundaries) {
+  auto in = layer({{kSnapNorms}});
+  // keep_size <= observation_window: m <= 0, only the window survives.
+  expect_kept(kvc::snapkv_lite_compress({in}, {3, 2, 5, {}})[0], in, {{{7, 8, 9}}});
+  // prefix <= 0: unchanged even though seq > keep_size.
+  expect_unchanged(kvc::snapkv_lite_compress({in}, {10, 4, 5, {}})[0], in);
+  // seq <= keep_size: unchanged.
+  expect_unchanged(kvc::snapkv_lite_compress({in}, {2, 10, 5, {}})[0], in);
+  // prefix (3) < kernel (5): no pooling; scores of [1,17,8] -> top 2 = {0, 2}.
+  auto short_in = layer({{{1, 17, 8, 2, 2}}});
+  expect_kept(kvc::snapkv_lite_compress({short_in}, {2, 4, 5, {}})[0], short_in, {{{0, 2, 3, 4}}});
+}
+
+// --- pyramid_kv ---------------------------------------------------------------------------------
+
+TEST(PyramidBudgets, ProfilesAndClamp) {
+  using P = kvc::policies::PyramidKV;
+  kvc::PyramidKVOptions o;  // 512, 0.9, 64, exponential
+  EXPECT_EQ(P::layer_budget(o, 0, 32), 512);
+  EXPECT_EQ(P::layer_budget(o, 1, 32), 460);   // int(460.8)
+  EXPECT_EQ(P::layer_budget(o, 2, 32), 414);   // int(414.72)
+  EXPECT_EQ(P::layer_budget(o, 3, 32), 373);   // int(373.248)
+  EXPECT_EQ(P::layer_budget(o, 31, 32), 64);   // 512*0.9^31 = 19.6 -> clamped to min_size
+  o.profile = kvc::PyramidProfile::linear;
+  EXPECT_EQ(P::layer_budget(o, 0, 4), 512);
+  EXPECT_EQ(P::layer_budget(o, 1, 4), 362);   // int(512 - 448 / 3) = int(362.67)
+  o.base_size = 16; o.min_size = 4;
+  EXPECT_EQ(P::layer_budget(o, 1, 4), 12);
+  EXPECT_EQ(P::layer_budget(o, 3, 4), 4);
+  EXPECT_EQ(P::layer_budget(o, 0, 1), 16);    // max(L - 1, 1)
+  o.profile = kvc::PyramidProfile::constant;
+  EXPECT_EQ(P::layer_budget(o, 3, 4), 16);
+}
+
+TEST_P(Policies, PyramidPerLayerBudgets) {
+  // base 16, decay 0.5, min 4, 3 layers: budgets 16, 8, 4.
+  auto l0 = mixed(20), l1 = mixed(20), l2 = mixed(20);
+  auto out = kvc::pyramid_kv_compress({l0, l1, l2}, {16, 0.5, 4, kvc::PyramidProfile::exponential, {}});
+  // Layer 0, size 16: start 2, recent 8, middle [2, 12) keeps 6.
+  const auto rise0 = join({span(0, 2), span(2, 6), span(12, 8)});
+  const auto fall0 = join({span(0, 2), span(6, 6), span(12, 8)});
+  expect_kept(out[0], l0, {{rise0, fall0}, {fall0, rise0}});
+  // Layer 1, size 8: start 1, recent 4, middle [1, 16) keeps 3.
+  const auto rise1 = join({span(0, 1), span(1, 3), span(16, 4)});
+  const auto fall1 = join({span(0, 1), span(13, 3), span(16, 4)});
+  expect_kept(out[1], l1, {{rise1, fall1}, {fall1, rise1}});
+  // Layer 2, size 4: start 0, recent 2, middle [0, 18) keeps 2.
+  const auto rise2 = join({span(0, 2), span(18, 2)});
+  const auto fall2 = join({span(16, 2), span(18, 2)});
+  expect_kept(out[2], l2, {{rise2, fall2}, {fall2, rise2}});
+}
+
+// --- adaptive_l2 --------------------------------------------------------------------------------
+
+TEST_P(Policies, AdaptiveSoftBand) {
+  // soft 8, hard 16, seq 12: progress 0.5, ratio 0.75, n = 9, protected int(1.8) = 1,
+  // history 8 smallest of [0, 11), then position 11.
+  auto in = mixed(12);
+  auto out = kvc::adaptive_l2_compress({in}, {12, 8, 16, 0.5, 1.0, {}});
+  const auto rise = join({span(0, 8), {11}}), fall = join({span(3, 8), {11}});
+  expect_kept(out[0], in, {{rise, fall}, {fall, rise}});
+}
+
+TEST_P(Policies, AdaptiveHardLimit) {
+  // seq 20 > hard 16, target 12: first 4, 2 of middle [4, 14), last 6.
+  auto in = mixed(20);
+  auto out = kvc::adaptive_l2_compress({in}, {12, 8, 16, 0.5, 1.0, {}});
+  const auto rise = join({span(0, 4), {4, 5}, span(14, 6)});
+  const auto fall = join({span(0, 4), {12, 13}, span(14, 6)});
+  expect_kept(out[0], in, {{rise, fall}, {fall, rise}});
+  // target 8: middle_keep = 8 - 4 - 4 = 0, so the last 8 tokens.
+  expect_kept(kvc::adaptive_l2_compress({in}, {8, 8, 16, 0.5, 1.0, {}})[0], in,
+              everywhere(2, 2, span(12, 8)));
+}
+
+TEST_P(Policies, AdaptiveUnchangedCases) {
+  auto in = mixed(8);
+  expect_unchanged(kvc::adaptive_l2_compress({in}, {12, 8, 16, 0.5, 1.0, {}})[0], in);  // seq <= soft
+  auto mid = mixed(12);
+  expect_unchanged(kvc::adaptive_l2_compress({mid}, {12, 8, 16, 1.0, 1.0, {}})[0], mid);  // n = seq
+  auto big = mixed(20);
+  expect_unchanged(kvc::adaptive_l2_compress({big}, {24, 8, 16, 0.5, 1.0, {}})[0], big);  // seq <= target
+}
+
+// --- dtypes, input untouched, layers of different lengths ---------------------------------------
+
+TEST_P(Policies, HalfPrecisionCachesKeepTheSameTokens) {
+  for (auto dtype : {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    auto in = layer({{ramp(10, true), ramp(10, false)}}, dtype);
+    expect_kept(kvc::l2_compress({in}, {0.5, 0, {}})[0], in, {{span(0, 5), span(5, 5)}});
+    auto snap = layer({{kSnapNorms}}, dtype);
+    expect_kept(kvc::snapkv_lite_compress({snap}, {2, 6, 3, {}})[0], snap, {{{1, 5, 6, 7, 8, 9}}});
+    expect_kept(kvc::streaming_llm_compress({in}, {1, 2, {}})[0], in, {{{0, 8, 9}, {0, 8, 9}}});
+  }
+}
+
+TEST_P(Policies, InputIsNeverModifiedAndLayersMayDiffer) {
+  auto a = mixed(12), b = mixed(7);
+  auto a_keys = a.first.clone(), a_values = a.second.clone();
+  auto out = kvc::h2o_l2_compress({a, b}, {1, 2, 3, {}});
+  EXPECT_TRUE(at::equal(a.first, a_keys));
+  EXPECT_TRUE(at::equal(a.second, a_values));
+  EXPECT_EQ(out[0].first.size(2), 6);
+  EXPECT_EQ(out[1].first.size(2), 6);
+  EXPECT_FALSE(out[0].first.is_same(a.first));
+  EXPECT_FALSE(out[0].first.data_ptr() == a.first.data_ptr());
+}
+
+TEST_P(Policies, EveryPolicyKeepsTheSameCountForEveryRowAndHead) {
+  auto in = layer_from_norms({{ramp(64, true), ramp(64, false), ramp(64, true)},
+                              {ramp(64, false), ramp(64, true), ramp(64, false)}},
+                             8, at::kFloat, dev());
+  for (const auto& spec : {"l2(keep_ratio=0.3, prune_after=0, skip_layers=[])",
+                           "fix_size_l2(fix_kv_size=20, keep_ratio=0.5, skip_layers=[])",
+                           "streaming_llm(start_size=4, recent_size=16)",
+                           "h2o_l2(start_size=4, heavy_hitter_size=8, recent_size=8)",
+                           "snapkv_lite(observation_window=8, keep_size=20)",
+                           "pyramid_kv(base_size=20, min_size=8)",
+                           "adaptive_l2(target_size=20, soft_limit=8, hard_limit=32)",
+                           "recent_only(window_size=20, skip_layers=[])"}) {
+    SCOPED_TRACE(spec);
+    auto out = kvc::make_compressor(spec)->compress({in});
+    EXPECT_LE(out[0].first.size(2), 20);
+    EXPECT_GT(out[0].first.size(2), 0);
+  }
+}
