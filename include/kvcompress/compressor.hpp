@@ -26,6 +26,8 @@ class Compressor {
   virtual std::string name() const = 0;
   /// Canonical spec with every parameter, e.g. "streaming_llm(start_size=4, recent_size=508, skip_layers=[])".
   virtual std::string spec() const = 0;
+  /// Layers this compressor never touches.
+  virtual std::vector<int64_t> skip_layers() const = 0;
 };
 
 /// A policy's canonical spec text for the given options.
@@ -80,6 +82,7 @@ class BasicCompressor final : public Compressor {
 
   std::string name() const override { return Policy::name; }
   std::string spec() const override { return spec_of<Policy>(options_); }
+  std::vector<int64_t> skip_layers() const override { return options_.skip_layers; }
 
  private:
   Options options_;

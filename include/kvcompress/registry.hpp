@@ -158,8 +158,7 @@ class Registry {
     return out;
   }
 
-  std::unique_ptr<Compressor> make(const std::string& spec) const {
-    ParsedSpec parsed = parse_spec(spec);
+  std::unique_ptr<Compressor> make(ParsedSpec parsed) const {
     Factory factory;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -201,7 +200,12 @@ inline std::vector<std::string> list_methods() { return Registry::instance().nam
 
 /// `make_compressor("h2o_l2(heavy_hitter_size=128, skip_layers=[0,1])")`.
 inline std::unique_ptr<Compressor> make_compressor(const std::string& spec) {
-  return Registry::instance().make(spec);
+  return Registry::instance().make(parse_spec(spec));
+}
+
+/// The same from an already parsed spec (e.g. one whose arguments a driver has completed).
+inline std::unique_ptr<Compressor> make_compressor(ParsedSpec spec) {
+  return Registry::instance().make(std::move(spec));
 }
 
 /// Makes a user's policy available to make_compressor under `Policy::name` (and aliases).

@@ -24,7 +24,7 @@ struct PyramidKV {
   template <class O, class V>
   static void visit_params(O& o, V& v) {
     v.integer("base_size", o.base_size, 1);
-    v.real("layer_decay", o.layer_decay, 0.0, 1e300, /*lo_open=*/true);
+    v.real("layer_decay", o.layer_decay, 0.0, 1e300);
     // A budget of 1 makes recent = 0, and "the last 0 tokens" is the slicing quirk.
     v.integer("min_size", o.min_size, 2);
     v.choice("profile", o.profile,

@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Checks of the kvcompress model contract on tiny random GPT-NeoX models (CPU, seconds).
+
+Run with `python3 examples/python/test_kvc_model.py` (prints 'N passed, N failed') or with
+pytest. Covers: scripting, prefill == token-by-token == chunked decode, caches of different
+length per layer against an independent naive implementation, dtype moves, save/reload with
+extra files, Hugging Face name mapping, and the rotary re-rotation identity that the
+driver's `cache` position mode relies on.
+"""
+
+import math
+import os
+import sys
+import tempfile
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kvc_model as km  # noqa: E402
+
+
+def tiny_config(**over):
+    cfg = dict(num_layers=3, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=97,
+               rotary_pct=0.25, bos_token_id=1, eos_token_id=2, model_name="tiny-test")
+    cfg.update(over)
+    return km.KVCConfig(**cfg)
+
+
+def tiny_model(seed=0, attention="portable", **over):
+    torch.manual_seed(seed)
+    m = km.KVCModel(tiny_config(**over), attention=attention).eval()
+    # Larger than default init so attention is far from uniform and errors would show.
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.15)
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def run(model, ids, pos, pk, pv):
+    with torch.no_grad():
+        return model(ids, pos, pk, pv)
+
+
+# ---------------------------------------------------------------------------------------
+# An independent, deliberately naive reference: per token, per head, plain loops, rotary by
+# rotating coordinate pairs (i, i + r/2) through angle pos * base^(-2i/r). It shares only the
+# weights with the module under test.
+
+def naive_rotate(x, pos, r, base):
+    out = x.clone()
+    half = r // 2
+    for i in range(half):
+        theta = pos * base ** (-2.0 * i / r)
+        c, s = math.cos(theta), math.sin(theta)
+        a, b = x[i].item(), x[i + half].item()
+        out[i] = a * c - b * s
+        out[i + half] = b * c + a * s
+    return out
+
+
+def naive_decode(model, tokens, positions, visible):
+    """Logits (float64) of the last token. visible[layer] = indices of earlier tokens the last
+    token may attend to in that layer (all earlier tokens attend causally to everything)."""
+    m = model.double()
+    H, D, r = m.num_heads, m.head_dim, m.rotary_ndims
+    n = len(tokens)
+    keys = [[None] * n for _ in m.layers]
+    vals = [[None] * n for _ in m.layers]
+    x_last = None
+    with torch.no_grad():
+        for t in range(n):
+            x = m.embed_in.weight[tokens[t]].clone()
+            for li, layer in enumerate(m.layers):
+                h = torch.nn.functional.layer_norm(x, (x.numel(),), layer.input_layernorm.weight,
+                                                   layer.input_layernorm.bias, layer.input_layernorm.eps)
+                qkv = layer.attention.query_key_value(h).view(H, 3 * D)
+                heads = []
+                keys[li][t] = [None] * H
+                vals[li][t] = [None] * H
+                for hd in range(H):
+                    q = naive_rotate(qkv[hd, :D], positions[t], r, m.rotary_base)
+                    keys[li][t][hd] = naive_rotate(qkv[hd, D:2 * D], positions[t], r, m.rotary_base)
+                    vals[li][t][hd] = qkv[hd, 2 * D:]
+                    seen = list(range(t)) if t < n - 1 else list(visible[li])
+                    seen = seen + [t]
+                    scores = torch.stack([q.dot(keys[li][j][hd]) / math.sqrt(D) for j in seen])
+                    w = torch.softmax(scores, 0)
+                    heads.append(sum(w[i] * vals[li][j][hd] for i, j in enumerate(seen)))
+                attn = layer.attention.dense(torch.cat(heads))
+                ln2 = layer.post_attention_layernorm
+                mlp = layer.mlp(torch.nn.functional.layer_norm(x, (x.numel(),), ln2.weight, ln2.bias, ln2.eps))
+                x = mlp + attn + x
+            x_last = x
+        ln = m.final_layer_norm
+        out = m.embed_out(torch.nn.functional.layer_norm(x_last, (x_last.numel(),), ln.weight, ln.bias, ln.eps))
+    m.float()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+
+def test_scripts_and_exposes_contract_attributes():
+    m = tiny_model()
+    s = torch.jit.script(m)
+    expect = dict(kvc_contract_version=1, model_name="tiny-test", num_layers=3, num_heads=4, head_dim=16,
+                  hidden_size=64, vocab_size=97, rotary_ndims=4, rotary_base=10000.0, max_positions=2048,
+                  bos_token_id=1, eos_token_id=2)
+    for k, v in expect.items():
+        got = getattr(s, k)
+        assert got == v and type(got) is type(v), (k, got, v)
+
+
+def test_prefill_equals_token_by_token_and_chunks():
+    m = tiny_model(1)
+    s = torch.jit.script(m)
+    B, T = 2, 24
+    ids = torch.randint(0, 97, (B, T))
+    pos = torch.arange(T).expand(B, T)
+    full, fk, fv = run(s, ids, pos, *km.empty_cache(s, B))
+    assert full.dtype == torch.float32 and full.shape == (B, T, 97)
+    assert all(k.shape == (B, 4, T, 16) for k in fk + fv)
+
+    pk, pv = km.empty_cache(s, B)
+    steps = []
+    for t in range(T):
+        logits, pk, pv = run(s, ids[:, t:t + 1], pos[:, t:t + 1], pk, pv)
+        steps.append(logits)
+    diff = (torch.cat(steps, 1) - full).abs().max().item()
+    assert diff < 1e-4, diff
+    assert max((a - b).abs().max().item() for a, b in zip(pk, fk)) < 1e-5  # same cached keys
+
+    h = T // 2
+    a, pk, pv = run(s, ids[:, :h], pos[:, :h], *km.empty_cache(s, B))
+    b, pk, pv = run(s, ids[:, h:], pos[:, h:], pk, pv)
+    diff = (torch.cat([a, b], 1) - full).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_lm_logits_matches_forward():
+    m = tiny_model(2)
+    ids = torch.randint(0, 97, (2, 17))
+    full, _, _ = run(m, ids, torch.arange(17).expand(2, 17), *km.empty_cache(m, 2))
+    with torch.no_grad():
+        diff = (km.lm_logits(m, ids).float() - full).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_per_layer_cache_lengths_match_naive_reference():
+    m = tiny_model(3)
+    s = torch.jit.script(m)
+    n = 12
+    tokens = torch.randint(0, 97, (n,)).tolist()
+    ids = torch.tensor([tokens])
+    pos = torch.arange(n).unsqueeze(0)
+    _, pk, pv = run(s, ids[:, :n - 1], pos[:, :n - 1], *km.empty_cache(s, 1))
+    # Different kept sets per layer, including an empty one, like a compressor would leave.
+    visible = [[0, 1, 7, 9, 10], list(range(n - 1)), []]
+    pk = [k[:, :, idx, :] for k, idx in zip(pk, visible)]
+    pv = [v[:, :, idx, :] for v, idx in zip(pv, visible)]
+    logits, nk, nv = run(s, ids[:, n - 1:], pos[:, n - 1:], pk, pv)
+    assert [k.shape[2] for k in nk] == [6, n, 1], [k.shape for k in nk]
+    ref = naive_decode(m, tokens, list(range(n)), visible)
+    diff = (logits[0, 0].double() - ref).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_naive_reference_agrees_on_full_cache_with_custom_positions():
+    # 'cache' position mode: positions need not be token indices.
+    m = tiny_model(4)
+    s = torch.jit.script(m)
+    n = 9
+    tokens = torch.randint(0, 97, (n,)).tolist()
+    positions = [0, 1, 2, 5, 6, 7, 8, 20, 21]
+    logits, _, _ = run(s, torch.tensor([tokens]), torch.tensor([positions]), *km.empty_cache(s, 1))
+    ref = naive_decode(m, tokens, positions, [list(range(n - 1))] * 3)
+    diff = (logits[0, -1].double() - ref).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_key_rerotation_composes():
+    # A cached key rotated at position p, rotated again by delta, equals the key rotated at
+    # p + delta: this is what lets a driver move kept keys to new positions.
+    m = tiny_model(5)
+    r = m.rotary_ndims
+    k = torch.randn(1, 4, 6, 16, dtype=torch.float64)
+    p = torch.tensor([[0, 3, 4, 10, 11, 40]])
+    delta = torch.tensor([[0, -1, -1, -5, -5, -30]])
+    cos, sin = m.rotary_tables(p)
+    once = km.apply_rotary(k, cos, sin, r)
+    c2, s2 = m.rotary_tables(delta)
+    twice = km.apply_rotary(once, c2, s2, r)
+    c3, s3 = m.rotary_tables(p + delta)
+    direct = km.apply_rotary(k, c3, s3, r)
+    assert (twice - direct).abs().max().item() < 1e-5
+
+
+def test_dtype_moves_and_no_hardcoded_dtype():
+    m = tiny_model(6)
+    s = torch.jit.script(m)
+    ids = torch.randint(0, 97, (1, 10))
+    pos = torch.arange(10).unsqueeze(0)
+    ref, _, _ = run(s, ids, pos, *km.empty_cache(s, 1))
+    s.to(torch.float64)
+    out, k, _ = run(s, ids, pos, *km.empty_cache(s, 1))
+    assert out.dtype == torch.float32 and k[0].dtype == torch.float64
+    assert (out - ref).abs().max().item() < 1e-4
+    # A half-precision copy (what data/ ships) moved back to float32 still runs on CPU.
+    s.to(torch.float16)
+    s.to(torch.float32)
+    out2, _, _ = run(s, ids, pos, *km.empty_cache(s, 1))
+    assert (out2 - ref).abs().max().item() < 0.05
+    # bfloat16 runs on CPU too.
+    s.to(torch.bfloat16)
+    out3, k3, _ = run(s, ids, pos, *km.empty_cache(s, 1))
+    assert out3.dtype == torch.float32 and k3[0].dtype == torch.bfloat16
+
+
+def test_bad_inputs_raise_clear_errors():
+    s = torch.jit.script(tiny_model(7))
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    pos = torch.arange(3).unsqueeze(0)
+    pk, pv = km.empty_cache(s, 1)
+    for args, needle in [((ids, pos, pk[:2], pv[:2]), "expected 3"),
+                         ((ids, pos[:, :2], pk, pv), "position_ids"),
+                         ((ids, pos, [torch.zeros(1, 4, 0, 8)] * 3, pv), "cache has keys"),
+                         ((ids, pos, [x.double() for x in pk], [x.double() for x in pv]), "dtype")]:
+        try:
+            run(s, *args)
+        except Exception as e:  # TorchScript raises torch.jit.Error (a RuntimeError)
+            assert needle in str(e), (needle, str(e)[:300])
+        else:
+            raise AssertionError("no error for " + needle)
+
+
+def test_save_reload_with_extra_files():
+    m = tiny_model(8)
+    tok = bytes(range(256)) * 3  # arbitrary binary content, NUL bytes included
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tiny.pt")
+        km.save_contract_model(m, path, {"source": "random"}, tokenizer_bytes=tok)
+        loaded, cfg, tok2 = km.load_contract_model(path)
+        assert tok2 == tok
+        assert cfg["source"] == "random" and cfg["dtype"] == "float32" and cfg["attention"] == "portable"
+        for name in km.CONTRACT_ATTRS:
+            assert cfg[name] == getattr(loaded, name), name
+        ids = torch.randint(0, 97, (1, 8))
+        pos = torch.arange(8).unsqueeze(0)
+        a, _, _ = run(m, ids, pos, *km.empty_cache(m, 1))
+        b, _, _ = run(loaded, ids, pos, *km.empty_cache(loaded, 1))
+        assert (a - b).abs().max().item() == 0.0
+        # Without a tokenizer the entry is absent.
+        km.save_contract_model(m, path)
+        _, cfg, tok3 = km.load_contract_model(path)
+        assert tok3 is None and cfg["tokenizer"] is None
+
+
+def test_hf_state_dict_mapping():
+    src = tiny_model(9)
+    sd = {}
+    for k, v in src.state_dict().items():
+        sd[k if k == "embed_out.weight" else "gpt_neox." + k] = v.clone()
+    sd["gpt_neox.layers.0.attention.bias"] = torch.ones(1)           # old HF buffers: ignored
+    sd["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(2)
+    dst = km.KVCModel(tiny_config())
+    km.load_hf_state_dict(dst, sd)
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k]), k
+    del sd["gpt_neox.final_layer_norm.bias"]
+    sd["gpt_neox.layers.0.extra.weight"] = torch.ones(1)
+    try:
+        km.load_hf_state_dict(dst, sd)
+    except ValueError as e:
+        assert "final_layer_norm.bias" in str(e) and "layers.0.extra.weight" in str(e), str(e)
+    else:
+        raise AssertionError("missing key not reported")
+
+
+def test_sequential_residual_variant():
+    m = tiny_model(10, use_parallel_residual=False)
+    s = torch.jit.script(m)
+    ids = torch.randint(0, 97, (1, 8))
+    pos = torch.arange(8).unsqueeze(0)
+    full, _, _ = run(s, ids, pos, *km.empty_cache(s, 1))
+    with torch.no_grad():
+        assert (km.lm_logits(m, ids).float() - full).abs().max().item() < 1e-4
+
+
+def test_sdpa_matches_portable():
+    if not hasattr(torch.nn.functional, "scaled_dot_product_attention"):
+        return "skipped (PyTorch %s has no scaled_dot_product_attention)" % torch.__version__
+    a = torch.jit.script(tiny_model(11))
+    b = km.KVCModel(tiny_config(), attention="sdpa").eval()
+    b.load_state_dict(tiny_model(11).state_dict())
+    b = torch.jit.script(b)
+    ids = torch.randint(0, 97, (2, 16))
+    pos = torch.arange(16).expand(2, 16)
+    outs = []
+    for model in (a, b):
+        pk, pv = km.empty_cache(model, 2)
+        x1, pk, pv = run(model, ids[:, :8], pos[:, :8], pk, pv)      # prefill (is_causal)
+        x2, pk, pv = run(model, ids[:, 8:12], pos[:, 8:12], pk, pv)  # chunk (boolean mask)
+        x3, pk, pv = run(model, ids[:, 12:13], pos[:, 12:13], pk, pv)  # one token (no mask)
+        outs.append(torch.cat([x1, x2, x3], 1))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-4
+
+
+def main():
+    tests = [(k, v) for k, v in sorted(globals().items()) if k.startswith("test_") and callable(v)]
+    passed = failed = skipped = 0
+    for name, fn in tests:
+        try:
+            note = fn()
+        except Exception:
+            failed += 1
+            print("FAIL %s" % name)
+            traceback.print_exc()
+            continue
+        if isinstance(note, str) and note.startswith("skipped"):
+            skipped += 1
+            print("skip %s: %s" % (name, note))
+        else:
+            passed += 1
+            print("ok   %s" % name)
+    print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

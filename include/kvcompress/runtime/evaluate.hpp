@@ -1,0 +1,135 @@
+#pragma once
+// The course project's evaluation, exactly: feed token t, score token t + 1 from the logits
+// (NLL and top-1 hit), then compress the cache; positions are absolute token indices. Plus a
+// generation measurement: prefill a prompt, then greedy decoding with compression every step.
+#include <kvcompress/compressor.hpp>
+#include <kvcompress/runtime/memory.hpp>
+#include <kvcompress/runtime/model.hpp>
+
+#include <c10/core/InferenceMode.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <vector>
+
+namespace kvcompress {
+namespace runtime {
+
+/// Totals over the samples of one run (one method); the metrics are derived from them.
+struct RunMetrics {
+  double nll_sum = 0;
+  int64_t scored = 0, hits = 0, tokens = 0, samples = 0;
+  double total_s = 0, first_steps_s = 0, later_steps_s = 0;
+  int64_t later_steps = 0;
+  int64_t cache_tokens = 0, cache_bytes = 0, peak_memory_bytes = -1;
+  double gen_ttft_s = 0, gen_later_s = 0;
+  int64_t gen_later_steps = 0, gen_tokens = 0, gen_cache_tokens = 0;
+
+  double ppl() const { return std::exp(nll_sum / static_cast<double>(std::max<int64_t>(scored, 1))); }
+  double accuracy() const { return static_cast<double>(hits) / static_cast<double>(std::max<int64_t>(scored, 1)); }
+  double ttft_s() const { return first_steps_s / static_cast<double>(std::max<int64_t>(samples, 1)); }
+  double tpot_s() const { return later_steps_s / static_cast<double>(std::max<int64_t>(later_steps, 1)); }
+  double throughput_tok_s() const { return total_s > 0 ? static_cast<double>(tokens) / total_s : 0.0; }
+  double gen_tpot_s() const { return gen_later_s / static_cast<double>(std::max<int64_t>(gen_later_steps, 1)); }
+};
+
+using Progress = std::function<void(int64_t done, int64_t total)>;
+
+namespace detail {
+
+inline double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+/// Sequence length of the first layer the compressor may touch (the seed's "KV cache size").
+inline int64_t first_compressed_layer_tokens(const KVCache& cache, const Compressor* compressor,
+                                             const std::vector<int64_t>& baseline_skip) {
+  const std::vector<int64_t> skip = compressor ? compressor->skip_layers() : baseline_skip;
+  for (size_t i = 0; i < cache.size(); ++i)
+    if (std::find(skip.begin(), skip.end(), static_cast<int64_t>(i)) == skip.end())
+      return cache[i].first.size(2);
+  return cache.empty() ? 0 : cache[0].first.size(2);
+}
+
+inline int64_t cache_bytes(const KVCache& cache) {
+  int64_t bytes = 0;
+  for (const auto& [k, v] : cache)
+    bytes += static_cast<int64_t>(k.numel() * k.element_size() + v.numel() * v.element_size());
+  return bytes;
+}
+
+}  // namespace detail
+
+/// Token-by-token evaluation of one sample; adds to `m` and returns the final cache.
+/// `compressor` null = full cache.
+inline KVCache evaluate_sample(ContractModel& model, const Compressor* compressor,
+                            const std::vector<int64_t>& tokens, RunMetrics& m,
+                            const std::vector<int64_t>& baseline_skip = {0, 1},
+                            const Progress& progress = nullptr) {
+  c10::InferenceMode guard;
+  const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  KVCache cache = model.empty_cache();
+  const auto run_start = std::chrono::steady_clock::now();
+  for (int64_t t = 0; t < n; ++t) {
+    const auto step_start = std::chrono::steady_clock::now();
+    auto step = model.forward(at::full({1, 1}, tokens[t], ids_opts), at::full({1, 1}, t, ids_opts), cache);
+    cache = std::move(step.cache);
+    at::Tensor scored;
+    if (t + 1 < n) {
+      const at::Tensor logits = step.logits.select(0, 0).select(0, -1);
+      const at::Tensor nll = at::logsumexp(logits, 0) - logits[tokens[t + 1]];
+      scored = at::stack({nll.to(at::kDouble), logits.argmax().to(at::kDouble)});
+    }
+    if (compressor) cache = compressor->compress(cache);
+    if (scored.defined()) {  // the one device->host copy of the step, which also synchronises
+      const at::Tensor host = scored.to(at::kCPU);
+      m.nll_sum += host[0].item<double>();
+      m.hits += static_cast<int64_t>(host[1].item<double>()) == tokens[t + 1] ? 1 : 0;
+      ++m.scored;
+    } else if (model.device().is_cuda()) {
+      cache.back().first.sum().item<float>();  // last step: synchronise before stopping the clock
+    }
+    const double dt = detail::seconds_since(step_start);
+    if (t == 0) m.first_steps_s += dt;
+    else { m.later_steps_s += dt; ++m.later_steps; }
+    if (progress) progress(t + 1, n);
+  }
+  m.total_s += detail::seconds_since(run_start);
+  m.tokens += n;
+  ++m.samples;
+  m.cache_tokens = detail::first_compressed_layer_tokens(cache, compressor, baseline_skip);
+  m.cache_bytes = detail::cache_bytes(cache);
+  return cache;
+}
+
+/// Prefills `prompt` in one call, compresses, then generates `new_tokens` greedily with
+/// compression after every step. TTFT = prefill + compression + first token; TPOT = the rest.
+inline void measure_generation(ContractModel& model, const Compressor* compressor,
+                               const std::vector<int64_t>& prompt, int64_t new_tokens, RunMetrics& m,
+                               const std::vector<int64_t>& baseline_skip = {0, 1}) {
+  c10::InferenceMode guard;
+  const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
+  const int64_t p = static_cast<int64_t>(prompt.size());
+  auto start = std::chrono::steady_clock::now();
+  at::Tensor ids = at::tensor(prompt, at::TensorOptions().dtype(at::kLong)).to(model.device()).unsqueeze(0);
+  auto step = model.forward(ids, at::arange(p, ids_opts).unsqueeze(0), model.empty_cache());
+  KVCache cache = compressor ? compressor->compress(step.cache) : std::move(step.cache);
+  int64_t next = step.logits.select(0, 0).select(0, -1).argmax().item<int64_t>();
+  m.gen_ttft_s += detail::seconds_since(start);
+  for (int64_t i = 1; i < new_tokens; ++i) {
+    start = std::chrono::steady_clock::now();
+    step = model.forward(at::full({1, 1}, next, ids_opts), at::full({1, 1}, p + i - 1, ids_opts), cache);
+    cache = compressor ? compressor->compress(step.cache) : std::move(step.cache);
+    next = step.logits.select(0, 0).select(0, -1).argmax().item<int64_t>();
+    m.gen_later_s += detail::seconds_since(start);
+    ++m.gen_later_steps;
+  }
+  m.gen_tokens += new_tokens;
+  m.gen_cache_tokens = detail::first_compressed_layer_tokens(cache, compressor, baseline_skip);
+}
+
+}  // namespace runtime
+}  // namespace kvcompress
