@@ -1,5 +1,6 @@
 // Compress latency of every policy on a Pythia-2.8B-shaped cache: 32 layers x 32 heads x
-// 2000 tokens x head_dim 80, budget 512, batch 1. Device and dtype from the environment:
+// 2000 tokens x head_dim 80, budget 512, batch 1, through the functional API (new tensors) and
+// through the fixed-capacity cache (in-place compaction). Device and dtype from the environment:
 //   KVC_BENCH_DEVICE=cpu|cuda (default cpu), KVC_BENCH_DTYPE=float32|float16|bfloat16
 //   (default float32 on CPU, float16 on CUDA), KVC_BENCH_LAYERS (default 32).
 #include <kvcompress/kvcompress.hpp>
@@ -7,6 +8,7 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdlib>
+#include <memory>
 #include <iostream>
 #include <string>
 
@@ -66,6 +68,31 @@ void BM_Compress(benchmark::State& state, const std::string& spec) {
   state.SetLabel(compressor->spec());
 }
 
+// The same compression, in place: a StaticCache refilled to 2000 tokens before each timed call.
+void BM_CompressInPlace(benchmark::State& state, const std::string& spec) {
+  auto compressor = kvcompress::make_compressor(spec);
+  const auto& s = setup();
+  static std::unique_ptr<kvcompress::StaticCache> cache;
+  if (!cache) {
+    cache = std::make_unique<kvcompress::StaticCache>(s.layers, 1, 32, 80, std::vector<int64_t>{2000},
+                                                      at::TensorOptions().dtype(s.dtype).device(s.device));
+    for (int64_t l = 0; l < s.layers; ++l) {
+      cache->key_buffer(l).normal_();
+      cache->value_buffer(l).normal_();
+    }
+  }
+  for (auto _ : state) {
+    state.PauseTiming();
+    cache->clear();
+    cache->commit_step(2000, 0);
+    sync();
+    state.ResumeTiming();
+    cache->compress(*compressor);
+    sync();
+  }
+  state.SetLabel(compressor->spec());
+}
+
 // The compare-all set at budget 512, with the benchmark's skip_layers=[0,1].
 const char* kSpecs[][2] = {
     {"l2", "l2(keep_ratio=0.256, prune_after=512, skip_layers=[0,1])"},
@@ -94,10 +121,14 @@ int main(int argc, char** argv) {
     std::cerr << "bench_compress: " << e.what() << '\n';
     return 2;
   }
-  for (const auto& spec : kSpecs)
-    benchmark::RegisterBenchmark(spec[0], BM_Compress, std::string(spec[1]))
+  for (const auto& spec : kSpecs) {
+    benchmark::RegisterBenchmark((std::string("functional/") + spec[0]).c_str(), BM_Compress, std::string(spec[1]))
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
+    benchmark::RegisterBenchmark((std::string("in_place/") + spec[0]).c_str(), BM_CompressInPlace, std::string(spec[1]))
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  }
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

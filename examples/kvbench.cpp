@@ -53,6 +53,14 @@ the cache) for the full cache and each method, as the course project did.
   --no-baseline         skip the full-cache run
   --positions original  position rule: every token keeps its absolute index (the only rule
                         implemented; see docs/ALGORITHMS.md)
+  --schedule every|chunked   use the fixed-capacity in-place cache through the model's `step`:
+                        compress after every token, or once per --slack tokens (default: the
+                        course project's loop, which re-concatenates the cache every step)
+  --slack N             tokens between compressions for --schedule chunked (default 64)
+  --cuda-graph          replay each one-token step from a CUDA graph (fixed-capacity cache;
+                        implies --schedule every unless given)
+  --batch N             rows of the generation measurement (default 1)
+  --no-eval             skip the perplexity evaluation (generation measurement only)
   --generate N          greedy generation measurement: N new tokens (default 32; 0 = off)
   --prompt-tokens N     prompt length for the generation measurement (default 512)
   --threads N           CPU threads for LibTorch (default: LibTorch's choice)
@@ -93,6 +101,10 @@ struct Options {
   std::string device = "cpu", dtype;
   std::vector<std::pair<std::string, std::string>> methods;  // label, spec
   bool compare_all = false, baseline = true, quiet = false, jit_optimize = false;
+  std::string schedule;  // "" = dynamic (concatenating) runtime
+  int64_t slack = 64, batch = 1;
+  bool cuda_graph = false, eval = true;
+  bool static_cache() const { return !schedule.empty() || cuda_graph; }
   std::vector<int64_t> budgets = {512, 1024}, skip_layers = {0, 1};
   std::string json, csv;
 };
@@ -141,6 +153,15 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--csv") o.csv = value(i);
     else if (a == "--quiet") o.quiet = true;
     else if (a == "--jit-optimize") o.jit_optimize = true;
+    else if (a == "--schedule") {
+      o.schedule = value(i);
+      if (o.schedule != "every" && o.schedule != "chunked")
+        fail("--schedule must be every or chunked, got '" + o.schedule + "'");
+    }
+    else if (a == "--slack") o.slack = parse_count(a, value(i), 1);
+    else if (a == "--cuda-graph") o.cuda_graph = true;
+    else if (a == "--batch") o.batch = parse_count(a, value(i), 1);
+    else if (a == "--no-eval") o.eval = false;
     else fail("unknown option '" + a + "' (see kvbench --help)");
   }
   if (o.device != "cpu" && o.device != "cuda") fail("--device must be cpu or cuda, got '" + o.device + "'");
@@ -148,6 +169,10 @@ Options parse_args(int argc, char** argv) {
   if (o.dtype != "float32" && o.dtype != "float16" && o.dtype != "bfloat16")
     fail("--dtype must be float32, float16 or bfloat16, got '" + o.dtype + "'");
   if (!o.texts.empty() && !o.token_files.empty()) fail("give either --text or --tokens, not both");
+  if (o.cuda_graph && o.device != "cuda") fail("--cuda-graph needs --device cuda");
+  if (o.cuda_graph && o.schedule.empty()) o.schedule = "every";
+  if (!o.eval && o.generate == 0) fail("--no-eval with --generate 0 leaves nothing to measure");
+  if (o.batch > 1 && !o.static_cache()) fail("--batch needs the fixed-capacity runtime (--schedule or --cuda-graph)");
   if (o.compare_all && o.budgets.empty()) fail("--budgets needs at least one budget");
   for (int64_t b : o.budgets)
     if (b < 16) fail("--budgets: each budget must be >= 16, got " + std::to_string(b));
@@ -334,6 +359,9 @@ std::string num(double x) {
   return buf;
 }
 
+// Evaluation metrics are null when the evaluation did not run (--no-eval).
+std::string eval_num(const rt::RunMetrics& m, double x) { return m.scored > 0 ? num(x) : "null"; }
+
 void write_json(const std::string& path, const Options& o, const rt::ContractModel& model,
                 const std::vector<Sample>& samples, const std::vector<Run>& runs) {
   std::ofstream out(path);
@@ -348,6 +376,10 @@ void write_json(const std::string& path, const Options& o, const rt::ContractMod
       << "  \"samples\": " << samples.size() << ",\n"
       << "  \"max_tokens\": " << o.max_tokens << ",\n"
       << "  \"positions\": \"original\",\n"
+      << "  \"runtime\": \"" << (o.static_cache() ? "static" : "dynamic") << "\",\n"
+      << "  \"schedule\": \"" << (o.static_cache() ? o.schedule : "every") << "\",\n"
+      << "  \"slack\": " << (o.schedule == "chunked" ? o.slack : 0) << ",\n"
+      << "  \"cuda_graph\": " << (o.cuda_graph ? "true" : "false") << ",\n"
       << "  \"skip_layers\": " << list_text(o.skip_layers) << ",\n"
       << "  \"inputs\": [";
   for (size_t i = 0; i < samples.size(); ++i) out << (i ? ", " : "") << '"' << json_escape(samples[i].source) << '"';
@@ -357,13 +389,14 @@ void write_json(const std::string& path, const Options& o, const rt::ContractMod
     const auto& m = r.metrics;
     out << "    {\"label\": \"" << json_escape(r.label) << "\", \"spec\": "
         << (r.compressor ? "\"" + json_escape(r.compressor->spec()) + "\"" : std::string("null"))
-        << ", \"ppl\": " << num(m.ppl()) << ", \"accuracy\": " << num(m.accuracy())
-        << ", \"ttft_s\": " << num(m.ttft_s()) << ", \"tpot_s\": " << num(m.tpot_s())
-        << ", \"throughput_tok_s\": " << num(m.throughput_tok_s())
+        << ", \"ppl\": " << eval_num(m, m.ppl()) << ", \"accuracy\": " << eval_num(m, m.accuracy())
+        << ", \"ttft_s\": " << eval_num(m, m.ttft_s()) << ", \"tpot_s\": " << eval_num(m, m.tpot_s())
+        << ", \"throughput_tok_s\": " << eval_num(m, m.throughput_tok_s())
         << ", \"cache_tokens\": " << m.cache_tokens << ", \"cache_bytes\": " << m.cache_bytes
         << ", \"peak_memory_bytes\": " << m.peak_memory_bytes << ", \"scored_tokens\": " << m.scored;
     if (o.generate > 0)
-      out << ", \"generation\": {\"prompt_tokens\": " << o.prompt_tokens << ", \"new_tokens\": " << m.gen_tokens
+      out << ", \"generation\": {\"batch\": " << m.gen_batch << ", \"prompt_tokens\": " << o.prompt_tokens
+          << ", \"new_tokens\": " << m.gen_tokens << ", \"tok_s\": " << num(m.gen_tok_s())
           << ", \"ttft_s\": " << num(m.gen_ttft_s) << ", \"tpot_s\": " << num(m.gen_tpot_s())
           << ", \"cache_tokens\": " << m.gen_cache_tokens << "}";
     out << "}" << (i + 1 < runs.size() ? "," : "") << "\n";
@@ -391,15 +424,19 @@ void write_csv(const std::string& path, const Options& o, const std::vector<Run>
 void print_table(const Options& o, const std::vector<Run>& runs) {
   std::printf("%-22s %9s %8s %9s %9s %9s %7s %10s %10s", "method", "PPL", "acc", "TTFT ms", "TPOT ms",
               "tok/s", "cache", "cache MB", "peak MB");
-  if (o.generate > 0) std::printf(" %11s %11s", "gen TTFT ms", "gen TPOT ms");
+  if (o.generate > 0) std::printf(" %11s %11s %9s", "gen TTFT ms", "gen TPOT ms", "gen tok/s");
   std::printf("\n");
   for (const auto& r : runs) {
     const auto& m = r.metrics;
-    std::printf("%-22s %9.3f %8.4f %9.3f %9.3f %9.1f %7lld %10.2f %10.1f", r.label.c_str(), m.ppl(),
-                m.accuracy(), m.ttft_s() * 1e3, m.tpot_s() * 1e3, m.throughput_tok_s(),
-                (long long)m.cache_tokens, m.cache_bytes / 1048576.0,
-                m.peak_memory_bytes < 0 ? -1.0 : m.peak_memory_bytes / 1048576.0);
-    if (o.generate > 0) std::printf(" %11.3f %11.3f", m.gen_ttft_s * 1e3, m.gen_tpot_s() * 1e3);
+    if (m.scored > 0)
+      std::printf("%-22s %9.3f %8.4f %9.3f %9.3f %9.1f %7lld %10.2f", r.label.c_str(), m.ppl(), m.accuracy(),
+                  m.ttft_s() * 1e3, m.tpot_s() * 1e3, m.throughput_tok_s(), (long long)m.cache_tokens,
+                  m.cache_bytes / 1048576.0);
+    else  // --no-eval: only the generation measurement ran
+      std::printf("%-22s %9s %8s %9s %9s %9s %7lld %10s", r.label.c_str(), "-", "-", "-", "-", "-",
+                  (long long)m.gen_cache_tokens, "-");
+    std::printf(" %10.1f", m.peak_memory_bytes < 0 ? -1.0 : m.peak_memory_bytes / 1048576.0);
+    if (o.generate > 0) std::printf(" %11.3f %11.3f %9.1f", m.gen_ttft_s * 1e3, m.gen_tpot_s() * 1e3, m.gen_tok_s());
     std::printf("\n");
   }
 }
@@ -423,8 +460,11 @@ int run(int argc, char** argv) {
   std::printf("model %s (%lld layers, %lld heads, head_dim %lld, vocab %lld) on %s/%s\n", info.name.c_str(),
               (long long)info.num_layers, (long long)info.num_heads, (long long)info.head_dim,
               (long long)info.vocab_size, device.str().c_str(), o.dtype.c_str());
-  std::printf("%zu sample(s), %lld tokens, positions=original, skip_layers=%s\n", samples.size(),
-              (long long)total_tokens, list_text(o.skip_layers).c_str());
+  std::printf("%zu sample(s), %lld tokens, positions=original, skip_layers=%s, runtime=%s\n", samples.size(),
+              (long long)total_tokens, list_text(o.skip_layers).c_str(),
+              !o.static_cache() ? "dynamic (concatenating cache)"
+              : (std::string("static, schedule ") + o.schedule + (o.schedule == "chunked" ? " slack " + std::to_string(o.slack) : "") +
+                 (o.cuda_graph ? ", CUDA graph" : "")).c_str());
   if (o.max_tokens > info.max_positions)
     std::fprintf(stderr, "kvbench: warning: --max-tokens %lld exceeds the model's max_positions %lld\n",
                  (long long)o.max_tokens, (long long)info.max_positions);
@@ -436,27 +476,37 @@ int run(int argc, char** argv) {
     o.prompt_tokens = static_cast<int64_t>(prompt.size());
   }
 
+  rt::StaticOptions so;
+  so.schedule = o.schedule == "chunked" ? kvc::Schedule::chunk(o.slack) : kvc::Schedule::every();
+  so.cuda_graph = o.cuda_graph;
+  auto evaluate = [&](const kvc::Compressor* c, const std::vector<int64_t>& tokens, rt::RunMetrics& m,
+                      const rt::Progress& progress) {
+    if (o.static_cache()) rt::evaluate_sample_static(model, c, tokens, m, so, o.skip_layers, progress);
+    else rt::evaluate_sample(model, c, tokens, m, o.skip_layers, progress);
+  };
+  auto generate = [&](const kvc::Compressor* c, int64_t n, rt::RunMetrics& m) {
+    if (o.static_cache()) rt::measure_generation_static(model, c, prompt, n, o.batch, m, so, o.skip_layers);
+    else rt::measure_generation(model, c, prompt, n, m, o.skip_layers);
+  };
   {  // Untimed warm-up of both call shapes (one token; a prompt), so the first timed run does
      // not pay for LibTorch's and the GPU's first-call costs.
     rt::RunMetrics scratch;
     const auto& first = samples.front().tokens;
-    rt::evaluate_sample(model, nullptr, std::vector<int64_t>(first.begin(), first.begin() + std::min<size_t>(8, first.size())), scratch);
-    if (o.generate > 0) rt::measure_generation(model, nullptr, prompt, 2, scratch);
+    evaluate(nullptr, std::vector<int64_t>(first.begin(), first.begin() + std::min<size_t>(8, first.size())), scratch, nullptr);
+    if (o.generate > 0) generate(nullptr, 2, scratch);
   }
   ProgressBar bar(!o.quiet);
   rt::PeakMemory memory(device);
   for (size_t r = 0; r < runs.size(); ++r) {
     Run& run = runs[r];
     memory.reset();
-    for (size_t s = 0; s < samples.size(); ++s) {
+    for (size_t s = 0; o.eval && s < samples.size(); ++s) {
       bar.reset();
-      rt::evaluate_sample(model, run.compressor.get(), samples[s].tokens, run.metrics, o.skip_layers,
-                          [&](int64_t done, int64_t total) {
-                            bar.update(run.label, r + 1, runs.size(), s + 1, samples.size(), done, total);
-                          });
+      evaluate(run.compressor.get(), samples[s].tokens, run.metrics, [&](int64_t done, int64_t total) {
+        bar.update(run.label, r + 1, runs.size(), s + 1, samples.size(), done, total);
+      });
     }
-    if (o.generate > 0)
-      rt::measure_generation(model, run.compressor.get(), prompt, o.generate, run.metrics, o.skip_layers);
+    if (o.generate > 0) generate(run.compressor.get(), o.generate, run.metrics);
     run.metrics.peak_memory_bytes = memory.peak_bytes();
   }
   print_table(o, runs);

@@ -144,3 +144,66 @@ TEST(Runtime, BadModelFilesAreReported) {
                "missing attribute 'kvc_contract_version'");
   expect_error([] { rt::SentencePieceBPE("garbage"); }, "tokenizer model");
 }
+
+// --- the fixed-capacity runtime (model `step`, kvcompress::StaticCache) -------------------------
+
+TEST(StaticRuntime, PeakLengthsSizeTheBuffersExactly) {
+  auto c = kvc::make_compressor("streaming_llm(start_size=4, recent_size=60, skip_layers=[0,1])");
+  EXPECT_EQ(rt::peak_lengths(c.get(), 4, 200, 1, kvc::Schedule::every()), (std::vector<int64_t>{200, 200, 65, 65}));
+  EXPECT_EQ(rt::peak_lengths(c.get(), 4, 200, 1, kvc::Schedule::chunk(16)), (std::vector<int64_t>{200, 200, 80, 80}));
+  EXPECT_EQ(rt::peak_lengths(c.get(), 4, 200, 150, kvc::Schedule::every()), (std::vector<int64_t>{200, 200, 150, 150}));
+  EXPECT_EQ(rt::peak_lengths(nullptr, 2, 50, 1, kvc::Schedule::every()), (std::vector<int64_t>{50, 50}));
+}
+
+// The model's `step` attends over whole buffers with a mask, so its keys agree with the
+// concatenating forward to ~1e-6, not bitwise; score-based selections can flip at near-ties
+// (snapkv_lite's pooled scores, say). The bitwise guarantee is the library's: see
+// Cache.EveryStepKeepsExactlyWhatTheFunctionalApiKeeps.
+TEST(StaticRuntime, EveryStepScheduleMatchesTheConcatenatingLoop) {
+  const auto tokens = bundled_tokens(160);
+  for (const char* spec : {"h2o_l2(start_size=4, heavy_hitter_size=8, recent_size=36, skip_layers=[0,1])",
+                           "streaming_llm(start_size=4, recent_size=44, skip_layers=[0,1])",
+                           "pyramid_kv(base_size=48, layer_decay=0.9, min_size=8, skip_layers=[0,1])"}) {
+    SCOPED_TRACE(spec);
+    auto c = kvc::make_compressor(spec);
+    rt::RunMetrics dynamic_m, static_m;
+    const kvc::KVCache dynamic_cache = rt::evaluate_sample(model(), c.get(), tokens, dynamic_m);
+    const kvc::KVCache static_cache = rt::evaluate_sample_static(model(), c.get(), tokens, static_m, {});
+    EXPECT_NEAR(static_m.nll_sum, dynamic_m.nll_sum, 1e-4 * dynamic_m.nll_sum);
+    EXPECT_EQ(static_m.hits, dynamic_m.hits);
+    ASSERT_EQ(static_cache.size(), dynamic_cache.size());
+    for (size_t l = 0; l < static_cache.size(); ++l) {
+      ASSERT_EQ(static_cache[l].first.sizes(), dynamic_cache[l].first.sizes()) << "layer " << l;
+      EXPECT_TRUE(at::allclose(static_cache[l].first, dynamic_cache[l].first, 1e-4, 1e-4)) << "layer " << l;
+      EXPECT_TRUE(at::allclose(static_cache[l].second, dynamic_cache[l].second, 1e-4, 1e-4)) << "layer " << l;
+    }
+  }
+}
+
+TEST(StaticRuntime, ChunkedScheduleStaysWithinBudgetPlusSlack) {
+  const auto tokens = bundled_tokens(200);
+  auto c = kvc::make_compressor("streaming_llm(start_size=4, recent_size=60, skip_layers=[0,1])");
+  rt::StaticOptions so;
+  so.schedule = kvc::Schedule::chunk(16);
+  rt::RunMetrics m;
+  const kvc::KVCache cache = rt::evaluate_sample_static(model(), c.get(), tokens, m, so);
+  EXPECT_EQ(cache[0].first.size(2), 200);
+  EXPECT_GE(cache[2].first.size(2), 64);
+  EXPECT_LE(cache[2].first.size(2), 80);
+  EXPECT_LT(m.ppl(), 0.1 * static_cast<double>(model().info().vocab_size));
+}
+
+TEST(StaticRuntime, BatchedGenerationKeepsTheBudget) {
+  const auto prompt = bundled_tokens(100);
+  auto c = kvc::make_compressor("recent_only(window_size=40, skip_layers=[0,1])");
+  rt::RunMetrics m;
+  rt::measure_generation_static(model(), c.get(), prompt, 6, 3, m, {});
+  EXPECT_EQ(m.gen_batch, 3);
+  EXPECT_EQ(m.gen_later_steps, 5);
+  EXPECT_EQ(m.gen_cache_tokens, 40);
+  EXPECT_GT(m.gen_tok_s(), 0.0);
+}
+
+TEST(StaticRuntime, CudaGraphsOnCpuAreRefused) {
+  expect_error([] { rt::StaticDecoder(model(), 1, {8}, /*cuda_graph=*/true); }, "--cuda-graph needs --device cuda");
+}

@@ -123,6 +123,13 @@ class PortableAttention(nn.Module):
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         return torch.matmul(probs, v)
 
+    def masked(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+        """Attention over whole cache buffers; allowed [T, C] bool, True = may attend."""
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
+        scores = scores.masked_fill(allowed.logical_not(), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.matmul(probs, v)
+
 
 class SdpaAttention(nn.Module):
     """torch.nn.functional.scaled_dot_product_attention (PyTorch >= 2.0 only). Kept in its
@@ -142,6 +149,10 @@ class SdpaAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         mask = chunk_mask(t, k.size(2), past_len, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def masked(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+        """Attention over whole cache buffers; allowed [T, C] bool, True = may attend."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
 def make_attention_core(kind: str, head_dim: int) -> nn.Module:
@@ -230,6 +241,19 @@ class NeoXLayer(nn.Module):
             raise RuntimeError("kvc model: layer {} cache dtype {} / {} differs from the model dtype {}"
                                .format(self.layer_index, past_k.dtype, past_v.dtype, x.dtype))
 
+    def step(self, x: Tensor, cos: Tensor, sin: Tensor, key_buffer: Tensor, value_buffer: Tensor,
+             slots: Tensor) -> Tensor:
+        """Writes the new tokens' keys/values into the caller's buffers at `slots` ([T] int64,
+        on the device) and attends to every slot up to each token's own. Static shapes, no
+        host synchronisation: capturable in a CUDA graph."""
+        q, k, v = self.attention.project(self.input_layernorm(x), cos, sin)
+        key_buffer.index_copy_(2, slots, k)
+        value_buffer.index_copy_(2, slots, v)
+        cols = torch.arange(key_buffer.size(2), device=x.device).unsqueeze(0)
+        allowed = cols <= slots.unsqueeze(1)
+        o = self.attention.core.masked(q, key_buffer, value_buffer, allowed)
+        return self.residual(x, self.attention.merge(o))
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor,
                 past_v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         self.check_past(x, past_k, past_v)
@@ -299,6 +323,24 @@ class KVCModel(nn.Module):
             new_values.append(v)
         logits = self.embed_out(self.final_layer_norm(x)).float()
         return logits, new_keys, new_values
+
+    @torch.jit.export
+    def step(self, input_ids: Tensor, position_ids: Tensor, key_buffers: List[Tensor],
+             value_buffers: List[Tensor], lengths: Tensor) -> Tensor:
+        """Contract `step` (fixed-capacity caches): layer i's cache lives in caller-owned
+        buffers [B, H, C_i, D] whose first lengths[i] slots are valid (lengths: int64
+        [num_layers] on the model's device). The T new tokens' keys/values are written to slots
+        lengths[i] .. lengths[i] + T - 1; each token attends to the valid slots and the new ones
+        up to itself. Returns float32 logits [B, T, vocab]; the caller advances its lengths."""
+        if len(key_buffers) != self.num_layers or len(value_buffers) != self.num_layers:
+            raise RuntimeError("kvc model: got {} key and {} value buffers, expected {} each"
+                               .format(len(key_buffers), len(value_buffers), self.num_layers))
+        x = self.embed_in(input_ids)
+        cos, sin = self.rotary_tables(position_ids)
+        offsets = torch.arange(input_ids.size(1), device=input_ids.device)
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, cos, sin, key_buffers[i], value_buffers[i], lengths[i] + offsets)
+        return self.embed_out(self.final_layer_norm(x)).float()
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

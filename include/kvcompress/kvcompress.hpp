@@ -8,3 +8,4 @@
 #include <kvcompress/compressor.hpp>
 #include <kvcompress/functional.hpp>
 #include <kvcompress/registry.hpp>
+#include <kvcompress/cache.hpp>

@@ -5,6 +5,7 @@
 #include <kvcompress/compressor.hpp>
 #include <kvcompress/runtime/memory.hpp>
 #include <kvcompress/runtime/model.hpp>
+#include <kvcompress/runtime/static_decoder.hpp>
 
 #include <c10/core/InferenceMode.h>
 
@@ -25,7 +26,7 @@ struct RunMetrics {
   int64_t later_steps = 0;
   int64_t cache_tokens = 0, cache_bytes = 0, peak_memory_bytes = -1;
   double gen_ttft_s = 0, gen_later_s = 0;
-  int64_t gen_later_steps = 0, gen_tokens = 0, gen_cache_tokens = 0;
+  int64_t gen_later_steps = 0, gen_tokens = 0, gen_cache_tokens = 0, gen_batch = 1, gen_peak_memory_bytes = -1;
 
   double ppl() const { return std::exp(nll_sum / static_cast<double>(std::max<int64_t>(scored, 1))); }
   double accuracy() const { return static_cast<double>(hits) / static_cast<double>(std::max<int64_t>(scored, 1)); }
@@ -33,6 +34,8 @@ struct RunMetrics {
   double tpot_s() const { return later_steps_s / static_cast<double>(std::max<int64_t>(later_steps, 1)); }
   double throughput_tok_s() const { return total_s > 0 ? static_cast<double>(tokens) / total_s : 0.0; }
   double gen_tpot_s() const { return gen_later_s / static_cast<double>(std::max<int64_t>(gen_later_steps, 1)); }
+  /// Decode throughput of the generation measurement: batch rows per TPOT.
+  double gen_tok_s() const { return gen_later_s > 0 ? static_cast<double>(gen_batch) / gen_tpot_s() : 0.0; }
 };
 
 using Progress = std::function<void(int64_t done, int64_t total)>;
@@ -128,6 +131,92 @@ inline void measure_generation(ContractModel& model, const Compressor* compresso
     ++m.gen_later_steps;
   }
   m.gen_tokens += new_tokens;
+  m.gen_cache_tokens = detail::first_compressed_layer_tokens(cache, compressor, baseline_skip);
+}
+
+/// How the fixed-capacity runtime runs: compression schedule and CUDA graphs.
+struct StaticOptions {
+  Schedule schedule = Schedule::every();
+  bool cuda_graph = false;
+};
+
+/// evaluate_sample on a fixed-capacity cache through the model's `step` (same metrics; with
+/// the every-step schedule the kept tokens are exactly those of evaluate_sample).
+inline KVCache evaluate_sample_static(ContractModel& model, const Compressor* compressor,
+                                      const std::vector<int64_t>& tokens, RunMetrics& m, const StaticOptions& so,
+                                      const std::vector<int64_t>& baseline_skip = {0, 1},
+                                      const Progress& progress = nullptr) {
+  c10::InferenceMode guard;
+  const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  StaticDecoder decoder(model, 1, peak_lengths(compressor, model.info().num_layers, n, 1, so.schedule),
+                        so.cuda_graph);
+  decoder.prepare();
+  const auto run_start = std::chrono::steady_clock::now();
+  for (int64_t t = 0; t < n; ++t) {
+    const auto step_start = std::chrono::steady_clock::now();
+    const at::Tensor logits_all = decoder.step(at::full({1, 1}, tokens[t], ids_opts), t);
+    at::Tensor scored;
+    if (t + 1 < n) {
+      const at::Tensor logits = logits_all.select(0, 0).select(0, -1);
+      const at::Tensor nll = at::logsumexp(logits, 0) - logits[tokens[t + 1]];
+      scored = at::stack({nll.to(at::kDouble), logits.argmax().to(at::kDouble)});
+    }
+    if (compressor) decoder.cache().maybe_compress(*compressor, so.schedule);
+    if (scored.defined()) {
+      const at::Tensor host = scored.to(at::kCPU);
+      m.nll_sum += host[0].item<double>();
+      m.hits += static_cast<int64_t>(host[1].item<double>()) == tokens[t + 1] ? 1 : 0;
+      ++m.scored;
+    } else if (model.device().is_cuda()) {
+      decoder.cache().key_buffer(0).sum().item<float>();
+    }
+    const double dt = detail::seconds_since(step_start);
+    if (t == 0) m.first_steps_s += dt;
+    else { m.later_steps_s += dt; ++m.later_steps; }
+    if (progress) progress(t + 1, n);
+  }
+  m.total_s += detail::seconds_since(run_start);
+  m.tokens += n;
+  ++m.samples;
+  KVCache cache = decoder.cache().view();
+  m.cache_tokens = detail::first_compressed_layer_tokens(cache, compressor, baseline_skip);
+  m.cache_bytes = detail::cache_bytes(cache);
+  return cache;
+}
+
+/// measure_generation on a fixed-capacity cache, for `batch` copies of the prompt: prefill
+/// through `step`, compress, then one-token steps (graph replays when enabled).
+inline void measure_generation_static(ContractModel& model, const Compressor* compressor,
+                                      const std::vector<int64_t>& prompt, int64_t new_tokens, int64_t batch,
+                                      RunMetrics& m, const StaticOptions& so,
+                                      const std::vector<int64_t>& baseline_skip = {0, 1}) {
+  c10::InferenceMode guard;
+  const int64_t p = static_cast<int64_t>(prompt.size());
+  StaticDecoder decoder(model, batch,
+                        peak_lengths(compressor, model.info().num_layers, p + new_tokens, p, so.schedule),
+                        so.cuda_graph);
+  decoder.prepare();
+  const at::Tensor ids = at::tensor(prompt, at::TensorOptions().dtype(at::kLong)).to(model.device())
+                             .unsqueeze(0).expand({batch, p}).contiguous();
+  auto start = std::chrono::steady_clock::now();
+  at::Tensor next = decoder.step(ids, 0).select(1, -1).argmax(-1, /*keepdim=*/true);  // [batch, 1]
+  if (compressor) decoder.cache().maybe_compress(*compressor, so.schedule);
+  next.sum().item<int64_t>();  // synchronise: the first token exists
+  m.gen_ttft_s += detail::seconds_since(start);
+  start = std::chrono::steady_clock::now();
+  for (int64_t i = 1; i < new_tokens; ++i) {
+    next = decoder.step(next, p + i - 1).select(1, -1).argmax(-1, /*keepdim=*/true);
+    if (compressor) decoder.cache().maybe_compress(*compressor, so.schedule);
+  }
+  if (new_tokens > 1) {
+    next.sum().item<int64_t>();  // one synchronisation for the whole decode: no per-step stall
+    m.gen_later_s += detail::seconds_since(start);
+    m.gen_later_steps += new_tokens - 1;
+  }
+  m.gen_tokens += new_tokens;
+  m.gen_batch = batch;
+  const KVCache cache = decoder.cache().view();
   m.gen_cache_tokens = detail::first_compressed_layer_tokens(cache, compressor, baseline_skip);
 }
 

@@ -81,6 +81,19 @@ class ContractModel {
     return kv;
   }
 
+  /// Whether the model offers the fixed-capacity `step` method.
+  bool has_step() const { return module_.find_method("step").has_value(); }
+
+  /// The contract's `step`: writes the new tokens into caller-owned buffers; returns logits.
+  at::Tensor step(const at::Tensor& input_ids, const at::Tensor& position_ids, const c10::List<at::Tensor>& key_buffers,
+                  const c10::List<at::Tensor>& value_buffers, const at::Tensor& lengths) {
+    try {
+      return module_.get_method("step")({input_ids, position_ids, key_buffers, value_buffers, lengths}).toTensor();
+    } catch (const std::exception& e) {
+      throw Error("model step failed: " + first_line(e));
+    }
+  }
+
   /// One call of the contract's forward: ids and positions [B, T] int64 on the model's device.
   Step forward(const at::Tensor& input_ids, const at::Tensor& position_ids, const KVCache& past) {
     c10::List<at::Tensor> keys, values;

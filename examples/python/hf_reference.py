@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Hugging Face transformers reference for kvbench's decode timings, plus the card's copy
+bandwidth, so every kvbench figure can also be read as a ratio.
+
+Runs the same workload as `kvbench --no-eval --prompt-tokens P --generate N --batch B`:
+prefill P random token ids, then N greedy tokens one at a time with transformers' own cache
+(full cache: transformers has no compression). Reports TTFT (prefill + first token) and TPOT
+(mean of the other steps, each timed with a device synchronisation, as kvbench times its own),
+and measures the device-to-device copy bandwidth (bytes read + written per second); the
+weight-streaming limit is weight bytes / that bandwidth.
+
+  python3 examples/python/hf_reference.py --random-init pythia-2.8b --dtype float16 \\
+      --prompt-tokens 2000 --generate 128 --batch 1 --json hf.json
+
+Needs PyTorch 2.x with CUDA and `transformers` (a GPU machine).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from export_pythia import PYTHIA_SHAPES, build_hf_model  # noqa: E402
+from kvc_common import fail  # noqa: E402
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="Hugging Face checkpoint folder or hub id")
+    src.add_argument("--random-init", choices=sorted(PYTHIA_SHAPES), help="Pythia-shaped random weights")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--hf-attention", default="eager", choices=["eager", "sdpa"],
+                    help="transformers attention implementation (default: %(default)s)")
+    ap.add_argument("--prompt-tokens", type=int, default=2000)
+    ap.add_argument("--generate", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--copy-gib", type=float, default=4.0, help="buffer size of the bandwidth test")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    if args.prompt_tokens < 1 or args.generate < 2 or args.batch < 1:
+        ap.error("--prompt-tokens >= 1, --generate >= 2 and --batch >= 1 are required")
+    return args
+
+
+def sync(torch, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(torch, device, gib):
+    """Bytes read + written per second of a device-to-device copy (best of 10)."""
+    n = int(gib * (1 << 30))
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    best = float("inf")
+    for _ in range(10):
+        sync(torch, device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(torch, device)
+        best = min(best, time.perf_counter() - t)
+    del src, dst
+    return 2 * n / best
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail(__file__, "--device cuda: no CUDA device")
+    dtype = getattr(torch, args.dtype)
+    hf, source, tf_version = build_hf_model(args, torch, dtype)
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    vocab = hf.config.vocab_size
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    ids = torch.randint(0, vocab, (args.batch, args.prompt_tokens), generator=g).to(args.device)
+
+    def decode(n):
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            sync(torch, args.device)
+            t0 = time.perf_counter()
+            out = hf(input_ids=ids, use_cache=True)
+            cache = out.past_key_values
+            nxt = out.logits[:, -1:].argmax(-1)
+            sync(torch, args.device)
+            ttft = time.perf_counter() - t0
+            steps = []
+            for i in range(1, n):
+                t = time.perf_counter()
+                out = hf(input_ids=nxt, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                nxt = out.logits[:, -1:].argmax(-1)
+                sync(torch, args.device)
+                steps.append(time.perf_counter() - t)
+        peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else -1
+        return ttft, sum(steps) / len(steps), peak
+
+    decode(4)  # warm-up: kernels, allocator
+    ttft, tpot, peak = decode(args.generate)
+    bw = copy_bandwidth(torch, args.device, args.copy_gib) if args.device == "cuda" else float("nan")
+    limit = weight_bytes / bw
+    res = {
+        "source": source, "transformers": tf_version, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "dtype": args.dtype, "attention": args.hf_attention, "batch": args.batch,
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.generate,
+        "ttft_s": ttft, "tpot_s": tpot, "tok_s": args.batch / tpot, "peak_memory_bytes": peak,
+        "weight_bytes": weight_bytes, "copy_bandwidth_bytes_s": bw, "weight_streaming_limit_s": limit,
+    }
+    print("transformers %s (%s attention), %s %s, batch %d, prompt %d, %d new tokens"
+          % (tf_version, args.hf_attention, res["device"], args.dtype, args.batch, args.prompt_tokens, args.generate))
+    print("TTFT %.2f ms  TPOT %.3f ms  (%.1f tok/s)  peak %.2f GiB" % (ttft * 1e3, tpot * 1e3, res["tok_s"], peak / 2**30))
+    print("weights %.3f GB, copy bandwidth %.2f TB/s (read + write) -> weight-streaming limit %.3f ms; TPOT = %.2f x limit"
+          % (weight_bytes / 1e9, bw / 1e12, limit * 1e3, tpot / limit))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+#pragma once
+// A fixed-capacity KV cache: per-layer buffers allocated once, valid lengths, the original
+// position of every slot, and compression that compacts the kept entries in place. Decode steps
+// then have static shapes (what CUDA graphs need), and no cache-sized memory is allocated per
+// step.
+#include <kvcompress/compressor.hpp>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace kvcompress {
+
+/// When StaticCache::maybe_compress compresses.
+struct Schedule {
+  enum Kind { every_step, chunked } kind = every_step;
+  /// chunked: compress once `slack` tokens have been appended since the last compression, so
+  /// the cost of one compression is spread over `slack` steps.
+  int64_t slack = 0;
+
+  static Schedule every() { return {every_step, 0}; }
+  static Schedule chunk(int64_t slack) {
+    if (slack < 1) throw Error("chunked schedule: slack must be >= 1, got " + std::to_string(slack));
+    return {chunked, slack};
+  }
+};
+
+class StaticCache {
+ public:
+  /// `capacity[l]` slots for layer l (one value = every layer): skipped layers must hold the
+  /// whole sequence, compressed ones their budget plus whatever is appended between compressions.
+  StaticCache(int64_t num_layers, int64_t batch, int64_t heads, int64_t head_dim,
+              std::vector<int64_t> capacity, at::TensorOptions options)
+      : batch_(batch), heads_(heads), head_dim_(head_dim) {
+    if (num_layers < 1 || batch < 1 || heads < 1 || head_dim < 1)
+      throw Error("StaticCache: layers, batch, heads and head_dim must be >= 1");
+    if (capacity.size() == 1) capacity.assign(static_cast<size_t>(num_layers), capacity[0]);
+    if (static_cast<int64_t>(capacity.size()) != num_layers)
+      throw Error("StaticCache: " + std::to_string(capacity.size()) + " capacities for " +
+                  std::to_string(num_layers) + " layers");
+    if (!options.has_dtype() || !detail::is_supported_dtype(options.dtype().toScalarType()))
+      throw Error("StaticCache: dtype must be float32, float16, bfloat16 or float64");
+    int64_t max_cap = 0;
+    for (int64_t c : capacity) {
+      if (c < 1) throw Error("StaticCache: capacity must be >= 1, got " + std::to_string(c));
+      max_cap = std::max(max_cap, c);
+    }
+    const auto pos_options = options.dtype(at::kLong);
+    for (int64_t c : capacity) {
+      keys_.push_back(at::zeros({batch, heads, c, head_dim}, options));
+      values_.push_back(at::zeros({batch, heads, c, head_dim}, options));
+      positions_.push_back(at::zeros({batch, heads, c}, pos_options));
+    }
+    lengths_.assign(static_cast<size_t>(num_layers), 0);
+    scratch_ = at::empty({batch, heads, max_cap, head_dim}, options);
+    pos_scratch_ = at::empty({batch, heads, max_cap}, pos_options);
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(keys_.size()); }
+  int64_t capacity(int64_t layer) const { return keys_[at(layer)].size(2); }
+  int64_t length(int64_t layer) const { return lengths_[at(layer)]; }
+  const std::vector<int64_t>& lengths() const { return lengths_; }
+
+  /// Whole buffers, [batch, heads, capacity, head_dim]: stable addresses for a model's step
+  /// method and for CUDA-graph capture. Slots at and after length(layer) hold stale data.
+  const at::Tensor& key_buffer(int64_t layer) const { return keys_[at(layer)]; }
+  const at::Tensor& value_buffer(int64_t layer) const { return values_[at(layer)]; }
+  /// Original token position of every valid slot, [batch, heads, length].
+  at::Tensor positions(int64_t layer) const { return positions_[at(layer)].narrow(2, 0, length(layer)); }
+
+  /// The valid part of every layer as views (no copy): the cache as the functional API sees it.
+  KVCache view() const {
+    KVCache kv;
+    for (int64_t l = 0; l < num_layers(); ++l)
+      kv.emplace_back(keys_[at(l)].narrow(2, 0, length(l)), values_[at(l)].narrow(2, 0, length(l)));
+    return kv;
+  }
+
+  /// Copies T new tokens ([batch, heads, T, head_dim]) with original positions
+  /// `first_position .. first_position + T - 1` into the slots after the valid ones.
+  void append(int64_t layer, const at::Tensor& keys, const at::Tensor& values, int64_t first_position) {
+    detail::validate_layer(keys, values, static_cast<size_t>(layer), "StaticCache::append");
+    const int64_t t = keys.size(2);
+    if (keys.size(0) != batch_ || keys.size(1) != heads_ || keys.size(3) != head_dim_)
+      throw Error("StaticCache::append: layer " + std::to_string(layer) + ": expected [" +
+                  std::to_string(batch_) + ", " + std::to_string(heads_) + ", T, " +
+                  std::to_string(head_dim_) + "], got " + detail::shape_text(keys));
+    note_written(layer, t);
+    const int64_t len = lengths_[at(layer)];
+    keys_[at(layer)].narrow(2, len, t).copy_(keys);
+    values_[at(layer)].narrow(2, len, t).copy_(values);
+    positions_[at(layer)].narrow(2, len, t).copy_(
+        at::arange(first_position, first_position + t, positions_[0].options()).expand({batch_, heads_, t}));
+    lengths_[at(layer)] = len + t;
+  }
+
+  /// Records that a model's step wrote T tokens with positions first_position.. into the slots
+  /// after the valid ones of every layer (the buffers were filled in place).
+  void commit_step(int64_t t, int64_t first_position) {
+    for (int64_t l = 0; l < num_layers(); ++l) note_written(l, t);
+    const at::Tensor pos = at::arange(first_position, first_position + t, positions_[0].options())
+                               .expand({batch_, heads_, t});
+    for (int64_t l = 0; l < num_layers(); ++l) {
+      positions_[at(l)].narrow(2, lengths_[at(l)], t).copy_(pos);
+      lengths_[at(l)] += t;
+    }
+  }
+
+  /// Compresses every layer with `compressor`, compacting the kept tokens (in selection order)
+  /// to the front of each buffer. Keeps exactly what compressor.compress(view()) keeps.
+  void compress(const Compressor& compressor) {
+    const int64_t n = num_layers();
+    for (int64_t l = 0; l < n; ++l) {
+      const int64_t len = lengths_[at(l)];
+      const at::Tensor valid_keys = keys_[at(l)].narrow(2, 0, len);
+      std::optional<Selection> s = compressor.select(LayerView{valid_keys, l, n});
+      if (!s) continue;
+      compact(keys_[at(l)], len, *s, scratch_);
+      compact(values_[at(l)], len, *s, scratch_);
+      compact(positions_[at(l)].unsqueeze(-1), len, *s, pos_scratch_.unsqueeze(-1));
+      lengths_[at(l)] = s->kept();
+    }
+    since_compression_ = 0;
+  }
+
+  /// Compresses if the schedule says so (after every append, or once per `slack` tokens).
+  bool maybe_compress(const Compressor& compressor, const Schedule& schedule) {
+    if (schedule.kind == Schedule::chunked && since_compression_ < schedule.slack) return false;
+    compress(compressor);
+    return true;
+  }
+
+  /// Empties every layer (buffers are kept).
+  void clear() {
+    std::fill(lengths_.begin(), lengths_.end(), 0);
+    since_compression_ = 0;
+  }
+
+ private:
+  size_t at(int64_t layer) const {
+    if (layer < 0 || layer >= num_layers())
+      throw Error("StaticCache: layer " + std::to_string(layer) + " out of range [0, " +
+                  std::to_string(num_layers()) + ")");
+    return static_cast<size_t>(layer);
+  }
+
+  void note_written(int64_t layer, int64_t t) {
+    if (lengths_[at(layer)] + t > capacity(layer))
+      throw Error("StaticCache: layer " + std::to_string(layer) + " is full: " +
+                  std::to_string(lengths_[at(layer)]) + " + " + std::to_string(t) +
+                  " tokens exceed its capacity " + std::to_string(capacity(layer)) +
+                  " (compress more often or allocate more)");
+    if (layer == 0) since_compression_ += t;
+  }
+
+  // Gathers the kept slots into scratch, then copies them back to the front: two copies of the
+  // kept tokens, no allocation of cache size. (A direct in-place move could overlap itself.)
+  static void compact(const at::Tensor& buffer, int64_t len, const Selection& s, const at::Tensor& scratch) {
+    const int64_t k = s.kept();
+    at::Tensor out = scratch.narrow(2, 0, k);
+    const at::Tensor valid = buffer.narrow(2, 0, len);
+    if (s.spans_only()) {
+      int64_t offset = 0;
+      for (const auto& p : s.parts()) {
+        out.narrow(2, offset, p.length).copy_(valid.narrow(2, p.start, p.length));
+        offset += p.length;
+      }
+    } else {
+      const at::Tensor idx = s.positions(buffer.size(0), buffer.size(1), buffer.device()).unsqueeze(-1);
+      at::gather_out(out, valid, 2, idx.expand({buffer.size(0), buffer.size(1), k, buffer.size(3)}));
+    }
+    buffer.narrow(2, 0, k).copy_(out);
+  }
+
+  int64_t batch_, heads_, head_dim_;
+  std::vector<at::Tensor> keys_, values_, positions_;
+  std::vector<int64_t> lengths_;
+  at::Tensor scratch_, pos_scratch_;
+  int64_t since_compression_ = 0;
+};
+
+}  // namespace kvcompress

@@ -1,0 +1,136 @@
+// The fixed-capacity cache: compressing every step keeps exactly what the functional API keeps;
+// the chunked schedule compacts correctly from any state; positions follow the kept tokens.
+#include "test_support.hpp"
+
+using namespace kvtest;
+namespace kvc = kvcompress;
+
+namespace {
+
+// Budgets of 10-16 tokens; skip_layers=[0] so one layer stays whole. (fix_size_l2's random
+// strategy draws from the RNG, so it is left out of exact comparisons.)
+const std::vector<std::string> kSpecs = {
+    "l2(keep_ratio=0.7, prune_after=12, skip_layers=[0])",
+    "fix_size_l2(fix_kv_size=12, keep_ratio=0.5, skip_layers=[0])",
+    "fix_size_l2(fix_kv_size=12, keep_ratio=0.25, strategy=keep_high, skip_layers=[0])",
+    "streaming_llm(start_size=2, recent_size=10, skip_layers=[0])",
+    "h2o_l2(start_size=2, heavy_hitter_size=4, recent_size=6, skip_layers=[0])",
+    "snapkv_lite(observation_window=4, keep_size=12, pooling_kernel=3, skip_layers=[0])",
+    "pyramid_kv(base_size=16, layer_decay=0.8, min_size=6, skip_layers=[0])",
+    "adaptive_l2(target_size=12, soft_limit=8, hard_limit=14, skip_layers=[0])",
+    "recent_only(window_size=11, skip_layers=[0])",
+};
+
+constexpr int64_t kLayers = 3, kBatch = 2, kHeads = 3, kDim = 4;
+
+}  // namespace
+
+class Cache : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == "cuda" && !at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  }
+  at::TensorOptions opts() const { return at::TensorOptions().dtype(at::kFloat).device(device_named(GetParam())); }
+  kvc::LayerKV tokens(int64_t t) const { return {at::randn({kBatch, kHeads, t, kDim}, opts()), at::randn({kBatch, kHeads, t, kDim}, opts())}; }
+};
+
+INSTANTIATE_TEST_SUITE_P(Devices, Cache, ::testing::Values("cpu", "cuda"));
+
+TEST_P(Cache, EveryStepKeepsExactlyWhatTheFunctionalApiKeeps) {
+  at::manual_seed(3);
+  for (const auto& spec : kSpecs) {
+    SCOPED_TRACE(spec);
+    auto c = kvc::make_compressor(spec);
+    kvc::StaticCache cache(kLayers, kBatch, kHeads, kDim, {64}, opts());
+    kvc::KVCache reference(kLayers, {at::empty({kBatch, kHeads, 0, kDim}, opts()), at::empty({kBatch, kHeads, 0, kDim}, opts())});
+    int64_t position = 0;
+    for (int64_t step = 0; step < 40; ++step) {
+      const int64_t t = step == 0 ? 9 : 1;  // a prefill chunk, then one token at a time
+      for (int64_t l = 0; l < kLayers; ++l) {
+        auto [k, v] = tokens(t);
+        cache.append(l, k, v, position);
+        reference[l] = {at::cat({reference[l].first, k}, 2), at::cat({reference[l].second, v}, 2)};
+      }
+      position += t;
+      reference = c->compress(reference);
+      cache.maybe_compress(*c, kvc::Schedule::every());
+      const kvc::KVCache view = cache.view();
+      for (int64_t l = 0; l < kLayers; ++l) {
+        ASSERT_TRUE(at::equal(view[l].first, reference[l].first)) << "step " << step << " layer " << l;
+        ASSERT_TRUE(at::equal(view[l].second, reference[l].second)) << "step " << step << " layer " << l;
+      }
+    }
+    EXPECT_EQ(cache.length(0), 48);  // 9 + 39 tokens: the skipped layer kept everything
+    EXPECT_LT(cache.length(1), 17);
+  }
+}
+
+TEST_P(Cache, ChunkedScheduleCompactsFromAnyState) {
+  at::manual_seed(4);
+  const int64_t slack = 5;
+  for (const auto& spec : kSpecs) {
+    SCOPED_TRACE(spec);
+    auto c = kvc::make_compressor(spec);
+    kvc::StaticCache cache(kLayers, kBatch, kHeads, kDim, {80}, opts());
+    int compressions = 0;
+    for (int64_t step = 0; step < 50; ++step) {
+      for (int64_t l = 0; l < kLayers; ++l) {
+        auto [k, v] = tokens(1);
+        cache.append(l, k, v, step);
+      }
+      kvc::KVCache before;
+      for (const auto& [k, v] : cache.view()) before.emplace_back(k.clone(), v.clone());
+      if (!cache.maybe_compress(*c, kvc::Schedule::chunk(slack))) continue;
+      ++compressions;
+      const kvc::KVCache expected = c->compress(before);
+      const kvc::KVCache view = cache.view();
+      for (int64_t l = 0; l < kLayers; ++l) {
+        ASSERT_TRUE(at::equal(view[l].first, expected[l].first)) << "step " << step << " layer " << l;
+        ASSERT_TRUE(at::equal(view[l].second, expected[l].second)) << "step " << step << " layer " << l;
+      }
+    }
+    EXPECT_EQ(compressions, 10);  // once per `slack` appended tokens
+    EXPECT_LE(cache.length(1), 16 + slack);
+  }
+}
+
+TEST_P(Cache, PositionsFollowTheKeptTokens) {
+  auto c = kvc::make_compressor("streaming_llm(start_size=2, recent_size=3)");
+  kvc::StaticCache cache(1, kBatch, kHeads, kDim, {16}, opts());
+  for (int64_t step = 0; step < 9; ++step) {
+    auto [k, v] = tokens(1);
+    cache.append(0, k, v, 100 + step);
+    cache.compress(*c);
+  }
+  const at::Tensor pos = cache.positions(0).to(at::kCPU);
+  ASSERT_EQ(pos.sizes(), at::IntArrayRef({kBatch, kHeads, 5}));
+  const std::vector<int64_t> expected = {100, 101, 106, 107, 108};
+  for (int64_t b = 0; b < kBatch; ++b)
+    for (int64_t h = 0; h < kHeads; ++h)
+      for (int64_t i = 0; i < 5; ++i) EXPECT_EQ(pos[b][h][i].item<int64_t>(), expected[static_cast<size_t>(i)]);
+  // Per-head selections move positions per head: h2o keeps different middles per head.
+  auto h2o = kvc::make_compressor("h2o_l2(start_size=1, heavy_hitter_size=1, recent_size=1)");
+  kvc::StaticCache per_head(1, 1, 2, 4, {8}, opts());
+  auto in = layer_from_norms({{{5, 1, 9, 9, 5}, {5, 9, 9, 1, 5}}}, 4, at::kFloat, device_named(GetParam()));
+  per_head.append(0, in.first, in.second, 0);
+  per_head.compress(*h2o);
+  const at::Tensor p = per_head.positions(0).to(at::kCPU);
+  EXPECT_EQ(p[0][0][1].item<int64_t>(), 1);
+  EXPECT_EQ(p[0][1][1].item<int64_t>(), 3);
+  expect_kept({per_head.view()[0].first, per_head.view()[0].second}, in, {{{0, 1, 4}, {0, 3, 4}}});
+}
+
+TEST_P(Cache, BadUseIsReported) {
+  kvc::StaticCache cache(2, kBatch, kHeads, kDim, {4, 6}, opts());
+  EXPECT_EQ(cache.capacity(0), 4);
+  EXPECT_EQ(cache.capacity(1), 6);
+  auto [k, v] = tokens(5);
+  expect_error([&] { cache.append(0, k, v, 0); }, {"layer 0 is full", "capacity 4"});
+  expect_error([&] { cache.append(2, k, v, 0); }, {"layer 2 out of range"});
+  auto wrong = at::randn({kBatch, kHeads + 1, 1, kDim}, opts());
+  expect_error([&] { cache.append(1, wrong, wrong, 0); }, {"expected [2, 3, T, 4]"});
+  expect_error([&] { cache.append(1, k, v.narrow(2, 0, 4), 0); }, {"same shape"});
+  expect_error([] { kvc::Schedule::chunk(0); }, {"slack must be >= 1"});
+  expect_error([&] { kvc::StaticCache(3, 1, 1, 1, {4, 4}, opts()); }, {"2 capacities for 3 layers"});
+  expect_error([&] { kvc::StaticCache(1, 1, 1, 1, {4}, opts().dtype(at::kInt)); }, {"dtype"});
+}
