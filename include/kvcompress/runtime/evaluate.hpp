@@ -65,47 +65,69 @@ inline int64_t cache_bytes(const KVCache& cache) {
 
 }  // namespace detail
 
-/// Token-by-token evaluation of one sample; adds to `m` and returns the final cache.
-/// `compressor` null = full cache.
-inline KVCache evaluate_sample(ContractModel& model, const Compressor* compressor,
-                            const std::vector<int64_t>& tokens, RunMetrics& m,
-                            const std::vector<int64_t>& baseline_skip = {0, 1},
-                            const Progress& progress = nullptr) {
+namespace detail {
+
+/// The course project's loop, shared by both runtimes: for each token, `step(id, position)`
+/// feeds it and returns logits [1, 1, vocab]; token t + 1 is scored; `compress()` runs; the
+/// scores come to the host (the step's one synchronisation) and the step's time is booked.
+/// `finish()` returns the final cache.
+template <class Step, class Compress, class Finish>
+KVCache token_loop(const Compressor* compressor, const std::vector<int64_t>& tokens,
+                   RunMetrics& m, const std::vector<int64_t>& baseline_skip, const Progress& progress,
+                   Step&& step, Compress&& compress, Finish&& finish) {
   c10::InferenceMode guard;
-  const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
   const int64_t n = static_cast<int64_t>(tokens.size());
-  KVCache cache = model.empty_cache();
   const auto run_start = std::chrono::steady_clock::now();
   for (int64_t t = 0; t < n; ++t) {
     const auto step_start = std::chrono::steady_clock::now();
-    auto step = model.forward(at::full({1, 1}, tokens[t], ids_opts), at::full({1, 1}, t, ids_opts), cache);
-    cache = std::move(step.cache);
+    const at::Tensor logits_all = step(tokens[t], t);
     at::Tensor scored;
     if (t + 1 < n) {
-      const at::Tensor logits = step.logits.select(0, 0).select(0, -1);
+      const at::Tensor logits = logits_all.select(0, 0).select(0, -1);
       const at::Tensor nll = at::logsumexp(logits, 0) - logits[tokens[t + 1]];
       scored = at::stack({nll.to(at::kDouble), logits.argmax().to(at::kDouble)});
+    } else {
+      scored = logits_all.sum().to(at::kDouble);  // last step: synchronise all the same
     }
-    if (compressor) cache = compressor->compress(cache);
-    if (scored.defined()) {  // the one device->host copy of the step, which also synchronises
-      const at::Tensor host = scored.to(at::kCPU);
+    if (compressor) compress();
+    const at::Tensor host = scored.to(at::kCPU);
+    if (t + 1 < n) {
       m.nll_sum += host[0].item<double>();
       m.hits += static_cast<int64_t>(host[1].item<double>()) == tokens[t + 1] ? 1 : 0;
       ++m.scored;
-    } else if (model.device().is_cuda()) {
-      cache.back().first.sum().item<float>();  // last step: synchronise before stopping the clock
     }
-    const double dt = detail::seconds_since(step_start);
+    const double dt = seconds_since(step_start);
     if (t == 0) m.first_steps_s += dt;
     else { m.later_steps_s += dt; ++m.later_steps; }
     if (progress) progress(t + 1, n);
   }
-  m.total_s += detail::seconds_since(run_start);
+  m.total_s += seconds_since(run_start);
   m.tokens += n;
   ++m.samples;
-  m.cache_tokens = detail::first_compressed_layer_tokens(cache, compressor, baseline_skip);
-  m.cache_bytes = detail::cache_bytes(cache);
+  KVCache cache = finish();
+  m.cache_tokens = first_compressed_layer_tokens(cache, compressor, baseline_skip);
+  m.cache_bytes = cache_bytes(cache);
   return cache;
+}
+
+}  // namespace detail
+
+/// Token-by-token evaluation of one sample with the concatenating cache (the course project's
+/// runtime); adds to `m` and returns the final cache. `compressor` null = full cache.
+inline KVCache evaluate_sample(ContractModel& model, const Compressor* compressor,
+                               const std::vector<int64_t>& tokens, RunMetrics& m,
+                               const std::vector<int64_t>& baseline_skip = {0, 1},
+                               const Progress& progress = nullptr) {
+  const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
+  KVCache cache = model.empty_cache();
+  return detail::token_loop(
+      compressor, tokens, m, baseline_skip, progress,
+      [&](int64_t id, int64_t t) {
+        auto step = model.forward(at::full({1, 1}, id, ids_opts), at::full({1, 1}, t, ids_opts), cache);
+        cache = std::move(step.cache);
+        return step.logits;
+      },
+      [&] { cache = compressor->compress(cache); }, [&] { return cache; });
 }
 
 /// Prefills `prompt` in one call, compresses, then generates `new_tokens` greedily with
@@ -152,37 +174,11 @@ inline KVCache evaluate_sample_static(ContractModel& model, const Compressor* co
   StaticDecoder decoder(model, 1, peak_lengths(compressor, model.info().num_layers, n, 1, so.schedule),
                         so.cuda_graph);
   decoder.prepare();
-  const auto run_start = std::chrono::steady_clock::now();
-  for (int64_t t = 0; t < n; ++t) {
-    const auto step_start = std::chrono::steady_clock::now();
-    const at::Tensor logits_all = decoder.step(at::full({1, 1}, tokens[t], ids_opts), t);
-    at::Tensor scored;
-    if (t + 1 < n) {
-      const at::Tensor logits = logits_all.select(0, 0).select(0, -1);
-      const at::Tensor nll = at::logsumexp(logits, 0) - logits[tokens[t + 1]];
-      scored = at::stack({nll.to(at::kDouble), logits.argmax().to(at::kDouble)});
-    }
-    if (compressor) decoder.cache().maybe_compress(*compressor, so.schedule);
-    if (scored.defined()) {
-      const at::Tensor host = scored.to(at::kCPU);
-      m.nll_sum += host[0].item<double>();
-      m.hits += static_cast<int64_t>(host[1].item<double>()) == tokens[t + 1] ? 1 : 0;
-      ++m.scored;
-    } else if (model.device().is_cuda()) {
-      decoder.cache().key_buffer(0).sum().item<float>();
-    }
-    const double dt = detail::seconds_since(step_start);
-    if (t == 0) m.first_steps_s += dt;
-    else { m.later_steps_s += dt; ++m.later_steps; }
-    if (progress) progress(t + 1, n);
-  }
-  m.total_s += detail::seconds_since(run_start);
-  m.tokens += n;
-  ++m.samples;
-  KVCache cache = decoder.cache().view();
-  m.cache_tokens = detail::first_compressed_layer_tokens(cache, compressor, baseline_skip);
-  m.cache_bytes = detail::cache_bytes(cache);
-  return cache;
+  return detail::token_loop(
+      compressor, tokens, m, baseline_skip, progress,
+      [&](int64_t id, int64_t t) { return decoder.step(at::full({1, 1}, id, ids_opts), t); },
+      [&] { decoder.cache().maybe_compress(*compressor, so.schedule); },
+      [&] { return decoder.cache().view(); });
 }
 
 /// measure_generation on a fixed-capacity cache, for `batch` copies of the prompt: prefill
