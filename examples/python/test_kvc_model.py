@@ -140,6 +140,41 @@ def test_prefill_equals_token_by_token_and_chunks():
     assert diff < 1e-4, diff
 
 
+def test_step_writes_caller_buffers_and_matches_forward():
+    """`step` (fixed-capacity buffers) gives forward's logits and writes forward's keys/values
+    into the slots after each layer's length, also when layers hold different lengths."""
+    m = tiny_model(5)
+    s = torch.jit.script(m)
+    B, T, C = 2, 12, 20
+    ids = torch.randint(0, 97, (B, T))
+    pos = torch.arange(T).expand(B, T)
+    full, fk, fv = run(s, ids, pos, *km.empty_cache(s, B))
+    kb = [torch.full((B, 4, C, 16), 7.0) for _ in range(3)]  # stale data must be ignored
+    vb = [torch.full((B, 4, C, 16), 7.0) for _ in range(3)]
+    lengths = torch.zeros(3, dtype=torch.long)
+    out = [s.step(ids[:, :5], pos[:, :5], kb, vb, lengths)]
+    assert lengths.tolist() == [0, 0, 0]  # the caller advances lengths, not the model
+    lengths += 5
+    for t in range(5, T):
+        out.append(s.step(ids[:, t:t + 1], pos[:, t:t + 1], kb, vb, lengths))
+        lengths += 1
+    assert (torch.cat(out, 1) - full).abs().max().item() < 1e-4
+    for i in range(3):
+        assert (kb[i][:, :, :T] - fk[i]).abs().max().item() < 1e-5
+        assert (vb[i][:, :, :T] - fv[i]).abs().max().item() < 1e-5
+        assert (kb[i][:, :, T:] == 7.0).all()  # nothing written past the new tokens
+    # Per-layer lengths: layer 1 keeps only the last 4 slots of its cache, compacted to the front.
+    kb[1][:, :, :4] = kb[1][:, :, T - 4:T].clone()
+    vb[1][:, :, :4] = vb[1][:, :, T - 4:T].clone()
+    lengths = torch.tensor([T, 4, T])
+    nxt = torch.randint(0, 97, (B, 1))
+    got = s.step(nxt, torch.full((B, 1), T), kb, vb, lengths)
+    pk = [fk[0], fk[1][:, :, T - 4:], fk[2]]
+    pv = [fv[0], fv[1][:, :, T - 4:], fv[2]]
+    want, _, _ = run(s, nxt, torch.full((B, 1), T), pk, pv)
+    assert (got - want).abs().max().item() < 1e-4
+
+
 def test_lm_logits_matches_forward():
     m = tiny_model(2)
     ids = torch.randint(0, 97, (2, 17))
