@@ -51,8 +51,10 @@ the cache) for the full cache and each method, as the course project did.
   --skip-layers LIST    layers left uncompressed, applied to every method whose spec does
                         not set skip_layers itself (default 0,1; '' for none)
   --no-baseline         skip the full-cache run
-  --positions original  position rule: every token keeps its absolute index (the only rule
-                        implemented; see docs/ALGORITHMS.md)
+  --positions original|cache   position rule (default original): every token keeps its
+                        absolute index, as the course project did; or `cache`: distances count
+                        cache slots, kept keys re-rotated after each compression (StreamingLLM);
+                        see docs/ALGORITHMS.md
   --schedule every|chunked   use the fixed-capacity in-place cache through the model's `step`:
                         compress after every token, or once per --slack tokens (default: the
                         course project's loop, which re-concatenates the cache every step)
@@ -102,6 +104,7 @@ struct Options {
   std::vector<std::pair<std::string, std::string>> methods;  // label, spec
   bool compare_all = false, baseline = true, quiet = false, jit_optimize = false;
   std::string schedule;  // "" = dynamic (concatenating) runtime
+  std::string positions = "original";
   int64_t slack = 64, batch = 1;
   bool cuda_graph = false, eval = true;
   bool static_cache() const { return !schedule.empty() || cuda_graph; }
@@ -142,9 +145,9 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--skip-layers") o.skip_layers = parse_int_list(a, value(i));
     else if (a == "--no-baseline") o.baseline = false;
     else if (a == "--positions") {
-      const std::string v = value(i);
-      if (v != "original")
-        fail("--positions: only 'original' is implemented (every token keeps its absolute index), got '" + v + "'");
+      o.positions = value(i);
+      if (o.positions != "original" && o.positions != "cache")
+        fail("--positions must be original or cache, got '" + o.positions + "'");
     }
     else if (a == "--generate") o.generate = parse_count(a, value(i), 0);
     else if (a == "--prompt-tokens") o.prompt_tokens = parse_count(a, value(i), 1);
@@ -173,6 +176,8 @@ Options parse_args(int argc, char** argv) {
   if (o.cuda_graph && o.schedule.empty()) o.schedule = "every";
   if (!o.eval && o.generate == 0) fail("--no-eval with --generate 0 leaves nothing to measure");
   if (o.batch > 1 && !o.static_cache()) fail("--batch needs the fixed-capacity runtime (--schedule or --cuda-graph)");
+  if (o.positions == "cache" && o.static_cache())
+    fail("--positions cache is implemented for the concatenating runtime only (drop --schedule/--cuda-graph)");
   if (o.compare_all && o.budgets.empty()) fail("--budgets needs at least one budget");
   for (int64_t b : o.budgets)
     if (b < 16) fail("--budgets: each budget must be >= 16, got " + std::to_string(b));
@@ -375,7 +380,7 @@ void write_json(const std::string& path, const Options& o, const rt::ContractMod
       << "  \"tokens\": " << tokens << ",\n"
       << "  \"samples\": " << samples.size() << ",\n"
       << "  \"max_tokens\": " << o.max_tokens << ",\n"
-      << "  \"positions\": \"original\",\n"
+      << "  \"positions\": \"" << o.positions << "\",\n"
       << "  \"runtime\": \"" << (o.static_cache() ? "static" : "dynamic") << "\",\n"
       << "  \"schedule\": \"" << (o.static_cache() ? o.schedule : "every") << "\",\n"
       << "  \"slack\": " << (o.schedule == "chunked" ? o.slack : 0) << ",\n"
@@ -460,8 +465,8 @@ int run(int argc, char** argv) {
   std::printf("model %s (%lld layers, %lld heads, head_dim %lld, vocab %lld) on %s/%s\n", info.name.c_str(),
               (long long)info.num_layers, (long long)info.num_heads, (long long)info.head_dim,
               (long long)info.vocab_size, device.str().c_str(), o.dtype.c_str());
-  std::printf("%zu sample(s), %lld tokens, positions=original, skip_layers=%s, runtime=%s\n", samples.size(),
-              (long long)total_tokens, list_text(o.skip_layers).c_str(),
+  std::printf("%zu sample(s), %lld tokens, positions=%s, skip_layers=%s, runtime=%s\n", samples.size(),
+              (long long)total_tokens, o.positions.c_str(), list_text(o.skip_layers).c_str(),
               !o.static_cache() ? "dynamic (concatenating cache)"
               : (std::string("static, schedule ") + o.schedule + (o.schedule == "chunked" ? " slack " + std::to_string(o.slack) : "") +
                  (o.cuda_graph ? ", CUDA graph" : "")).c_str());
@@ -476,17 +481,18 @@ int run(int argc, char** argv) {
     o.prompt_tokens = static_cast<int64_t>(prompt.size());
   }
 
+  const kvc::PositionRule rule = o.positions == "cache" ? kvc::PositionRule::cache : kvc::PositionRule::original;
   rt::StaticOptions so;
   so.schedule = o.schedule == "chunked" ? kvc::Schedule::chunk(o.slack) : kvc::Schedule::every();
   so.cuda_graph = o.cuda_graph;
   auto evaluate = [&](const kvc::Compressor* c, const std::vector<int64_t>& tokens, rt::RunMetrics& m,
                       const rt::Progress& progress) {
     if (o.static_cache()) rt::evaluate_sample_static(model, c, tokens, m, so, o.skip_layers, progress);
-    else rt::evaluate_sample(model, c, tokens, m, o.skip_layers, progress);
+    else rt::evaluate_sample(model, c, tokens, m, o.skip_layers, progress, rule);
   };
   auto generate = [&](const kvc::Compressor* c, int64_t n, rt::RunMetrics& m) {
     if (o.static_cache()) rt::measure_generation_static(model, c, prompt, n, o.batch, m, so, o.skip_layers);
-    else rt::measure_generation(model, c, prompt, n, m, o.skip_layers);
+    else rt::measure_generation(model, c, prompt, n, m, o.skip_layers, rule);
   };
   {  // Untimed warm-up of both call shapes (one token; a prompt), so the first timed run does
      // not pay for LibTorch's and the GPU's first-call costs.

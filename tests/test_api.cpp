@@ -50,6 +50,8 @@ TEST(Registry, ParsesNumbersWordsListsAndWhitespace) {
   EXPECT_EQ(kvc::make_compressor("l2(skip_layers=[])")->spec(),
             "l2(keep_ratio=1.0, prune_after=1000, skip_layers=[])");
   EXPECT_EQ(kvc::make_compressor("l2()")->spec(), kvc::make_compressor("l2")->spec());
+  EXPECT_EQ(kvc::make_compressor("fix_size_l2(strategy='keep_high', keep_ratio=.5)")->spec(),
+            kvc::make_compressor("fix_size_l2(strategy=\"keep_high\", keep_ratio=0.5)")->spec());
   EXPECT_EQ(kvc::make_compressor("l2(keep_ratio=1)")->spec(), kvc::make_compressor("l2")->spec());
   // A canonical spec reads back to itself.
   for (const auto& name : kvc::list_methods()) {
@@ -173,6 +175,7 @@ TEST(Errors, MalformedSpecs) {
   expect_error([] { kvc::make_compressor("l2(keep_ratio=0.5) x"); }, {"unexpected text"});
   expect_error([] { kvc::make_compressor("l2(keep_ratio=0.5, keep_ratio=0.6)"); }, {"given twice"});
   expect_error([] { kvc::make_compressor("l2(skip_layers=[0,1)"); }, {"expected ']'"});
+  expect_error([] { kvc::make_compressor("fix_size_l2(strategy='keep_low)"); }, {"unterminated quote"});
 }
 
 TEST(Errors, BadTensors) {

@@ -134,3 +134,45 @@ TEST_P(Cache, BadUseIsReported) {
   expect_error([&] { kvc::StaticCache(3, 1, 1, 1, {4, 4}, opts()); }, {"2 capacities for 3 layers"});
   expect_error([&] { kvc::StaticCache(1, 1, 1, 1, {4}, opts().dtype(at::kInt)); }, {"dtype"});
 }
+
+// --- positions: re-rotation of cached keys ------------------------------------------------------
+
+TEST_P(Cache, RerotationComposesAndInverts) {
+  const at::Tensor keys = at::randn({2, 3, 7, 16}, opts());
+  const at::Tensor delta = at::randint(-50, 50, {2, 3, 7}, opts().dtype(at::kLong));
+  at::Tensor k = keys.clone();
+  kvc::rerotate_keys(k, delta, 8, 10000.0);
+  EXPECT_FALSE(at::allclose(k, keys));
+  EXPECT_TRUE(at::equal(k.narrow(3, 8, 8), keys.narrow(3, 8, 8)));  // dims past rotary_ndims untouched
+  at::Tensor twice = keys.clone();
+  kvc::rerotate_keys(twice, delta, 8, 10000.0);
+  kvc::rerotate_keys(twice, -delta, 8, 10000.0);
+  EXPECT_TRUE(at::allclose(twice, keys, 1e-5, 1e-5));
+  at::Tensor split = keys.clone();  // rotations compose: a then b == a + b
+  kvc::rerotate_keys(split, delta, 8, 10000.0);
+  kvc::rerotate_keys(split, at::full_like(delta, 11), 8, 10000.0);
+  at::Tensor once = keys.clone();
+  kvc::rerotate_keys(once, delta + 11, 8, 10000.0);
+  EXPECT_TRUE(at::allclose(split, once, 1e-4, 1e-5));
+  // Rotation preserves each rotated pair's norm.
+  EXPECT_TRUE(at::allclose(at::norm(k.narrow(3, 0, 8), 2, {-1}), at::norm(keys.narrow(3, 0, 8), 2, {-1}), 1e-5, 1e-5));
+  expect_error([&] { kvc::rerotate_keys(k, delta, 7, 10000.0); }, {"even"});
+  expect_error([&] { kvc::rerotate_keys(k, delta.narrow(2, 0, 3), 8, 10000.0); }, {"delta"});
+}
+
+TEST_P(Cache, CacheRuleRotatesKeptKeysToTheirSlots) {
+  // streaming_llm(2, 3) on 9 tokens rotated at 0..8: slots keep tokens 0, 1, 6, 7, 8; the next
+  // token comes at position 9, so slot j must be rotated at 9 - 5 + j = 4 + j.
+  auto c = kvc::make_compressor("streaming_llm(start_size=2, recent_size=3)");
+  auto [keys, values] = tokens(9);
+  std::vector<at::Tensor> rotation = {at::arange(9, opts().dtype(at::kLong)).expand({kBatch, kHeads, 9}).contiguous()};
+  auto out = kvc::compress_reassigning_positions(*c, {{keys, values}}, rotation, 9, 4, 10000.0);
+  const std::vector<int64_t> kept = {0, 1, 6, 7, 8};
+  EXPECT_TRUE(at::equal(rotation[0].to(at::kCPU)[1][2], at::arange(4, 9, at::kLong)));
+  for (int64_t j = 0; j < 5; ++j) {
+    at::Tensor expected = keys.narrow(2, kept[static_cast<size_t>(j)], 1).clone();
+    kvc::rerotate_keys(expected, at::full({kBatch, kHeads, 1}, 4 + j - kept[static_cast<size_t>(j)], opts().dtype(at::kLong)), 4, 10000.0);
+    EXPECT_TRUE(at::allclose(out[0].first.narrow(2, j, 1), expected, 1e-6, 1e-6)) << "slot " << j;
+    EXPECT_TRUE(at::equal(out[0].second.narrow(2, j, 1), values.narrow(2, kept[static_cast<size_t>(j)], 1)));
+  }
+}

@@ -207,3 +207,38 @@ TEST(StaticRuntime, BatchedGenerationKeepsTheBudget) {
 TEST(StaticRuntime, CudaGraphsOnCpuAreRefused) {
   expect_error([] { rt::StaticDecoder(model(), 1, {8}, /*cuda_graph=*/true); }, "--cuda-graph needs --device cuda");
 }
+
+// --- the `cache` position rule ------------------------------------------------------------------
+
+TEST(Positions, ShiftingAllPositionsIsOneRotationOfEveryCachedKey) {
+  // RoPE attention sees only distances: the same tokens fed 7 positions later give every layer's
+  // keys rotated by 7 more, which rerotate_keys reproduces.
+  const auto toks = bundled_tokens(10);
+  c10::InferenceMode guard;
+  const at::Tensor ids = at::tensor(toks, at::kLong).unsqueeze(0);
+  auto a = model().forward(ids, at::arange(10, at::kLong).unsqueeze(0), model().empty_cache());
+  auto b = model().forward(ids, at::arange(7, 17, at::kLong).unsqueeze(0), model().empty_cache());
+  EXPECT_TRUE(at::allclose(a.logits, b.logits, 1e-3, 1e-3));
+  for (size_t l = 0; l < a.cache.size(); ++l) {
+    at::Tensor k = a.cache[l].first.clone();
+    kvc::rerotate_keys(k, at::full({1, model().info().num_heads, 10}, 7, at::kLong), model().info().rotary_ndims,
+                       model().info().rotary_base);
+    EXPECT_TRUE(at::allclose(k, b.cache[l].first, 1e-3, 1e-4)) << "layer " << l;
+  }
+}
+
+TEST(Positions, CacheRuleChangesNothingForARecentWindow) {
+  // A window of the last k tokens already sits at slot distances: every delta is 0.
+  const auto tokens = bundled_tokens(150);
+  auto c = kvc::make_compressor("recent_only(window_size=40)");
+  rt::RunMetrics original, cache;
+  rt::evaluate_sample(model(), c.get(), tokens, original);
+  rt::evaluate_sample(model(), c.get(), tokens, cache, {0, 1}, nullptr, kvc::PositionRule::cache);
+  EXPECT_EQ(cache.nll_sum, original.nll_sum);
+  auto sinks = kvc::make_compressor("streaming_llm(start_size=4, recent_size=36)");
+  rt::RunMetrics s_original, s_cache;
+  rt::evaluate_sample(model(), sinks.get(), tokens, s_original);
+  rt::evaluate_sample(model(), sinks.get(), tokens, s_cache, {0, 1}, nullptr, kvc::PositionRule::cache);
+  EXPECT_NE(s_cache.nll_sum, s_original.nll_sum);  // the sinks move next to the window
+  EXPECT_LT(s_cache.ppl(), 0.1 * static_cast<double>(model().info().vocab_size));
+}

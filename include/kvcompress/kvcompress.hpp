@@ -9,3 +9,4 @@
 #include <kvcompress/functional.hpp>
 #include <kvcompress/registry.hpp>
 #include <kvcompress/cache.hpp>
+#include <kvcompress/positions.hpp>

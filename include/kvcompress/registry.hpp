@@ -88,6 +88,16 @@ class SpecParser {
     return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == '-' || c == '+';
   }
   std::string word(const char* what) {
+    if (peek() == '\'' || peek() == '"') {  // a quoted word, as Python code would write it
+      const char quote = s_[pos_++];
+      const size_t start = pos_;
+      while (!at_end() && s_[pos_] != quote) ++pos_;
+      if (at_end()) fail(std::string("unterminated quote in ") + what);
+      std::string w = s_.substr(start, pos_ - start);
+      ++pos_;
+      if (w.empty()) fail(std::string("expected ") + what);
+      return w;
+    }
     const size_t start = pos_;
     while (!at_end() && word_char(s_[pos_])) ++pos_;
     if (pos_ == start) fail(std::string("expected ") + what);

@@ -3,6 +3,7 @@
 // (NLL and top-1 hit), then compress the cache; positions are absolute token indices. Plus a
 // generation measurement: prefill a prompt, then greedy decoding with compression every step.
 #include <kvcompress/compressor.hpp>
+#include <kvcompress/positions.hpp>
 #include <kvcompress/runtime/memory.hpp>
 #include <kvcompress/runtime/model.hpp>
 #include <kvcompress/runtime/static_decoder.hpp>
@@ -110,44 +111,84 @@ KVCache token_loop(const Compressor* compressor, const std::vector<int64_t>& tok
   return cache;
 }
 
+/// The rotation positions of the `cache` rule: one [batch, heads, len] tensor per layer,
+/// extended as tokens arrive and compacted by compress_reassigning_positions.
+class RotationTracker {
+ public:
+  RotationTracker(const ContractModel& model, PositionRule rule, int64_t batch = 1) : rule_(rule) {
+    if (rule != PositionRule::cache) return;
+    for (int64_t l = 0; l < model.info().num_layers; ++l)
+      rotation_.push_back(at::empty({batch, model.info().num_heads, 0},
+                                    at::TensorOptions().dtype(at::kLong).device(model.device())));
+    rotary_ndims_ = model.info().rotary_ndims;
+    base_ = model.info().rotary_base;
+  }
+  /// Tokens at positions first .. first + t - 1 were appended to every layer.
+  void appended(int64_t first, int64_t t) {
+    for (auto& r : rotation_)
+      r = at::cat({r, at::arange(first, first + t, r.options()).expand({r.size(0), r.size(1), t})}, 2);
+  }
+  KVCache compress(const Compressor& c, const KVCache& kv, int64_t next_position) {
+    if (rule_ == PositionRule::original) return c.compress(kv);
+    return compress_reassigning_positions(c, kv, rotation_, next_position, rotary_ndims_, base_);
+  }
+
+ private:
+  PositionRule rule_;
+  std::vector<at::Tensor> rotation_;
+  int64_t rotary_ndims_ = 0;
+  double base_ = 10000.0;
+};
+
 }  // namespace detail
 
 /// Token-by-token evaluation of one sample with the concatenating cache (the course project's
 /// runtime); adds to `m` and returns the final cache. `compressor` null = full cache.
+/// Positions: tokens are fed at their absolute index; under PositionRule::cache, compressed
+/// layers' kept keys are re-rotated so that distances count cache slots (StreamingLLM).
 inline KVCache evaluate_sample(ContractModel& model, const Compressor* compressor,
                                const std::vector<int64_t>& tokens, RunMetrics& m,
                                const std::vector<int64_t>& baseline_skip = {0, 1},
-                               const Progress& progress = nullptr) {
+                               const Progress& progress = nullptr,
+                               PositionRule positions = PositionRule::original) {
   const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
   KVCache cache = model.empty_cache();
+  detail::RotationTracker rotation(model, positions);
+  int64_t next = 0;
   return detail::token_loop(
       compressor, tokens, m, baseline_skip, progress,
       [&](int64_t id, int64_t t) {
         auto step = model.forward(at::full({1, 1}, id, ids_opts), at::full({1, 1}, t, ids_opts), cache);
         cache = std::move(step.cache);
+        rotation.appended(t, 1);
+        next = t + 1;
         return step.logits;
       },
-      [&] { cache = compressor->compress(cache); }, [&] { return cache; });
+      [&] { cache = rotation.compress(*compressor, cache, next); }, [&] { return cache; });
 }
 
 /// Prefills `prompt` in one call, compresses, then generates `new_tokens` greedily with
 /// compression after every step. TTFT = prefill + compression + first token; TPOT = the rest.
 inline void measure_generation(ContractModel& model, const Compressor* compressor,
                                const std::vector<int64_t>& prompt, int64_t new_tokens, RunMetrics& m,
-                               const std::vector<int64_t>& baseline_skip = {0, 1}) {
+                               const std::vector<int64_t>& baseline_skip = {0, 1},
+                               PositionRule positions = PositionRule::original) {
   c10::InferenceMode guard;
+  detail::RotationTracker rotation(model, positions);
   const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
   const int64_t p = static_cast<int64_t>(prompt.size());
   auto start = std::chrono::steady_clock::now();
   at::Tensor ids = at::tensor(prompt, at::TensorOptions().dtype(at::kLong)).to(model.device()).unsqueeze(0);
   auto step = model.forward(ids, at::arange(p, ids_opts).unsqueeze(0), model.empty_cache());
-  KVCache cache = compressor ? compressor->compress(step.cache) : std::move(step.cache);
+  rotation.appended(0, p);
+  KVCache cache = compressor ? rotation.compress(*compressor, step.cache, p) : std::move(step.cache);
   int64_t next = step.logits.select(0, 0).select(0, -1).argmax().item<int64_t>();
   m.gen_ttft_s += detail::seconds_since(start);
   for (int64_t i = 1; i < new_tokens; ++i) {
     start = std::chrono::steady_clock::now();
     step = model.forward(at::full({1, 1}, next, ids_opts), at::full({1, 1}, p + i - 1, ids_opts), cache);
-    cache = compressor ? compressor->compress(step.cache) : std::move(step.cache);
+    rotation.appended(p + i - 1, 1);
+    cache = compressor ? rotation.compress(*compressor, step.cache, p + i) : std::move(step.cache);
     next = step.logits.select(0, 0).select(0, -1).argmax().item<int64_t>();
     m.gen_later_s += detail::seconds_since(start);
     ++m.gen_later_steps;
