@@ -3,7 +3,7 @@
 
 Usage: /usr/bin/python3 tests/reference/make_parity_cases.py OUT.bin [--seed N] [--quiet]
 
-The expected outputs come from seed_policies.py (written from /work/shared/SEED_ALGORITHMS.md), and
+The expected outputs come from seed_policies.py (written from ../shared/SEED_ALGORITHMS.md), and
 tests/test_parity.cpp checks the C++ registry (kvcompress::make_compressor(spec)) against them.
 
 Binary format (little-endian throughout):

@@ -1,6 +1,6 @@
 """Reference implementation of the eight KV-cache policies of the Python course project.
 
-Written from /work/shared/SEED_ALGORITHMS.md only (not from the C++ sources), in the style of the
+Written from ../shared/SEED_ALGORITHMS.md only (not from the C++ sources), in the style of the
 course project: every function takes ``past_key_values``, a list of ``(keys, values)`` tuples of
 shape ``[batch, heads, seq, head_dim]``, and returns a new list of the same form.  A layer that is
 "returned unchanged" is the very same tuple object that came in.
