@@ -84,6 +84,18 @@ int64_t parse_count(const std::string& flag, const std::string& v, int64_t min) 
   return x;
 }
 
+// `flag`'s value must be one of `options`: "--dtype must be float32, float16 or bfloat16, got 'x'".
+std::string parse_choice(const std::string& flag, const std::string& v, std::initializer_list<const char*> options) {
+  std::string listed;
+  size_t i = 0;
+  for (const char* opt : options) {
+    if (v == opt) return v;
+    listed += (i == 0 ? "" : i + 1 == options.size() ? " or " : ", ") + std::string(opt);
+    ++i;
+  }
+  fail(flag + " must be " + listed + ", got '" + v + "'");
+}
+
 std::vector<int64_t> parse_int_list(const std::string& flag, const std::string& v) {
   std::vector<int64_t> out;
   std::stringstream ss(v);
@@ -130,8 +142,8 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--tokens") o.token_files.push_back(value(i));
     else if (a == "--samples") o.samples = parse_count(a, value(i), 1);
     else if (a == "--max-tokens") o.max_tokens = parse_count(a, value(i), 2);
-    else if (a == "--device") o.device = value(i);
-    else if (a == "--dtype") o.dtype = value(i);
+    else if (a == "--device") o.device = parse_choice(a, value(i), {"cpu", "cuda"});
+    else if (a == "--dtype") o.dtype = parse_choice(a, value(i), {"float32", "float16", "bfloat16"});
     else if (a == "--method") {
       const std::string v = value(i);
       const auto eq = v.find('='), paren = v.find('(');
@@ -144,11 +156,7 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--budgets") { o.budgets = parse_int_list(a, value(i)); }
     else if (a == "--skip-layers") o.skip_layers = parse_int_list(a, value(i));
     else if (a == "--no-baseline") o.baseline = false;
-    else if (a == "--positions") {
-      o.positions = value(i);
-      if (o.positions != "original" && o.positions != "cache")
-        fail("--positions must be original or cache, got '" + o.positions + "'");
-    }
+    else if (a == "--positions") o.positions = parse_choice(a, value(i), {"original", "cache"});
     else if (a == "--generate") o.generate = parse_count(a, value(i), 0);
     else if (a == "--prompt-tokens") o.prompt_tokens = parse_count(a, value(i), 1);
     else if (a == "--threads") o.threads = parse_count(a, value(i), 1);
@@ -156,21 +164,14 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--csv") o.csv = value(i);
     else if (a == "--quiet") o.quiet = true;
     else if (a == "--jit-optimize") o.jit_optimize = true;
-    else if (a == "--schedule") {
-      o.schedule = value(i);
-      if (o.schedule != "every" && o.schedule != "chunked")
-        fail("--schedule must be every or chunked, got '" + o.schedule + "'");
-    }
+    else if (a == "--schedule") o.schedule = parse_choice(a, value(i), {"every", "chunked"});
     else if (a == "--slack") o.slack = parse_count(a, value(i), 1);
     else if (a == "--cuda-graph") o.cuda_graph = true;
     else if (a == "--batch") o.batch = parse_count(a, value(i), 1);
     else if (a == "--no-eval") o.eval = false;
     else fail("unknown option '" + a + "' (see kvbench --help)");
   }
-  if (o.device != "cpu" && o.device != "cuda") fail("--device must be cpu or cuda, got '" + o.device + "'");
   if (o.dtype.empty()) o.dtype = o.device == "cuda" ? "float16" : "float32";
-  if (o.dtype != "float32" && o.dtype != "float16" && o.dtype != "bfloat16")
-    fail("--dtype must be float32, float16 or bfloat16, got '" + o.dtype + "'");
   if (!o.texts.empty() && !o.token_files.empty()) fail("give either --text or --tokens, not both");
   if (o.cuda_graph && o.device != "cuda") fail("--cuda-graph needs --device cuda");
   if (o.cuda_graph && o.schedule.empty()) o.schedule = "every";
