@@ -283,12 +283,6 @@ struct Run {
   rt::RunMetrics metrics;
 };
 
-std::string list_text(const std::vector<int64_t>& v) {
-  std::string s = "[";
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
-  return s + "]";
-}
-
 std::vector<Run> make_runs(const Options& o) {
   std::vector<Run> runs;
   if (o.baseline) runs.push_back({"baseline", nullptr, {}});
@@ -386,7 +380,7 @@ void write_json(const std::string& path, const Options& o, const rt::ContractMod
       << "  \"schedule\": \"" << (o.static_cache() ? o.schedule : "every") << "\",\n"
       << "  \"slack\": " << (o.schedule == "chunked" ? o.slack : 0) << ",\n"
       << "  \"cuda_graph\": " << (o.cuda_graph ? "true" : "false") << ",\n"
-      << "  \"skip_layers\": " << list_text(o.skip_layers) << ",\n"
+      << "  \"skip_layers\": " << kvc::params::format_int_list(o.skip_layers) << ",\n"
       << "  \"inputs\": [";
   for (size_t i = 0; i < samples.size(); ++i) out << (i ? ", " : "") << '"' << json_escape(samples[i].source) << '"';
   out << "],\n  \"results\": [\n";
@@ -467,7 +461,7 @@ int run(int argc, char** argv) {
               (long long)info.num_layers, (long long)info.num_heads, (long long)info.head_dim,
               (long long)info.vocab_size, device.str().c_str(), o.dtype.c_str());
   std::printf("%zu sample(s), %lld tokens, positions=%s, skip_layers=%s, runtime=%s\n", samples.size(),
-              (long long)total_tokens, o.positions.c_str(), list_text(o.skip_layers).c_str(),
+              (long long)total_tokens, o.positions.c_str(), kvc::params::format_int_list(o.skip_layers).c_str(),
               !o.static_cache() ? "dynamic (concatenating cache)"
               : (std::string("static, schedule ") + o.schedule + (o.schedule == "chunked" ? " slack " + std::to_string(o.slack) : "") +
                  (o.cuda_graph ? ", CUDA graph" : "")).c_str());

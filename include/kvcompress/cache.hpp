@@ -85,25 +85,25 @@ class StaticCache {
       throw Error("StaticCache::append: layer " + std::to_string(layer) + ": expected [" +
                   std::to_string(batch_) + ", " + std::to_string(heads_) + ", T, " +
                   std::to_string(head_dim_) + "], got " + detail::shape_text(keys));
-    note_written(layer, t);
+    require_room_in(layer, t);
     const int64_t len = lengths_[at(layer)];
     keys_[at(layer)].narrow(2, len, t).copy_(keys);
     values_[at(layer)].narrow(2, len, t).copy_(values);
-    positions_[at(layer)].narrow(2, len, t).copy_(
-        at::arange(first_position, first_position + t, positions_[0].options()).expand({batch_, heads_, t}));
-    lengths_[at(layer)] = len + t;
+    record(layer, position_block(first_position, t));
+  }
+
+  /// Throws kvcompress::Error unless every layer has room for `t` more tokens (a caller whose
+  /// model writes into the buffers itself checks before the write).
+  void require_room(int64_t t) const {
+    for (int64_t l = 0; l < num_layers(); ++l) require_room_in(l, t);
   }
 
   /// Records that a model's step wrote T tokens with positions first_position.. into the slots
   /// after the valid ones of every layer (the buffers were filled in place).
   void commit_step(int64_t t, int64_t first_position) {
-    for (int64_t l = 0; l < num_layers(); ++l) note_written(l, t);
-    const at::Tensor pos = at::arange(first_position, first_position + t, positions_[0].options())
-                               .expand({batch_, heads_, t});
-    for (int64_t l = 0; l < num_layers(); ++l) {
-      positions_[at(l)].narrow(2, lengths_[at(l)], t).copy_(pos);
-      lengths_[at(l)] += t;
-    }
+    require_room(t);
+    const at::Tensor pos = position_block(first_position, t);
+    for (int64_t l = 0; l < num_layers(); ++l) record(l, pos);
   }
 
   /// Compresses every layer with `compressor`, compacting the kept tokens (in selection order)
@@ -144,12 +144,24 @@ class StaticCache {
     return static_cast<size_t>(layer);
   }
 
-  void note_written(int64_t layer, int64_t t) {
+  void require_room_in(int64_t layer, int64_t t) const {
     if (lengths_[at(layer)] + t > capacity(layer))
       throw Error("StaticCache: layer " + std::to_string(layer) + " is full: " +
                   std::to_string(lengths_[at(layer)]) + " + " + std::to_string(t) +
                   " tokens exceed its capacity " + std::to_string(capacity(layer)) +
                   " (compress more often or allocate more)");
+  }
+
+  // Positions first .. first + t - 1 for every (row, head): [batch, heads, t].
+  at::Tensor position_block(int64_t first, int64_t t) const {
+    return at::arange(first, first + t, positions_[0].options()).expand({batch_, heads_, t});
+  }
+
+  // Marks pos.size(2) tokens with positions `pos` as written after the valid slots of `layer`.
+  void record(int64_t layer, const at::Tensor& pos) {
+    const int64_t t = pos.size(2);
+    positions_[at(layer)].narrow(2, lengths_[at(layer)], t).copy_(pos);
+    lengths_[at(layer)] += t;
     if (layer == 0) since_compression_ += t;
   }
 

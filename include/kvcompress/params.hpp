@@ -46,6 +46,13 @@ inline std::string format_real(double x) {
   return s;
 }
 
+/// A list as specs write it: [0,1], [].
+inline std::string format_int_list(const std::vector<int64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
 inline bool parse_int(const std::string& s, int64_t& out) {
   const char* first = s.data();
   if (!s.empty() && s[0] == '+') ++first;
@@ -114,11 +121,7 @@ class SpecWriter {
     for (const auto& o : options)
       if (o.second == v) return add(name, o.first);
   }
-  void int_list(const char* name, const std::vector<int64_t>& v, int64_t = 0) {
-    std::string s = "[";
-    for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
-    add(name, s + "]");
-  }
+  void int_list(const char* name, const std::vector<int64_t>& v, int64_t = 0) { add(name, format_int_list(v)); }
   const std::string& text() const { return text_; }
 
  private:

@@ -27,7 +27,7 @@ struct RunMetrics {
   int64_t later_steps = 0;
   int64_t cache_tokens = 0, cache_bytes = 0, peak_memory_bytes = -1;
   double gen_ttft_s = 0, gen_later_s = 0;
-  int64_t gen_later_steps = 0, gen_tokens = 0, gen_cache_tokens = 0, gen_batch = 1, gen_peak_memory_bytes = -1;
+  int64_t gen_later_steps = 0, gen_tokens = 0, gen_cache_tokens = 0, gen_batch = 1;
 
   double ppl() const { return std::exp(nll_sum / static_cast<double>(std::max<int64_t>(scored, 1))); }
   double accuracy() const { return static_cast<double>(hits) / static_cast<double>(std::max<int64_t>(scored, 1)); }
@@ -63,10 +63,6 @@ inline int64_t cache_bytes(const KVCache& cache) {
     bytes += static_cast<int64_t>(k.numel() * k.element_size() + v.numel() * v.element_size());
   return bytes;
 }
-
-}  // namespace detail
-
-namespace detail {
 
 /// The course project's loop, shared by both runtimes: for each token, `step(id, position)`
 /// feeds it and returns logits [1, 1, vocab]; token t + 1 is scored; `compress()` runs; the

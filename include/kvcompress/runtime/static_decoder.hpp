@@ -83,10 +83,7 @@ class StaticDecoder {
   /// live in the graph's memory: read them before the next step.
   at::Tensor step(const at::Tensor& ids, int64_t first_position) {
     const int64_t t = ids.size(1);
-    for (int64_t l = 0; l < cache_.num_layers(); ++l)
-      if (cache_.length(l) + t > cache_.capacity(l))
-        throw Error("static cache layer " + std::to_string(l) + " is full (capacity " +
-                    std::to_string(cache_.capacity(l)) + ")");
+    cache_.require_room(t);  // before the model writes past the valid slots
     upload_lengths();
     at::Tensor logits;
     if (t == 1) {
