@@ -66,8 +66,10 @@ the cache) for the full cache and each method, as the course project did.
   --generate N          greedy generation measurement: N new tokens (default 32; 0 = off)
   --prompt-tokens N     prompt length for the generation measurement (default 512)
   --threads N           CPU threads for LibTorch (default: LibTorch's choice)
-  --jit-optimize        let TorchScript's profiling executor re-optimise the model (off by
-                        default: its re-specialisations on new shapes stall single steps)
+  --jit-optimize        let TorchScript's profiling executor fuse the model's elementwise ops
+                        (default with --cuda-graph, whose captured step has one fixed shape;
+                        off otherwise: re-specialising on new shapes stalls single steps)
+  --no-jit-optimize     off also with --cuda-graph
   --json FILE           write results as JSON
   --csv FILE            write results as CSV
   --quiet               no progress bar
@@ -114,7 +116,8 @@ struct Options {
   int64_t samples = 2, max_tokens = 2000, generate = 32, prompt_tokens = 512, threads = 0;
   std::string device = "cpu", dtype;
   std::vector<std::pair<std::string, std::string>> methods;  // label, spec
-  bool compare_all = false, baseline = true, quiet = false, jit_optimize = false;
+  bool compare_all = false, baseline = true, quiet = false;
+  int jit_optimize = -1;  // -1: on with --cuda-graph
   std::string schedule;  // "" = dynamic (concatenating) runtime
   std::string positions = "original";
   int64_t slack = 64, batch = 1;
@@ -163,7 +166,8 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--json") o.json = value(i);
     else if (a == "--csv") o.csv = value(i);
     else if (a == "--quiet") o.quiet = true;
-    else if (a == "--jit-optimize") o.jit_optimize = true;
+    else if (a == "--jit-optimize") o.jit_optimize = 1;
+    else if (a == "--no-jit-optimize") o.jit_optimize = 0;
     else if (a == "--schedule") o.schedule = parse_choice(a, value(i), {"every", "chunked"});
     else if (a == "--slack") o.slack = parse_count(a, value(i), 1);
     else if (a == "--cuda-graph") o.cuda_graph = true;
@@ -380,6 +384,7 @@ void write_json(const std::string& path, const Options& o, const rt::ContractMod
       << "  \"schedule\": \"" << (o.static_cache() ? o.schedule : "every") << "\",\n"
       << "  \"slack\": " << (o.schedule == "chunked" ? o.slack : 0) << ",\n"
       << "  \"cuda_graph\": " << (o.cuda_graph ? "true" : "false") << ",\n"
+      << "  \"jit_optimize\": " << (torch::jit::getGraphExecutorOptimize() ? "true" : "false") << ",\n"
       << "  \"skip_layers\": " << kvc::params::format_int_list(o.skip_layers) << ",\n"
       << "  \"inputs\": [";
   for (size_t i = 0; i < samples.size(); ++i) out << (i ? ", " : "") << '"' << json_escape(samples[i].source) << '"';
@@ -398,6 +403,9 @@ void write_json(const std::string& path, const Options& o, const rt::ContractMod
       out << ", \"generation\": {\"batch\": " << m.gen_batch << ", \"prompt_tokens\": " << o.prompt_tokens
           << ", \"new_tokens\": " << m.gen_tokens << ", \"tok_s\": " << num(m.gen_tok_s())
           << ", \"ttft_s\": " << num(m.gen_ttft_s) << ", \"tpot_s\": " << num(m.gen_tpot_s())
+          << ", \"tpot_first_half_s\": " << num(m.gen_tpot_half_s(false))
+          << ", \"tpot_second_half_s\": " << num(m.gen_tpot_half_s(true))
+          << ", \"compress_s\": " << num(m.gen_compress_s) << ", \"compress_share\": " << num(m.gen_compress_share())
           << ", \"cache_tokens\": " << m.gen_cache_tokens << "}";
     out << "}" << (i + 1 < runs.size() ? "," : "") << "\n";
   }
@@ -408,7 +416,7 @@ void write_csv(const std::string& path, const Options& o, const std::vector<Run>
   std::ofstream out(path);
   if (!out) fail("cannot write --csv file " + path);
   out << "label,spec,ppl,accuracy,ttft_s,tpot_s,throughput_tok_s,cache_tokens,cache_bytes,peak_memory_bytes";
-  if (o.generate > 0) out << ",gen_ttft_s,gen_tpot_s";
+  if (o.generate > 0) out << ",gen_ttft_s,gen_tpot_s,gen_compress_share";
   out << "\n";
   for (const auto& r : runs) {
     const auto& m = r.metrics;
@@ -416,7 +424,7 @@ void write_csv(const std::string& path, const Options& o, const std::vector<Run>
         << num(m.accuracy()) << ',' << num(m.ttft_s()) << ',' << num(m.tpot_s()) << ','
         << num(m.throughput_tok_s()) << ',' << m.cache_tokens << ',' << m.cache_bytes << ','
         << m.peak_memory_bytes;
-    if (o.generate > 0) out << ',' << num(m.gen_ttft_s) << ',' << num(m.gen_tpot_s());
+    if (o.generate > 0) out << ',' << num(m.gen_ttft_s) << ',' << num(m.gen_tpot_s()) << ',' << num(m.gen_compress_share());
     out << "\n";
   }
 }
@@ -424,7 +432,7 @@ void write_csv(const std::string& path, const Options& o, const std::vector<Run>
 void print_table(const Options& o, const std::vector<Run>& runs) {
   std::printf("%-22s %9s %8s %9s %9s %9s %7s %10s %10s", "method", "PPL", "acc", "TTFT ms", "TPOT ms",
               "tok/s", "cache", "cache MB", "peak MB");
-  if (o.generate > 0) std::printf(" %11s %11s %9s", "gen TTFT ms", "gen TPOT ms", "gen tok/s");
+  if (o.generate > 0) std::printf(" %11s %11s %9s %7s %8s", "gen TTFT ms", "gen TPOT ms", "gen tok/s", "comp %", "2nd/1st");
   std::printf("\n");
   for (const auto& r : runs) {
     const auto& m = r.metrics;
@@ -436,7 +444,11 @@ void print_table(const Options& o, const std::vector<Run>& runs) {
       std::printf("%-22s %9s %8s %9s %9s %9s %7lld %10s", r.label.c_str(), "-", "-", "-", "-", "-",
                   (long long)m.gen_cache_tokens, "-");
     std::printf(" %10.1f", m.peak_memory_bytes < 0 ? -1.0 : m.peak_memory_bytes / 1048576.0);
-    if (o.generate > 0) std::printf(" %11.3f %11.3f %9.1f", m.gen_ttft_s * 1e3, m.gen_tpot_s() * 1e3, m.gen_tok_s());
+    if (o.generate > 0) {
+      const double first = m.gen_tpot_half_s(false);
+      std::printf(" %11.3f %11.3f %9.1f %7.2f %8.3f", m.gen_ttft_s * 1e3, m.gen_tpot_s() * 1e3, m.gen_tok_s(),
+                  100.0 * m.gen_compress_share(), first > 0 ? m.gen_tpot_half_s(true) / first : 0.0);
+    }
     std::printf("\n");
   }
 }
@@ -444,7 +456,7 @@ void print_table(const Options& o, const std::vector<Run>& runs) {
 int run(int argc, char** argv) {
   Options o = parse_args(argc, argv);
   if (o.threads > 0) at::set_num_threads(static_cast<int>(o.threads));
-  torch::jit::setGraphExecutorOptimize(o.jit_optimize);
+  torch::jit::setGraphExecutorOptimize(o.jit_optimize == 1 || (o.jit_optimize < 0 && o.cuda_graph));
   at::Device device(at::kCPU);
   if (o.device == "cuda") {
     if (!at::hasCUDA()) fail("--device cuda: no CUDA device is available (or this LibTorch has no CUDA)");

@@ -120,6 +120,58 @@ TEST_P(Cache, PositionsFollowTheKeptTokens) {
   expect_kept({per_head.view()[0].first, per_head.view()[0].second}, in, {{{0, 1, 4}, {0, 3, 4}}});
 }
 
+// Span compaction moves a span directly when it does not overlap its destination and through
+// scratch when it does; lengths around the boundary (recent span [n-10, n) -> [2, 12) overlaps
+// up to n = 21) must all keep exactly what the functional API keeps, positions included.
+TEST_P(Cache, SpanCompactionAroundTheOverlapBoundary) {
+  for (const std::string spec : {"streaming_llm(start_size=2, recent_size=10)", "recent_only(window_size=10)"}) {
+    auto c = kvc::make_compressor(spec);
+    for (int64_t n : {13, 21, 22, 23, 40}) {
+      SCOPED_TRACE(spec + " n=" + std::to_string(n));
+      kvc::StaticCache cache(1, kBatch, kHeads, kDim, {48}, opts());
+      auto [k, v] = tokens(n);
+      cache.append(0, k, v, 0);
+      cache.compress(*c);
+      const kvc::KVCache expected = c->compress({{k, v}});
+      ASSERT_TRUE(at::equal(cache.view()[0].first, expected[0].first));
+      ASSERT_TRUE(at::equal(cache.view()[0].second, expected[0].second));
+      const at::Tensor pos = cache.positions(0).to(at::kCPU);
+      const int64_t sinks = spec.rfind("streaming", 0) == 0 ? 2 : 0;
+      for (int64_t i = 0; i < pos.size(2); ++i)
+        EXPECT_EQ(pos[1][2][i].item<int64_t>(), i < sinks ? i : n - (pos.size(2) - i));
+    }
+  }
+}
+
+// Positions of steps reach the device lazily (one run per layer between compressions); what
+// positions() and compression see must not depend on that: runs with gaps, commit_step from a
+// model's own writes, layers of different lengths, a chunked compression, clear().
+TEST_P(Cache, PositionsOfStepsWithGapsAndChunkedCompression) {
+  auto c = kvc::make_compressor("streaming_llm(start_size=1, recent_size=3, skip_layers=[1])");
+  kvc::StaticCache cache(2, 1, 2, kDim, {12}, opts());
+  auto to_vector = [](const at::Tensor& pos, int64_t head) {
+    const at::Tensor row = pos.to(at::kCPU)[0][head].contiguous();
+    return std::vector<int64_t>(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel());
+  };
+  const std::vector<int64_t> firsts = {0, 1, 2, 10, 11, 20};  // steps of 1 token; gaps at 10 and 20
+  for (int64_t first : firsts) {
+    for (int64_t l = 0; l < 2; ++l)
+      cache.append(l, at::randn({1, 2, 1, kDim}, opts()), at::randn({1, 2, 1, kDim}, opts()), first);
+  }
+  EXPECT_EQ(to_vector(cache.positions(0), 1), firsts);
+  cache.commit_step(2, 30);  // a model wrote two tokens itself (positions 30, 31)
+  EXPECT_TRUE(cache.maybe_compress(*c, kvc::Schedule::chunk(8)));
+  EXPECT_EQ(to_vector(cache.positions(0), 0), (std::vector<int64_t>{0, 20, 30, 31}));
+  EXPECT_EQ(to_vector(cache.positions(1), 0), (std::vector<int64_t>{0, 1, 2, 10, 11, 20, 30, 31}));
+  cache.commit_step(1, 32);
+  EXPECT_FALSE(cache.maybe_compress(*c, kvc::Schedule::chunk(8)));
+  EXPECT_EQ(to_vector(cache.positions(0), 1), (std::vector<int64_t>{0, 20, 30, 31, 32}));
+  cache.clear();
+  cache.commit_step(2, 7);
+  EXPECT_EQ(to_vector(cache.positions(0), 0), (std::vector<int64_t>{7, 8}));
+  EXPECT_EQ(to_vector(cache.positions(1), 1), (std::vector<int64_t>{7, 8}));
+}
+
 TEST_P(Cache, BadUseIsReported) {
   kvc::StaticCache cache(2, kBatch, kHeads, kDim, {4, 6}, opts());
   EXPECT_EQ(cache.capacity(0), 4);

@@ -18,6 +18,10 @@ and exits with status 1 when either is above the bound (TOL: 1e-3 for float32, 5
 float16/bfloat16; S = max(1, largest |logit| of the reference)). The cached keys are compared
 too, since the contract caches keys exactly as Hugging Face does (rotated).
 
+--fuse-layers exports the same function with fewer kernels per decode step (kvc_model.
+fuse_layers: LayerNorm scales folded into the weights, QKV + MLP-up and attention-out +
+MLP-down each one matrix product); the check then also measures what that rounding costs.
+
 Examples (GPU machine, PyTorch 2.x + transformers):
   python3 examples/python/export_pythia.py --random-init pythia-160m --out /tmp/p160.pt --device cuda --dtype float16
   python3 examples/python/export_pythia.py --model EleutherAI/pythia-2.8b --out pythia-2.8b.pt --device cuda --dtype float16
@@ -67,6 +71,10 @@ def parse_args(argv):
     ap.add_argument("--decode-steps", type=int, default=8, help="token-by-token steps of the check (default: %(default)s)")
     ap.add_argument("--hf-attention", choices=["eager", "sdpa"], default=None,
                     help="attention implementation of the Hugging Face reference (default: its own default)")
+    ap.add_argument("--fuse-layers", action="store_true",
+                    help="export kvc_model.fuse_layers(model): LayerNorms folded into the weights, four matrix "
+                         "products per layer merged into two; same function up to rounding, fewer GPU kernels "
+                         "per decode step (parallel-residual models only)")
     ap.add_argument("--name", help="model_name attribute (default: from --model / --random-init)")
     args = ap.parse_args(argv)
     if args.check_tokens < 0 or args.decode_steps < 0:
@@ -281,6 +289,11 @@ def main(argv=None):
     except ValueError as e:
         fail(__file__, str(e))
     model.eval()
+    if args.fuse_layers:
+        try:
+            km.fuse_layers(model)
+        except ValueError as e:
+            fail(__file__, "--fuse-layers: " + str(e))
     try:
         scripted = torch.jit.script(model)
     except Exception as e:  # noqa: BLE001
@@ -293,7 +306,8 @@ def main(argv=None):
     km.save_contract_model(scripted, args.out, extra)
     del scripted, model
     size = os.path.getsize(args.out)
-    print("saved %s: %.1f MiB, attention %s, dtype %s" % (args.out, size / 2 ** 20, args.attention, args.dtype))
+    print("saved %s: %.1f MiB, attention %s, dtype %s%s" % (args.out, size / 2 ** 20, args.attention, args.dtype,
+                                                          ", fused layers" if args.fuse_layers else ""))
 
     if args.check_tokens == 0:
         return

@@ -18,6 +18,7 @@ Needs PyTorch 2.x with CUDA and `transformers` (a GPU machine).
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -39,12 +40,27 @@ def parse_args(argv):
     ap.add_argument("--generate", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed generations; TTFT/TPOT are their medians (eager decoding is bound by the "
+                         "host CPU, whose speed varies between machines and moments) (default: %(default)s)")
     ap.add_argument("--copy-gib", type=float, default=4.0, help="buffer size of the bandwidth test")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    if args.prompt_tokens < 1 or args.generate < 2 or args.batch < 1:
-        ap.error("--prompt-tokens >= 1, --generate >= 2 and --batch >= 1 are required")
+    if args.prompt_tokens < 1 or args.generate < 2 or args.batch < 1 or args.repeats < 1:
+        ap.error("--prompt-tokens >= 1, --generate >= 2, --batch >= 1 and --repeats >= 1 are required")
     return args
+
+
+def host_cpu():
+    """The host CPU's model name: eager decoding is bound by it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def sync(torch, device):
@@ -105,7 +121,10 @@ def main(argv=None):
         return ttft, sum(steps) / len(steps), peak
 
     decode(4)  # warm-up: kernels, allocator
-    ttft, tpot, peak = decode(args.generate)
+    runs = [decode(args.generate) for _ in range(args.repeats)]
+    ttft = statistics.median(r[0] for r in runs)
+    tpot = statistics.median(r[1] for r in runs)
+    peak = max(r[2] for r in runs)
     bw = copy_bandwidth(torch, args.device, args.copy_gib) if args.device == "cuda" else float("nan")
     limit = weight_bytes / bw
     res = {
@@ -114,11 +133,14 @@ def main(argv=None):
         "dtype": args.dtype, "attention": args.hf_attention, "batch": args.batch,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.generate,
         "ttft_s": ttft, "tpot_s": tpot, "tok_s": args.batch / tpot, "peak_memory_bytes": peak,
+        "repeats_tpot_s": [r[1] for r in runs], "host_cpu": host_cpu(),
         "weight_bytes": weight_bytes, "copy_bandwidth_bytes_s": bw, "weight_streaming_limit_s": limit,
     }
     print("transformers %s (%s attention), %s %s, batch %d, prompt %d, %d new tokens"
           % (tf_version, args.hf_attention, res["device"], args.dtype, args.batch, args.prompt_tokens, args.generate))
-    print("TTFT %.2f ms  TPOT %.3f ms  (%.1f tok/s)  peak %.2f GiB" % (ttft * 1e3, tpot * 1e3, res["tok_s"], peak / 2**30))
+    print("TTFT %.2f ms  TPOT %.3f ms  (%.1f tok/s)  peak %.2f GiB  [median of %d; TPOT of each: %s ms; host %s]"
+          % (ttft * 1e3, tpot * 1e3, res["tok_s"], peak / 2**30, args.repeats,
+             " ".join("%.3f" % (r[1] * 1e3) for r in runs), res["host_cpu"]))
     print("weights %.3f GB, copy bandwidth %.2f TB/s (read + write) -> weight-streaming limit %.3f ms; TPOT = %.2f x limit"
           % (weight_bytes / 1e9, bw / 1e12, limit * 1e3, tpot / limit))
     if args.json:

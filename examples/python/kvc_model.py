@@ -79,23 +79,34 @@ class KVCConfig:
         return cls(**d)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def full_width_rotary(cos: Tensor, sin: Tensor, head_dim: int) -> Tuple[Tensor, Tensor]:
+    """Rotary factors over the whole head for apply_rotary, from the rotary_ndims-wide cos /
+    sin of KVCModel.rotary_tables: past rotary_ndims cos is 1 and sin 0 (those dims pass
+    through), and sin's first half is negated, so that rotate_half(x) * sin ==
+    swap_halves(x) * sin_full."""
+    r = cos.size(-1)
+    half = r // 2
+    pad: List[int] = list(cos.size()[:-1]) + [head_dim - r]
+    cos_full = torch.cat((cos, torch.ones(pad, dtype=cos.dtype, device=cos.device)), dim=-1)
+    sin_full = torch.cat((-sin[..., :half], sin[..., half:],
+                          torch.zeros(pad, dtype=sin.dtype, device=sin.device)), dim=-1)
+    return cos_full, sin_full
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rotary_ndims: int) -> Tensor:
-    """Rotate the first rotary_ndims dims of each head (GPT-NeoX partial rotary).
-
-    cos/sin are float32 [B, 1, T, rotary_ndims]; they are cast to x's dtype here (not by the
-    caller) because under autocast q/k come out of the Linear in a lower precision."""
+    """GPT-NeoX partial rotary on x's last dim, with factors from full_width_rotary:
+    x * cos + swap_halves(x) * sin, where swap_halves exchanges the two halves of the first
+    rotary_ndims dims. On the rotary dims these are the floats of Hugging Face's
+    x * cos + rotate_half(x) * sin (negation is exact); the other dims come out as x + 0.
+    Full-width elementwise ops and no slice assignment: few kernels, which TorchScript's fuser
+    can merge (decode is kernel-count bound, docs/PERFORMANCE.md). The factors are cast to x's
+    dtype here: a no-op normally, needed under autocast, where q/k come out of the Linear in
+    lower precision."""
     if rotary_ndims == 0:
         return x
-    x_rot = x[..., :rotary_ndims]
-    x_pass = x[..., rotary_ndims:]
-    c = cos.to(x.dtype)
-    s = sin.to(x.dtype)
-    return torch.cat((x_rot * c + rotate_half(x_rot) * s, x_pass), dim=-1)
+    half = rotary_ndims // 2
+    swapped = torch.cat((x[..., half:rotary_ndims], x[..., :half], x[..., rotary_ndims:]), dim=-1)
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
 def chunk_mask(t: int, s: int, past_len: int, device: torch.device) -> Tensor:
@@ -123,10 +134,9 @@ class PortableAttention(nn.Module):
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         return torch.matmul(probs, v)
 
-    def masked(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
-        """Attention over whole cache buffers; allowed [T, C] bool, True = may attend."""
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
-        scores = scores.masked_fill(allowed.logical_not(), float("-inf"))
+    def masked(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """Attention over whole cache buffers; bias [T, C] additive, 0 = may attend, -inf not."""
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale + bias
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         return torch.matmul(probs, v)
 
@@ -150,9 +160,11 @@ class SdpaAttention(nn.Module):
         mask = chunk_mask(t, k.size(2), past_len, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    def masked(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
-        """Attention over whole cache buffers; allowed [T, C] bool, True = may attend."""
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    def masked(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """Attention over whole cache buffers; bias [T, C] additive in q's dtype, 0 = may
+        attend, -inf not. A float mask whose row stride is a multiple of 16 goes to the fused
+        kernel as is; a boolean one costs a conversion and an alignment copy in every layer."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 def make_attention_core(kind: str, head_dim: int) -> nn.Module:
@@ -164,6 +176,18 @@ def make_attention_core(kind: str, head_dim: int) -> nn.Module:
                                % torch.__version__)
         return SdpaAttention(head_dim)
     raise ValueError("attention must be one of %s, got %r" % (ATTENTION_KINDS, kind))
+
+
+def split_heads(qkv: Tensor, num_heads: int, head_dim: int, rotary_ndims: int, cos: Tensor,
+                sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fused QKV projection [B, T, H * 3 * D] (HF layout: per head [q | k | v]) -> q, k, v
+    [B, H, T, D], q and k rotated together (one set of kernels for both); cos / sin
+    [B, T, 1, 1, D] from KVCModel.rotation."""
+    b = qkv.size(0)
+    t = qkv.size(1)
+    qkv = qkv.view(b, t, num_heads, 3, head_dim)
+    qk = apply_rotary(qkv[:, :, :, :2], cos, sin, rotary_ndims)
+    return qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2), qkv[:, :, :, 2].transpose(1, 2)
 
 
 class NeoXAttention(nn.Module):
@@ -179,16 +203,8 @@ class NeoXAttention(nn.Module):
         self.core = make_attention_core(attention, cfg.head_dim)
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """x [B, T, hidden] -> q, k, v [B, H, T, D], with q and k rotated."""
-        b = x.size(0)
-        t = x.size(1)
-        # HF layout: per head, the fused output holds [q | k | v] of head_dim each.
-        qkv = self.query_key_value(x).view(b, t, self.num_heads, 3 * self.head_dim).transpose(1, 2)
-        d = self.head_dim
-        q = apply_rotary(qkv[..., :d], cos, sin, self.rotary_ndims)
-        k = apply_rotary(qkv[..., d:2 * d], cos, sin, self.rotary_ndims)
-        v = qkv[..., 2 * d:]
-        return q, k, v
+        """x [B, T, hidden] -> q, k, v [B, H, T, D] (q, k rotated)."""
+        return split_heads(self.query_key_value(x), self.num_heads, self.head_dim, self.rotary_ndims, cos, sin)
 
     def merge(self, o: Tensor) -> Tensor:
         """o [B, H, T, D] -> dense(o as [B, T, hidden])."""
@@ -208,25 +224,18 @@ class NeoXMLP(nn.Module):
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
 
 
-class NeoXLayer(nn.Module):
-    def __init__(self, cfg: KVCConfig, index: int, attention: str, factory: Dict):
+class _Layer(nn.Module):
+    """What NeoXLayer and FusedNeoXLayer share: the cache handling of forward (dynamic cache)
+    and step (caller-owned buffers). A layer supplies
+      project(x, cos, sin) -> q, k, v [B, H, T, D] and `carry` for finish,
+      finish(x, o, carry) -> the layer's output from attention's o [B, H, T, D],
+      attend(q, k, v, past_len) / attend_masked(q, k, v, bias): its attention core."""
+
+    def __init__(self, index: int, num_heads: int, head_dim: int):
         super().__init__()
         self.layer_index = index
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.head_dim
-        self.use_parallel_residual = cfg.use_parallel_residual
-        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **factory)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **factory)
-        self.attention = NeoXAttention(cfg, attention, factory)
-        self.mlp = NeoXMLP(cfg, factory)
-
-    def residual(self, x: Tensor, attn_out: Tensor) -> Tensor:
-        # Summation order follows HF (mlp + attn + x) so low-precision results match closely.
-        if self.use_parallel_residual:
-            mlp_out = self.mlp(self.post_attention_layernorm(x))
-            return mlp_out + attn_out + x
-        h = attn_out + x
-        return self.mlp(self.post_attention_layernorm(h)) + h
+        self.num_heads = num_heads
+        self.head_dim = head_dim
 
     def check_past(self, x: Tensor, past_k: Tensor, past_v: Tensor):
         ok = (past_k.dim() == 4 and past_v.dim() == 4
@@ -241,27 +250,123 @@ class NeoXLayer(nn.Module):
             raise RuntimeError("kvc model: layer {} cache dtype {} / {} differs from the model dtype {}"
                                .format(self.layer_index, past_k.dtype, past_v.dtype, x.dtype))
 
-    def step(self, x: Tensor, cos: Tensor, sin: Tensor, key_buffer: Tensor, value_buffer: Tensor,
-             slots: Tensor) -> Tensor:
+    def step(self, x: Tensor, cos: Tensor, sin: Tensor, key_buffer: Tensor,
+             value_buffer: Tensor, slots: Tensor, bias: Tensor) -> Tensor:
         """Writes the new tokens' keys/values into the caller's buffers at `slots` ([T] int64,
-        on the device) and attends to every slot up to each token's own. Static shapes, no
+        on the device) and attends with the additive mask `bias` ([T, C]). Static shapes, no
         host synchronisation: capturable in a CUDA graph."""
-        q, k, v = self.attention.project(self.input_layernorm(x), cos, sin)
+        q, k, v, carry = self.project(x, cos, sin)
         key_buffer.index_copy_(2, slots, k)
         value_buffer.index_copy_(2, slots, v)
-        cols = torch.arange(key_buffer.size(2), device=x.device).unsqueeze(0)
-        allowed = cols <= slots.unsqueeze(1)
-        o = self.attention.core.masked(q, key_buffer, value_buffer, allowed)
-        return self.residual(x, self.attention.merge(o))
+        return self.finish(x, self.attend_masked(q, key_buffer, value_buffer, bias), carry)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor,
                 past_v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         self.check_past(x, past_k, past_v)
-        q, k, v = self.attention.project(self.input_layernorm(x), cos, sin)
+        q, k, v, carry = self.project(x, cos, sin)
         k = torch.cat((past_k, k), dim=2)
         v = torch.cat((past_v, v), dim=2)
-        o = self.attention.core(q, k, v, past_k.size(2))
-        return self.residual(x, self.attention.merge(o)), k, v
+        return self.finish(x, self.attend(q, k, v, past_k.size(2)), carry), k, v
+
+    def causal(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Whole-sequence causal pass without a cache (lm_logits; eager modules only)."""
+        q, k, v, carry = self.project(x, cos, sin)
+        return self.finish(x, _causal_attention(q, k, v), carry)
+
+
+class NeoXLayer(_Layer):
+    """One GPT-NeoX layer with Hugging Face's parameters and order of operations."""
+
+    def __init__(self, cfg: KVCConfig, index: int, attention: str, factory: Dict):
+        super().__init__(index, cfg.num_heads, cfg.head_dim)
+        self.use_parallel_residual = cfg.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **factory)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **factory)
+        self.attention = NeoXAttention(cfg, attention, factory)
+        self.mlp = NeoXMLP(cfg, factory)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        q, k, v = self.attention.project(self.input_layernorm(x), cos, sin)
+        return q, k, v, x
+
+    def finish(self, x: Tensor, o: Tensor, carry: Tensor) -> Tensor:
+        attn_out = self.attention.merge(o)
+        # Summation order follows HF (mlp + attn + x) so low-precision results match closely.
+        if self.use_parallel_residual:
+            mlp_out = self.mlp(self.post_attention_layernorm(x))
+            return mlp_out + attn_out + x
+        h = attn_out + x
+        return self.mlp(self.post_attention_layernorm(h)) + h
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, past_len: int) -> Tensor:
+        return self.attention.core(q, k, v, past_len)
+
+    def attend_masked(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        return self.attention.core.masked(q, k, v, bias)
+
+
+class FusedNeoXLayer(_Layer):
+    """A parallel-residual NeoXLayer rewritten with fewer, larger kernels (what bounds decode,
+    docs/PERFORMANCE.md): both LayerNorms share one normalisation, their scales and shifts
+    folded into the weights after it (LN_i(x) = n * g_i + b_i, so W (n * g_i + b_i) + c =
+    (W diag(g_i)) n + (W b_i + c)); QKV and the MLP's first Linear become one matrix product;
+    the attention output and the MLP's second Linear another (dense(o) + W2 gelu(h) =
+    [dense | W2] [o ; gelu(h)]). The same function as the layer it is built from, up to
+    rounding: the folded weights are rounded once to the model's dtype."""
+
+    def __init__(self, layer: NeoXLayer):
+        super().__init__(layer.layer_index, layer.num_heads, layer.head_dim)
+        if not layer.use_parallel_residual:
+            raise ValueError("FusedNeoXLayer needs a parallel-residual layer (use_parallel_residual)")
+        att, mlp = layer.attention, layer.mlp
+        self.use_parallel_residual = True
+        self.hidden_size = att.hidden_size
+        self.rotary_ndims = att.rotary_ndims
+        self.eps = float(layer.input_layernorm.eps)
+        dtype, device = att.query_key_value.weight.dtype, att.query_key_value.weight.device
+        with torch.no_grad():
+            def folded(lin: nn.Linear, ln: nn.LayerNorm) -> Tuple[Tensor, Tensor]:
+                w = lin.weight.double()
+                return w * ln.weight.double().unsqueeze(0), lin.bias.double() + w @ ln.bias.double()
+            w_qkv, b_qkv = folded(att.query_key_value, layer.input_layernorm)
+            w_up, b_up = folded(mlp.dense_h_to_4h, layer.post_attention_layernorm)
+            self.in_proj = nn.Linear(w_qkv.size(1), w_qkv.size(0) + w_up.size(0), device=device, dtype=dtype)
+            self.in_proj.weight.copy_(torch.cat((w_qkv, w_up), 0))
+            self.in_proj.bias.copy_(torch.cat((b_qkv, b_up), 0))
+            w_out = torch.cat((att.dense.weight, mlp.dense_4h_to_h.weight), 1)
+            self.out_proj = nn.Linear(w_out.size(1), w_out.size(0), device=device, dtype=dtype)
+            self.out_proj.weight.copy_(w_out)
+            self.out_proj.bias.copy_(att.dense.bias.double() + mlp.dense_4h_to_h.bias.double())
+        self.act = nn.GELU()
+        self.core = att.core
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        y = self.in_proj(F.layer_norm(x, [self.hidden_size], None, None, self.eps))
+        q, k, v = split_heads(y[..., :3 * self.hidden_size], self.num_heads, self.head_dim, self.rotary_ndims,
+                              cos, sin)
+        return q, k, v, y[..., 3 * self.hidden_size:]
+
+    def finish(self, x: Tensor, o: Tensor, carry: Tensor) -> Tensor:
+        b = o.size(0)
+        t = o.size(2)
+        z = torch.cat((o.transpose(1, 2).reshape(b, t, self.hidden_size), self.act(carry)), dim=-1)
+        return self.out_proj(z) + x
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, past_len: int) -> Tensor:
+        return self.core(q, k, v, past_len)
+
+    def attend_masked(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        return self.core.masked(q, k, v, bias)
+
+
+def fuse_layers(model: "KVCModel") -> "KVCModel":
+    """Replaces every layer of `model` (weights loaded) by its FusedNeoXLayer, in place; the
+    result keeps the contract and computes the same function up to rounding. Needs parallel
+    residual layers (all Pythia models). Not for training: the Hugging Face names are gone."""
+    for i in range(len(model.layers)):
+        model.layers[i] = FusedNeoXLayer(model.layers[i])
+    model.fused_layers = True
+    return model
 
 
 class KVCModel(nn.Module):
@@ -287,6 +392,7 @@ class KVCModel(nn.Module):
         self.eos_token_id = int(cfg.eos_token_id)
         self.layer_norm_eps = float(cfg.layer_norm_eps)
         self.attention_kind = str(attention)
+        self.fused_layers = False  # fuse_layers() sets it
 
         self.embed_in = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **factory)
         self.layers = nn.ModuleList([NeoXLayer(cfg, i, attention, factory) for i in range(cfg.num_layers)])
@@ -305,6 +411,15 @@ class KVCModel(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
         return emb.cos(), emb.sin()
 
+    def rotation(self, position_ids: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """full_width_rotary factors, cos / sin in `dtype` as [B, T, 1, 1, head_dim] to
+        broadcast against the q/k pair [B, T, H, 2, D] of split_heads. Built once per call,
+        not per layer."""
+        cos, sin = self.rotary_tables(position_ids)
+        cos, sin = full_width_rotary(cos, sin, self.head_dim)
+        shape = [cos.size(0), cos.size(2), 1, 1, cos.size(3)]
+        return cos.to(dtype).view(shape), sin.to(dtype).view(shape)
+
     def forward(self, input_ids: Tensor, position_ids: Tensor, past_keys: List[Tensor],
                 past_values: List[Tensor]) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
         if input_ids.dim() != 2 or position_ids.size() != input_ids.size():
@@ -314,7 +429,7 @@ class KVCModel(nn.Module):
             raise RuntimeError("kvc model: got {} past_keys and {} past_values, expected {} each"
                                .format(len(past_keys), len(past_values), self.num_layers))
         x = self.embed_in(input_ids)
-        cos, sin = self.rotary_tables(position_ids)
+        cos, sin = self.rotation(position_ids, x.dtype)
         new_keys: List[Tensor] = []
         new_values: List[Tensor] = []
         for i, layer in enumerate(self.layers):
@@ -336,10 +451,22 @@ class KVCModel(nn.Module):
             raise RuntimeError("kvc model: got {} key and {} value buffers, expected {} each"
                                .format(len(key_buffers), len(value_buffers), self.num_layers))
         x = self.embed_in(input_ids)
-        cos, sin = self.rotary_tables(position_ids)
-        offsets = torch.arange(input_ids.size(1), device=input_ids.device)
+        cos, sin = self.rotation(position_ids, x.dtype)
+        # Slots and masks of all layers at once (a handful of kernels per step, not per layer).
+        # Mask rows are `width` apart, a multiple of 16, so SDPA's fused kernel takes each
+        # layer's [T, C_i] slice without an alignment copy.
+        t = input_ids.size(1)
+        slots = lengths.unsqueeze(1) + torch.arange(t, device=input_ids.device)  # [L, T]
+        width = 16
+        for kb in key_buffers:
+            width = max(width, (kb.size(2) + 15) // 16 * 16)
+        cols = torch.arange(width, device=input_ids.device).view(1, 1, width)
+        allowed = cols <= slots.unsqueeze(2)  # [L, T, width]
+        bias = torch.full([self.num_layers, t, width], float("-inf"), dtype=x.dtype,
+                          device=x.device).masked_fill(allowed, 0.0)
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, cos, sin, key_buffers[i], value_buffers[i], lengths[i] + offsets)
+            kb = key_buffers[i]
+            x = layer.step(x, cos, sin, kb, value_buffers[i], slots[i], bias[i, :, :kb.size(2)])
         return self.embed_out(self.final_layer_norm(x)).float()
 
 
@@ -368,11 +495,10 @@ def lm_logits(model: KVCModel, ids: Tensor) -> Tensor:
     of the scripted interface. Uses fused causal attention when PyTorch has it."""
     b, t = ids.shape
     pos = torch.arange(t, device=ids.device).unsqueeze(0).expand(b, t)
-    cos, sin = model.rotary_tables(pos)
     x = model.embed_in(ids)
+    cos, sin = model.rotation(pos, x.dtype)
     for layer in model.layers:
-        q, k, v = layer.attention.project(layer.input_layernorm(x), cos, sin)
-        x = layer.residual(x, layer.attention.merge(_causal_attention(q, k, v)))
+        x = layer.causal(x, cos, sin)
     return model.embed_out(model.final_layer_norm(x))
 
 
@@ -450,6 +576,7 @@ def contract_config(model, extra: Optional[Dict] = None) -> Dict:
         "attention": str(model.attention_kind),
         "architecture": "gpt_neox",
         "use_parallel_residual": bool(model.layers[0].use_parallel_residual),
+        "fused_layers": bool(model.fused_layers),
         "num_parameters": sum(p.numel() for p in model.parameters()),
     })
     if extra:

@@ -8,6 +8,7 @@ extra files, Hugging Face name mapping, and the rotary re-rotation identity that
 driver's `cache` position mode relies on.
 """
 
+import copy
 import math
 import os
 import sys
@@ -224,13 +225,70 @@ def test_key_rerotation_composes():
     k = torch.randn(1, 4, 6, 16, dtype=torch.float64)
     p = torch.tensor([[0, 3, 4, 10, 11, 40]])
     delta = torch.tensor([[0, -1, -1, -5, -5, -30]])
-    cos, sin = m.rotary_tables(p)
-    once = km.apply_rotary(k, cos, sin, r)
-    c2, s2 = m.rotary_tables(delta)
-    twice = km.apply_rotary(once, c2, s2, r)
-    c3, s3 = m.rotary_tables(p + delta)
-    direct = km.apply_rotary(k, c3, s3, r)
+    def rotate(x, positions):
+        return km.apply_rotary(x, *km.full_width_rotary(*m.rotary_tables(positions), 16), r)
+    once = rotate(k, p)
+    twice = rotate(once, delta)
+    direct = rotate(k, p + delta)
     assert (twice - direct).abs().max().item() < 1e-5
+
+
+def test_rotary_is_hf_formula_bitwise():
+    # apply_rotary's full-width factors give, float for float, Hugging Face's
+    # x * cos + rotate_half(x) * sin on the rotary dims and x itself on the others.
+    m = tiny_model(3, hidden_size=128, num_heads=4)  # head_dim 32, rotary_ndims 8
+    r = m.rotary_ndims
+    pos = torch.randint(0, 5000, (2, 7))
+    cos, sin = m.rotary_tables(pos)
+    cos_full, sin_full = km.full_width_rotary(cos, sin, 32)
+    assert (cos_full[..., r:] == 1).all() and (sin_full[..., r:] == 0).all()
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(2, 4, 7, 32).to(dt)
+        c, s = cos.to(dt), sin.to(dt)
+        xr = x[..., :r]
+        rotate_half = torch.cat((-xr[..., r // 2:], xr[..., :r // 2]), -1)
+        want = torch.cat((xr * c + rotate_half * s, x[..., r:]), -1)
+        got = km.apply_rotary(x, cos_full.to(dt), sin_full.to(dt), r)
+        assert torch.equal(got, want), dt
+
+
+def test_fused_layers_compute_the_same_function():
+    # fuse_layers folds the LayerNorms into the weights and merges the matrix products; in
+    # float64 the result must agree with the unfused model to rounding, through forward and step.
+    m = tiny_model(12).double()
+    f = km.fuse_layers(copy.deepcopy(m))
+    assert all(isinstance(layer, km.FusedNeoXLayer) for layer in f.layers)
+    sm, sf = torch.jit.script(m), torch.jit.script(f)
+    assert sf.fused_layers and not sm.fused_layers
+    assert km.contract_config(sf)["fused_layers"] is True
+    B, T = 2, 10
+    ids = torch.randint(0, 97, (B, T))
+    pos = torch.arange(T).expand(B, T)
+    a, ak, av = run(sm, ids, pos, *km.empty_cache(sm, B))
+    b, bk, bv = run(sf, ids, pos, *km.empty_cache(sf, B))
+    assert (a - b).abs().max().item() < 1e-9
+    assert max((x - y).abs().max().item() for x, y in zip(ak + av, bk + bv)) < 1e-9
+    outs = []
+    for s in (sm, sf):
+        kb = [torch.zeros(B, 4, 16, 16, dtype=torch.float64) for _ in range(3)]
+        vb = [torch.zeros_like(k) for k in kb]
+        lengths = torch.zeros(3, dtype=torch.long)
+        o = [s.step(ids[:, :6], pos[:, :6], kb, vb, lengths)]
+        lengths += 6
+        for t in range(6, T):
+            o.append(s.step(ids[:, t:t + 1], pos[:, t:t + 1], kb, vb, lengths))
+            lengths += 1
+        outs.append(torch.cat(o, 1))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-9
+    assert (outs[1] - b).abs().max().item() < 1e-5  # attention scores are float32 in both paths
+    with torch.no_grad():
+        assert (km.lm_logits(f, ids).float() - b.float()).abs().max().item() < 1e-4
+    try:
+        km.fuse_layers(tiny_model(1, use_parallel_residual=False))
+    except ValueError as e:
+        assert "parallel" in str(e), str(e)
+    else:
+        raise AssertionError("a sequential-residual layer was fused")
 
 
 def test_dtype_moves_and_no_hardcoded_dtype():

@@ -52,6 +52,7 @@ class StaticCache {
       positions_.push_back(at::zeros({batch, heads, c}, pos_options));
     }
     lengths_.assign(static_cast<size_t>(num_layers), 0);
+    pending_.assign(static_cast<size_t>(num_layers), Pending{});
     scratch_ = at::empty({batch, heads, max_cap, head_dim}, options);
     pos_scratch_ = at::empty({batch, heads, max_cap}, pos_options);
   }
@@ -66,7 +67,10 @@ class StaticCache {
   const at::Tensor& key_buffer(int64_t layer) const { return keys_[at(layer)]; }
   const at::Tensor& value_buffer(int64_t layer) const { return values_[at(layer)]; }
   /// Original token position of every valid slot, [batch, heads, length].
-  at::Tensor positions(int64_t layer) const { return positions_[at(layer)].narrow(2, 0, length(layer)); }
+  at::Tensor positions(int64_t layer) const {
+    write_pending_positions(layer);
+    return positions_[at(layer)].narrow(2, 0, length(layer));
+  }
 
   /// The valid part of every layer as views (no copy): the cache as the functional API sees it.
   KVCache view() const {
@@ -89,7 +93,7 @@ class StaticCache {
     const int64_t len = lengths_[at(layer)];
     keys_[at(layer)].narrow(2, len, t).copy_(keys);
     values_[at(layer)].narrow(2, len, t).copy_(values);
-    record(layer, position_block(first_position, t));
+    record(layer, first_position, t);
   }
 
   /// Throws kvcompress::Error unless every layer has room for `t` more tokens (a caller whose
@@ -102,8 +106,7 @@ class StaticCache {
   /// after the valid ones of every layer (the buffers were filled in place).
   void commit_step(int64_t t, int64_t first_position) {
     require_room(t);
-    const at::Tensor pos = position_block(first_position, t);
-    for (int64_t l = 0; l < num_layers(); ++l) record(l, pos);
+    for (int64_t l = 0; l < num_layers(); ++l) record(l, first_position, t);
   }
 
   /// Compresses every layer with `compressor`, compacting the kept tokens (in selection order)
@@ -115,6 +118,7 @@ class StaticCache {
       const at::Tensor valid_keys = keys_[at(l)].narrow(2, 0, len);
       std::optional<Selection> s = compressor.select(LayerView{valid_keys, l, n});
       if (!s) continue;
+      write_pending_positions(l);
       compact(keys_[at(l)], len, *s, scratch_);
       compact(values_[at(l)], len, *s, scratch_);
       compact(positions_[at(l)].unsqueeze(-1), len, *s, pos_scratch_.unsqueeze(-1));
@@ -133,6 +137,7 @@ class StaticCache {
   /// Empties every layer (buffers are kept).
   void clear() {
     std::fill(lengths_.begin(), lengths_.end(), 0);
+    for (auto& p : pending_) p.count = 0;
     since_compression_ = 0;
   }
 
@@ -157,20 +162,66 @@ class StaticCache {
     return at::arange(first, first + t, positions_[0].options()).expand({batch_, heads_, t});
   }
 
-  // Marks pos.size(2) tokens with positions `pos` as written after the valid slots of `layer`.
-  void record(int64_t layer, const at::Tensor& pos) {
-    const int64_t t = pos.size(2);
-    positions_[at(layer)].narrow(2, lengths_[at(layer)], t).copy_(pos);
+  // Marks t tokens with positions first .. first + t - 1 as written after the valid slots of
+  // `layer`. The positions reach the device only when needed (compression, positions()): a
+  // decode step would otherwise cost one small copy kernel per layer, which on a GPU is a
+  // measurable share of a step (docs/PERFORMANCE.md). Consecutive steps extend one pending run.
+  void record(int64_t layer, int64_t first, int64_t t) {
+    Pending& p = pending_[at(layer)];
+    if (p.count > 0 && p.first + p.count != first) write_pending_positions(layer);
+    if (p.count == 0) {
+      p.slot = lengths_[at(layer)];
+      p.first = first;
+    }
+    p.count += t;
     lengths_[at(layer)] += t;
     if (layer == 0) since_compression_ += t;
   }
 
-  // Gathers the kept slots into scratch, then copies them back to the front: two copies of the
-  // kept tokens, no allocation of cache size. (A direct in-place move could overlap itself.)
+  void write_pending_positions(int64_t layer) const {
+    Pending& p = pending_[at(layer)];
+    if (p.count == 0) return;
+    positions_[at(layer)].narrow(2, p.slot, p.count).copy_(position_block(p.first, p.count));
+    p.count = 0;
+  }
+
+  // Spans in increasing, non-overlapping order (what every built-in span policy returns).
+  static bool ascending(const Selection& s) {
+    int64_t end = 0;
+    for (const auto& p : s.parts()) {
+      if (p.start < end) return false;
+      end = p.start + p.length;
+    }
+    return true;
+  }
+
+  // Moves the kept slots to the front of the buffer without allocating: spans as below; other
+  // selections are gathered into scratch and copied back (a gather in place could read slots
+  // it has already overwritten).
   static void compact(const at::Tensor& buffer, int64_t len, const Selection& s, const at::Tensor& scratch) {
     const int64_t k = s.kept();
     at::Tensor out = scratch.narrow(2, 0, k);
     const at::Tensor valid = buffer.narrow(2, 0, len);
+    if (s.spans_only() && ascending(s)) {
+      // Each span moves down to its offset; sources of later spans lie past every destination
+      // so far. A span already in place (attention sinks) costs nothing, one that does not
+      // overlap its destination one copy; only an overlapping move goes through scratch.
+      int64_t offset = 0;
+      for (const auto& p : s.parts()) {
+        if (p.start != offset) {
+          const at::Tensor src = valid.narrow(2, p.start, p.length);
+          if (p.start >= offset + p.length) {
+            buffer.narrow(2, offset, p.length).copy_(src);
+          } else {
+            at::Tensor tmp = scratch.narrow(2, 0, p.length);
+            tmp.copy_(src);
+            buffer.narrow(2, offset, p.length).copy_(tmp);
+          }
+        }
+        offset += p.length;
+      }
+      return;
+    }
     if (s.spans_only()) {
       int64_t offset = 0;
       for (const auto& p : s.parts()) {
@@ -184,8 +235,14 @@ class StaticCache {
     buffer.narrow(2, 0, k).copy_(out);
   }
 
+  // Slots slot .. slot + count - 1 hold positions first .. first + count - 1, not yet written.
+  struct Pending {
+    int64_t slot = 0, first = 0, count = 0;
+  };
+
   int64_t batch_, heads_, head_dim_;
   std::vector<at::Tensor> keys_, values_, positions_;
+  mutable std::vector<Pending> pending_;
   std::vector<int64_t> lengths_;
   at::Tensor scratch_, pos_scratch_;
   int64_t since_compression_ = 0;
