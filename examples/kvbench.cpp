@@ -59,6 +59,8 @@ the cache) for the full cache and each method, as the course project did.
                         compress after every token, or once per --slack tokens (default: the
                         course project's loop, which re-concatenates the cache every step)
   --slack N             tokens between compressions for --schedule chunked (default 64)
+  --prefill-chunk N     feed the generation prompt N tokens per step (fixed-capacity runtime;
+                        default 0 = all at once): lowers the prefill's peak memory
   --cuda-graph          replay each one-token step from a CUDA graph (fixed-capacity cache;
                         implies --schedule every unless given)
   --batch N             rows of the generation measurement (default 1)
@@ -120,7 +122,7 @@ struct Options {
   int jit_optimize = -1;  // -1: on with --cuda-graph
   std::string schedule;  // "" = dynamic (concatenating) runtime
   std::string positions = "original";
-  int64_t slack = 64, batch = 1;
+  int64_t slack = 64, batch = 1, prefill_chunk = 0;
   bool cuda_graph = false, eval = true;
   bool static_cache() const { return !schedule.empty() || cuda_graph; }
   std::vector<int64_t> budgets = {512, 1024}, skip_layers = {0, 1};
@@ -170,6 +172,7 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--no-jit-optimize") o.jit_optimize = 0;
     else if (a == "--schedule") o.schedule = parse_choice(a, value(i), {"every", "chunked"});
     else if (a == "--slack") o.slack = parse_count(a, value(i), 1);
+    else if (a == "--prefill-chunk") o.prefill_chunk = parse_count(a, value(i), 0);
     else if (a == "--cuda-graph") o.cuda_graph = true;
     else if (a == "--batch") o.batch = parse_count(a, value(i), 1);
     else if (a == "--no-eval") o.eval = false;
@@ -181,6 +184,8 @@ Options parse_args(int argc, char** argv) {
   if (o.cuda_graph && o.schedule.empty()) o.schedule = "every";
   if (!o.eval && o.generate == 0) fail("--no-eval with --generate 0 leaves nothing to measure");
   if (o.batch > 1 && !o.static_cache()) fail("--batch needs the fixed-capacity runtime (--schedule or --cuda-graph)");
+  if (o.prefill_chunk > 0 && !o.static_cache())
+    fail("--prefill-chunk needs the fixed-capacity runtime (--schedule or --cuda-graph)");
   if (o.positions == "cache" && o.static_cache())
     fail("--positions cache is implemented for the concatenating runtime only (drop --schedule/--cuda-graph)");
   if (o.compare_all && o.budgets.empty()) fail("--budgets needs at least one budget");
@@ -383,6 +388,7 @@ void write_json(const std::string& path, const Options& o, const rt::ContractMod
       << "  \"runtime\": \"" << (o.static_cache() ? "static" : "dynamic") << "\",\n"
       << "  \"schedule\": \"" << (o.static_cache() ? o.schedule : "every") << "\",\n"
       << "  \"slack\": " << (o.schedule == "chunked" ? o.slack : 0) << ",\n"
+      << "  \"prefill_chunk\": " << o.prefill_chunk << ",\n"
       << "  \"cuda_graph\": " << (o.cuda_graph ? "true" : "false") << ",\n"
       << "  \"jit_optimize\": " << (torch::jit::getGraphExecutorOptimize() ? "true" : "false") << ",\n"
       << "  \"skip_layers\": " << kvc::params::format_int_list(o.skip_layers) << ",\n"
@@ -491,6 +497,7 @@ int run(int argc, char** argv) {
   const kvc::PositionRule rule = o.positions == "cache" ? kvc::PositionRule::cache : kvc::PositionRule::original;
   rt::StaticOptions so;
   so.schedule = o.schedule == "chunked" ? kvc::Schedule::chunk(o.slack) : kvc::Schedule::every();
+  so.prefill_chunk = o.prefill_chunk;
   so.cuda_graph = o.cuda_graph;
   auto evaluate = [&](const kvc::Compressor* c, const std::vector<int64_t>& tokens, rt::RunMetrics& m,
                       const rt::Progress& progress) {

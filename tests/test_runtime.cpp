@@ -204,6 +204,23 @@ TEST(StaticRuntime, BatchedGenerationKeepsTheBudget) {
   EXPECT_GT(m.gen_tok_s(), 0.0);
 }
 
+TEST(StaticRuntime, ChunkedPrefillFillsTheSameCache) {
+  const auto prompt = bundled_tokens(23);
+  const at::Tensor ids = at::tensor(prompt, at::kLong).unsqueeze(0);
+  rt::StaticDecoder whole(model(), 1, {32}, false), chunked(model(), 1, {32}, false);
+  const at::Tensor a = whole.prefill(ids, 0, 0);
+  const at::Tensor b = chunked.prefill(ids, 0, 5);  // 5 + 5 + 5 + 5 + 3 tokens
+  ASSERT_EQ(b.size(1), 3);
+  EXPECT_TRUE(at::allclose(a.select(1, -1), b.select(1, -1), 1e-4, 1e-4));
+  for (int64_t l = 0; l < model().info().num_layers; ++l) {
+    EXPECT_EQ(chunked.cache().length(l), 23);
+    EXPECT_TRUE(at::allclose(whole.cache().view()[l].first, chunked.cache().view()[l].first, 1e-4, 1e-4));
+    EXPECT_TRUE(at::allclose(whole.cache().view()[l].second, chunked.cache().view()[l].second, 1e-4, 1e-4));
+    EXPECT_TRUE(at::equal(whole.cache().positions(l), chunked.cache().positions(l)));
+  }
+  expect_error([&] { chunked.prefill(ids, 23, -1); }, "chunk must be >= 0");
+}
+
 TEST(StaticRuntime, CudaGraphsOnCpuAreRefused) {
   expect_error([] { rt::StaticDecoder(model(), 1, {8}, /*cuda_graph=*/true); }, "--cuda-graph needs --device cuda");
 }

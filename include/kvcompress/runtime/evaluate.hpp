@@ -249,6 +249,8 @@ inline void measure_generation(ContractModel& model, const Compressor* compresso
 struct StaticOptions {
   Schedule schedule = Schedule::every();
   bool cuda_graph = false;
+  /// Tokens per prefill step of the generation measurement (0 = the whole prompt at once).
+  int64_t prefill_chunk = 0;
 };
 
 /// evaluate_sample on a fixed-capacity cache through the model's `step` (same metrics; with
@@ -284,10 +286,10 @@ inline void measure_generation_static(ContractModel& model, const Compressor* co
   decoder.prepare();
   const at::Tensor ids = at::tensor(prompt, at::TensorOptions().dtype(at::kLong)).to(model.device())
                              .unsqueeze(0).expand({batch, p}).contiguous();
-  decoder.step(ids, 0);  // untimed warm-up (see measure_generation)
+  decoder.prefill(ids, 0, so.prefill_chunk);  // untimed warm-up (see measure_generation)
   decoder.cache().clear();
   auto start = std::chrono::steady_clock::now();
-  at::Tensor next = decoder.step(ids, 0).select(1, -1).argmax(-1, /*keepdim=*/true);  // [batch, 1]
+  at::Tensor next = decoder.prefill(ids, 0, so.prefill_chunk).select(1, -1).argmax(-1, /*keepdim=*/true);  // [batch, 1]
   if (compressor) decoder.cache().maybe_compress(*compressor, so.schedule);
   next.sum().item<int64_t>();  // synchronise: the first token exists
   m.gen_ttft_s += detail::seconds_since(start);

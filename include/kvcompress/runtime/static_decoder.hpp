@@ -11,7 +11,9 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <algorithm>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace kvcompress {
@@ -69,6 +71,22 @@ class StaticDecoder {
   }
 
   StaticCache& cache() { return cache_; }
+
+  /// Feeds a prompt ([batch, P] int64) at positions first_position.. in steps of `chunk`
+  /// tokens (0 = all at once) and returns the logits of the last step. Chunks bound the
+  /// prefill's transient memory (float32 logits of every fed position, attention scores) at
+  /// the cost of more, smaller steps; the cache ends up the same.
+  at::Tensor prefill(const at::Tensor& ids, int64_t first_position, int64_t chunk) {
+    if (chunk < 0) throw Error("prefill: chunk must be >= 0, got " + std::to_string(chunk));
+    const int64_t p = ids.size(1);
+    if (chunk == 0 || chunk >= p) return step(ids, first_position);
+    at::Tensor logits;
+    for (int64_t s = 0; s < p; s += chunk) {
+      const int64_t t = std::min(chunk, p - s);
+      logits = step(ids.narrow(1, s, t).contiguous(), first_position + s);
+    }
+    return logits;
+  }
 
   /// Captures the CUDA graph now (when enabled), so that the first timed step does not pay
   /// for it. Needs one free slot in every layer; writes nothing the next step would not.
