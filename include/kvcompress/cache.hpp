@@ -195,12 +195,10 @@ class StaticCache {
     return true;
   }
 
-  // Moves the kept slots to the front of the buffer without allocating: spans as below; other
-  // selections are gathered into scratch and copied back (a gather in place could read slots
-  // it has already overwritten).
+  // Moves the kept slots to the front of the buffer without allocating cache-sized memory:
+  // ascending spans as below; any other selection is gathered into scratch and copied back (a
+  // gather in place could read slots it has already overwritten).
   static void compact(const at::Tensor& buffer, int64_t len, const Selection& s, const at::Tensor& scratch) {
-    const int64_t k = s.kept();
-    at::Tensor out = scratch.narrow(2, 0, k);
     const at::Tensor valid = buffer.narrow(2, 0, len);
     if (s.spans_only() && ascending(s)) {
       // Each span moves down to its offset; sources of later spans lie past every destination
@@ -222,16 +220,10 @@ class StaticCache {
       }
       return;
     }
-    if (s.spans_only()) {
-      int64_t offset = 0;
-      for (const auto& p : s.parts()) {
-        out.narrow(2, offset, p.length).copy_(valid.narrow(2, p.start, p.length));
-        offset += p.length;
-      }
-    } else {
-      const at::Tensor idx = s.positions(buffer.size(0), buffer.size(1), buffer.device()).unsqueeze(-1);
-      at::gather_out(out, valid, 2, idx.expand({buffer.size(0), buffer.size(1), k, buffer.size(3)}));
-    }
+    const int64_t k = s.kept();
+    at::Tensor out = scratch.narrow(2, 0, k);
+    const at::Tensor idx = s.positions(buffer.size(0), buffer.size(1), buffer.device()).unsqueeze(-1);
+    at::gather_out(out, valid, 2, idx.expand({buffer.size(0), buffer.size(1), k, buffer.size(3)}));
     buffer.narrow(2, 0, k).copy_(out);
   }
 

@@ -217,9 +217,10 @@ inline void measure_generation(ContractModel& model, const Compressor* compresso
   const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
   const int64_t p = static_cast<int64_t>(prompt.size());
   at::Tensor ids = at::tensor(prompt, at::TensorOptions().dtype(at::kLong)).to(model.device()).unsqueeze(0);
-  model.forward(ids, at::arange(p, ids_opts).unsqueeze(0), model.empty_cache());  // untimed warm-up (see measure_generation)
+  const at::Tensor prompt_positions = at::arange(p, ids_opts).unsqueeze(0);
+  model.forward(ids, prompt_positions, model.empty_cache());  // untimed warm-up (see above)
   auto start = std::chrono::steady_clock::now();
-  auto step = model.forward(ids, at::arange(p, ids_opts).unsqueeze(0), model.empty_cache());
+  auto step = model.forward(ids, prompt_positions, model.empty_cache());
   rotation.appended(0, p);
   KVCache cache = compressor ? rotation.compress(*compressor, step.cache, p) : std::move(step.cache);
   int64_t next = step.logits.select(0, 0).select(0, -1).argmax().item<int64_t>();

@@ -38,7 +38,12 @@ class Timeline {
     return host_.size() - 1;
   }
 
-  size_t size() const { return cuda_ ? events_size() : host_.size(); }
+  size_t size() const {
+#ifdef KVC_WITH_CUDA
+    if (cuda_) return events_.size();
+#endif
+    return host_.size();
+  }
 
   /// Seconds from mark `from` to mark `to`; waits for mark `to` to be reached.
   double seconds(size_t from, size_t to) const {
@@ -53,14 +58,6 @@ class Timeline {
   }
 
  private:
-  size_t events_size() const {
-#ifdef KVC_WITH_CUDA
-    return events_.size();
-#else
-    return 0;
-#endif
-  }
-
   bool cuda_;
   std::vector<std::chrono::steady_clock::time_point> host_;
 #ifdef KVC_WITH_CUDA
