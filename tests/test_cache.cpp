@@ -2,8 +2,11 @@
 // the chunked schedule compacts correctly from any state; positions follow the kept tokens.
 #include "test_support.hpp"
 
+#include <kvcompress/runtime/positions.hpp>
+
 using namespace kvtest;
 namespace kvc = kvcompress;
+namespace rt = kvcompress::runtime;
 
 namespace {
 
@@ -193,38 +196,85 @@ TEST_P(Cache, RerotationComposesAndInverts) {
   const at::Tensor keys = at::randn({2, 3, 7, 16}, opts());
   const at::Tensor delta = at::randint(-50, 50, {2, 3, 7}, opts().dtype(at::kLong));
   at::Tensor k = keys.clone();
-  kvc::rerotate_keys(k, delta, 8, 10000.0);
+  rt::rerotate_keys(k, delta, 8, 10000.0);
   EXPECT_FALSE(at::allclose(k, keys));
   EXPECT_TRUE(at::equal(k.narrow(3, 8, 8), keys.narrow(3, 8, 8)));  // dims past rotary_ndims untouched
   at::Tensor twice = keys.clone();
-  kvc::rerotate_keys(twice, delta, 8, 10000.0);
-  kvc::rerotate_keys(twice, -delta, 8, 10000.0);
+  rt::rerotate_keys(twice, delta, 8, 10000.0);
+  rt::rerotate_keys(twice, -delta, 8, 10000.0);
   EXPECT_TRUE(at::allclose(twice, keys, 1e-5, 1e-5));
   at::Tensor split = keys.clone();  // rotations compose: a then b == a + b
-  kvc::rerotate_keys(split, delta, 8, 10000.0);
-  kvc::rerotate_keys(split, at::full_like(delta, 11), 8, 10000.0);
+  rt::rerotate_keys(split, delta, 8, 10000.0);
+  rt::rerotate_keys(split, at::full_like(delta, 11), 8, 10000.0);
   at::Tensor once = keys.clone();
-  kvc::rerotate_keys(once, delta + 11, 8, 10000.0);
+  rt::rerotate_keys(once, delta + 11, 8, 10000.0);
   EXPECT_TRUE(at::allclose(split, once, 1e-4, 1e-5));
   // Rotation preserves each rotated pair's norm.
   EXPECT_TRUE(at::allclose(at::norm(k.narrow(3, 0, 8), 2, {-1}), at::norm(keys.narrow(3, 0, 8), 2, {-1}), 1e-5, 1e-5));
-  expect_error([&] { kvc::rerotate_keys(k, delta, 7, 10000.0); }, {"even"});
-  expect_error([&] { kvc::rerotate_keys(k, delta.narrow(2, 0, 3), 8, 10000.0); }, {"delta"});
+  expect_error([&] { rt::rerotate_keys(k, delta, 7, 10000.0); }, {"even"});
+  expect_error([&] { rt::rerotate_keys(k, delta.narrow(2, 0, 3), 8, 10000.0); }, {"delta"});
 }
 
 TEST_P(Cache, CacheRuleRotatesKeptKeysToTheirSlots) {
-  // streaming_llm(2, 3) on 9 tokens rotated at 0..8: slots keep tokens 0, 1, 6, 7, 8; the next
-  // token comes at position 9, so slot j must be rotated at 9 - 5 + j = 4 + j.
+  // streaming_llm(2, 3) on 9 tokens rotated at their slots 0..8 keeps tokens 0, 1, 6, 7, 8 in
+  // slots 0..4; under the cache rule the key in slot j must end up rotated at j, i.e. moved by
+  // j - kept[j]: 0, 0, -4, -4, -4. Checked through StaticCache's compaction hook.
   auto c = kvc::make_compressor("streaming_llm(start_size=2, recent_size=3)");
   auto [keys, values] = tokens(9);
-  std::vector<at::Tensor> rotation = {at::arange(9, opts().dtype(at::kLong)).expand({kBatch, kHeads, 9}).contiguous()};
-  auto out = kvc::compress_reassigning_positions(*c, {{keys, values}}, rotation, 9, 4, 10000.0);
+  kvc::StaticCache cache(1, kBatch, kHeads, kDim, {12}, opts());
+  cache.append(0, keys, values, 0);
+  std::vector<int64_t> compacted;
+  cache.compress(*c, [&](int64_t layer, const kvc::Selection& s) {
+    compacted.push_back(layer);
+    rt::rotate_kept_keys_to_slots(cache.key_buffer(layer).narrow(2, 0, s.kept()), s, 4, 10000.0);
+  });
+  EXPECT_EQ(compacted, std::vector<int64_t>{0});
   const std::vector<int64_t> kept = {0, 1, 6, 7, 8};
-  EXPECT_TRUE(at::equal(rotation[0].to(at::kCPU)[1][2], at::arange(4, 9, at::kLong)));
+  ASSERT_EQ(cache.length(0), 5);
   for (int64_t j = 0; j < 5; ++j) {
-    at::Tensor expected = keys.narrow(2, kept[static_cast<size_t>(j)], 1).clone();
-    kvc::rerotate_keys(expected, at::full({kBatch, kHeads, 1}, 4 + j - kept[static_cast<size_t>(j)], opts().dtype(at::kLong)), 4, 10000.0);
-    EXPECT_TRUE(at::allclose(out[0].first.narrow(2, j, 1), expected, 1e-6, 1e-6)) << "slot " << j;
-    EXPECT_TRUE(at::equal(out[0].second.narrow(2, j, 1), values.narrow(2, kept[static_cast<size_t>(j)], 1)));
+    const int64_t from = kept[static_cast<size_t>(j)];
+    at::Tensor expected = keys.narrow(2, from, 1).clone();
+    rt::rerotate_keys(expected, at::full({kBatch, kHeads, 1}, j - from, opts().dtype(at::kLong)), 4, 10000.0);
+    EXPECT_TRUE(at::allclose(cache.view()[0].first.narrow(2, j, 1), expected, 1e-6, 1e-6)) << "slot " << j;
+    if (j < 2) EXPECT_TRUE(at::equal(cache.view()[0].first.narrow(2, j, 1), keys.narrow(2, from, 1)));  // delta 0
+    EXPECT_TRUE(at::equal(cache.view()[0].second.narrow(2, j, 1), values.narrow(2, from, 1)));  // values never rotate
   }
+  // Per-(row, head) selections: each head's delta is its own.
+  auto h2o = kvc::make_compressor("h2o_l2(start_size=1, heavy_hitter_size=2, recent_size=2)");
+  auto [k2, v2] = tokens(9);
+  const kvc::Selection s = *h2o->select(kvc::LayerView{k2, 0, 1});
+  kvc::LayerKV moved = kvc::apply_selection(k2, v2, s);
+  at::Tensor rotated = moved.first.clone();
+  rt::rotate_kept_keys_to_slots(rotated, s, 4, 10000.0);
+  const at::Tensor from = s.positions(kBatch, kHeads, k2.device());
+  for (int64_t b = 0; b < kBatch; ++b)
+    for (int64_t h = 0; h < kHeads; ++h)
+      for (int64_t j = 0; j < 5; ++j) {
+        at::Tensor one = moved.first.narrow(0, b, 1).narrow(1, h, 1).narrow(2, j, 1).clone();
+        rt::rerotate_keys(one, at::full({1, 1, 1}, j - from[b][h][j].item<int64_t>(), opts().dtype(at::kLong)), 4, 10000.0);
+        EXPECT_TRUE(at::allclose(rotated.narrow(0, b, 1).narrow(1, h, 1).narrow(2, j, 1), one, 1e-6, 1e-6));
+      }
+  expect_error([&] { rt::rotate_kept_keys_to_slots(rotated.narrow(2, 0, 4), s, 4, 10000.0); }, {"keeps 5", "hold 4"});
+}
+
+TEST_P(Cache, AFullSkippedLayerSaysItIsSkipped) {
+  // Layer 0 is in skip_layers: it keeps every token, so a capacity sized for the budget
+  // overflows there; the error says why and what to change.
+  auto c = kvc::make_compressor("recent_only(window_size=4, skip_layers=[0])");
+  kvc::StaticCache cache(2, kBatch, kHeads, kDim, {6}, opts());
+  for (int64_t t = 0; t < 6; ++t) {
+    for (int64_t l = 0; l < 2; ++l) {
+      auto [k, v] = tokens(1);
+      cache.append(l, k, v, t);
+    }
+    cache.maybe_compress(*c, kvc::Schedule::every());
+  }
+  EXPECT_EQ(cache.length(0), 6);
+  EXPECT_EQ(cache.length(1), 4);
+  auto [k, v] = tokens(1);
+  expect_error([&] { cache.append(0, k, v, 6); },
+               {"layer 0 is full", "skip_layers [0]", "recent_only(window_size=4, skip_layers=[0])",
+                "remove it from skip_layers"});
+  cache.append(1, k, v, 6);  // the compressed layer has room
+  expect_error([&] { cache.append(1, k, v, 7); cache.append(1, k, v, 8); }, {"layer 1 is full", "compress more often"});
 }

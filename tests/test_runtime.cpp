@@ -1,8 +1,7 @@
-// kvbench's runtime on the bundled model: the evaluation loop is exact, compressed runs stay at
-// their budgets, the tokenizer matches SentencePiece, and bad model files are reported.
-#include <kvcompress/kvcompress.hpp>
-#include <kvcompress/runtime/evaluate.hpp>
-#include <kvcompress/runtime/sentencepiece_bpe.hpp>
+// kvcompress::runtime on the bundled model: the evaluation loop is exact, compressed runs stay at
+// their budgets, both caches and both position rules agree, the tokenizer matches SentencePiece,
+// and bad model files and settings are reported.
+#include <kvcompress/runtime/runtime.hpp>
 
 #include <gtest/gtest.h>
 
@@ -52,12 +51,51 @@ void expect_error(Fn&& fn, const std::string& fragment) {
   }
 }
 
+rt::DecoderOptions options(const kvc::Compressor* c, rt::PositionRule rule = rt::PositionRule::original,
+                           kvc::Schedule schedule = kvc::Schedule::every(), int64_t batch = 1) {
+  rt::DecoderOptions o;
+  o.compressor = c;
+  o.positions = rule;
+  o.schedule = schedule;
+  o.batch = batch;
+  return o;
+}
+
+// The concatenating cache's evaluation of one sample (the course project's loop).
+kvc::KVCache evaluate_concat(const kvc::Compressor* c, const std::vector<int64_t>& tokens, rt::RunMetrics& m,
+                             rt::PositionRule rule = rt::PositionRule::original) {
+  rt::ConcatDecoder d(model(), options(c, rule));
+  return rt::evaluate(d, tokens, m);
+}
+
+// The same through the fixed-capacity cache, sized exactly.
+kvc::KVCache evaluate_static(const kvc::Compressor* c, const std::vector<int64_t>& tokens, rt::RunMetrics& m,
+                             rt::PositionRule rule = rt::PositionRule::original,
+                             kvc::Schedule schedule = kvc::Schedule::every()) {
+  auto d = rt::make_decoder(model(), options(c, rule, schedule), true, static_cast<int64_t>(tokens.size()), 1);
+  return rt::evaluate(*d, tokens, m);
+}
+
+// The bundled model saved as a contract version 1 file (one position per token for all layers).
+const std::string& version1_model() {
+  static const std::string path = [] {
+    torch::jit::Module m = torch::jit::load(kModel);
+    m.setattr("kvc_contract_version", 1);
+    const std::string p = testing::TempDir() + "kvc_v1.pt";
+    m.save(p);
+    return p;
+  }();
+  return path;
+}
+
 }  // namespace
 
 TEST(Runtime, ModelFollowsTheContract) {
   const auto& info = model().info();
   EXPECT_EQ(info.name, "pg19-neox-tiny");
   EXPECT_EQ(info.num_layers, 6);
+  EXPECT_EQ(info.contract_version, 2);
+  EXPECT_TRUE(info.per_layer_positions());
   EXPECT_GE(info.max_positions, 2048);
   EXPECT_FALSE(model().tokenizer_model().empty());
   EXPECT_NE(model().config_json().find("\"num_layers\""), std::string::npos);
@@ -71,15 +109,21 @@ TEST(Runtime, TokenByTokenNllEqualsOneFullForward) {
   auto full = model().forward(ids, at::arange(300, at::kLong).unsqueeze(0), model().empty_cache());
   at::Tensor logp = at::log_softmax(full.logits[0].to(at::kDouble), -1);  // [300, V]
   at::Tensor targets = ids[0].narrow(0, 1, 299);
-  const double full_nll = -logp.narrow(0, 0, 299).gather(1, targets.unsqueeze(1)).sum().item<double>();
-
-  rt::RunMetrics m;
-  rt::evaluate_sample(model(), nullptr, tokens, m);
-  EXPECT_EQ(m.scored, 299);
-  EXPECT_NEAR(m.nll_sum, full_nll, 1e-4 * std::abs(full_nll));
-  EXPECT_EQ(m.cache_tokens, 300);
-  // A trained model: far better than the uniform distribution over the vocabulary.
-  EXPECT_LT(m.ppl(), 0.1 * static_cast<double>(model().info().vocab_size));
+  const at::Tensor token_nll = -logp.narrow(0, 0, 299).gather(1, targets.unsqueeze(1)).squeeze(1);
+  for (bool fixed : {false, true}) {
+    SCOPED_TRACE(fixed ? "fixed-capacity" : "concatenating");
+    rt::RunMetrics m;
+    if (fixed) evaluate_static(nullptr, tokens, m);
+    else evaluate_concat(nullptr, tokens, m);
+    EXPECT_EQ(m.scored, 299);
+    ASSERT_EQ(m.token_nll.size(), 299u);
+    for (int64_t t = 0; t < 299; ++t)
+      EXPECT_NEAR(m.token_nll[static_cast<size_t>(t)], token_nll[t].item<double>(), 1e-4) << "token " << t;
+    EXPECT_NEAR(m.nll_sum, token_nll.sum().item<double>(), 1e-5 * m.nll_sum);
+    EXPECT_EQ(m.cache_tokens, 300);
+    // What one full forward's argmax predicts.
+    EXPECT_EQ(m.hits, full.logits[0].narrow(0, 0, 299).argmax(-1).eq(targets).sum().item<int64_t>());
+  }
 }
 
 TEST(Runtime, CompressedRunsKeepEveryLayerAtItsBudget) {
@@ -101,25 +145,209 @@ TEST(Runtime, CompressedRunsKeepEveryLayerAtItsBudget) {
     SCOPED_TRACE(c.spec);
     auto compressor = kvc::make_compressor(c.spec);
     rt::RunMetrics m;
-    kvc::KVCache cache = rt::evaluate_sample(model(), compressor.get(), tokens, m);
+    kvc::KVCache cache = evaluate_concat(compressor.get(), tokens, m);
     ASSERT_EQ(cache.size(), 6u);
     EXPECT_EQ(cache[0].first.size(2), 200);  // skipped layers keep everything
     EXPECT_EQ(cache[1].first.size(2), 200);
     for (size_t l = 2; l < 6; ++l) EXPECT_EQ(cache[l].first.size(2), c.budgets[l - 2]) << "layer " << l;
     EXPECT_EQ(m.cache_tokens, c.budgets[0]);
+    EXPECT_EQ(m.max_layer_tokens, 200);
     EXPECT_TRUE(std::isfinite(m.ppl()));
   }
 }
 
-TEST(Runtime, GenerationKeepsTheCacheAtBudget) {
-  const auto prompt = bundled_tokens(100);
-  auto compressor = kvc::make_compressor("streaming_llm(start_size=4, recent_size=28, skip_layers=[0,1])");
+// The decoder interface's promise: for every policy and both position rules, the concatenating
+// cache (forward) and the fixed-capacity cache (step, compacted in place) compute the same NLL
+// for every token. `step` attends over whole buffers with a mask, so the two agree to float
+// rounding, not bitwise. skip_layers [0,1] and pyramid_kv give layers of different lengths,
+// which the cache rule rotates at each layer's own slot count (contract version 2). Tolerance:
+// relative 1e-5, with a floor of 1e-5 absolute: a token's NLL is logsumexp(logits) - logit, a
+// difference of float32 numbers near 10 whose rounding is ~1e-6 however small the NLL. A
+// score-based selection can flip between the caches where two scores are within rounding of
+// each other; the settings here (fixed model and text) have no such near-tie on the CPU.
+TEST(Runtime, BothCachesAgreeForEveryPolicyAndBothPositionRules) {
+  const auto tokens = bundled_tokens(150);
+  const std::vector<std::string> specs = {
+      "l2(keep_ratio=0.5, prune_after=40, skip_layers=[0,1])",
+      "fix_size_l2(fix_kv_size=48, keep_ratio=0.5, skip_layers=[0,1])",
+      "streaming_llm(start_size=4, recent_size=44, skip_layers=[0,1])",
+      "streaming_llm(start_size=4, recent_size=28, skip_layers=[])",
+      "h2o_l2(start_size=4, heavy_hitter_size=8, recent_size=36, skip_layers=[0,1])",
+      "snapkv_lite(observation_window=8, keep_size=40, pooling_kernel=3, skip_layers=[0,1])",
+      "pyramid_kv(base_size=48, layer_decay=0.9, min_size=8, skip_layers=[])",
+      "adaptive_l2(target_size=48, soft_limit=32, hard_limit=96, skip_layers=[0,1])",
+      "recent_only(window_size=40, skip_layers=[0,1])",
+  };
+  int compared = 0;
+  for (const auto rule : {rt::PositionRule::original, rt::PositionRule::cache}) {
+    for (const auto& spec : specs) {
+      SCOPED_TRACE(spec + " positions " + rt::to_string(rule));
+      auto c = kvc::make_compressor(spec);
+      rt::RunMetrics concat_m, static_m;
+      const kvc::KVCache concat_cache = evaluate_concat(c.get(), tokens, concat_m, rule);
+      const kvc::KVCache static_cache = evaluate_static(c.get(), tokens, static_m, rule);
+      ASSERT_EQ(concat_m.token_nll.size(), 149u);
+      ASSERT_EQ(static_m.token_nll.size(), 149u);
+      for (size_t t = 0; t < 149; ++t)
+        ASSERT_NEAR(static_m.token_nll[t], concat_m.token_nll[t], 1e-5 * std::max(std::abs(concat_m.token_nll[t]), 1.0))
+            << "token " << t;
+      EXPECT_EQ(static_m.hits, concat_m.hits);
+      for (size_t l = 0; l < static_cache.size(); ++l) {
+        ASSERT_EQ(static_cache[l].first.sizes(), concat_cache[l].first.sizes()) << "layer " << l;
+        EXPECT_TRUE(at::allclose(static_cache[l].first, concat_cache[l].first, 1e-4, 1e-4)) << "layer " << l;
+        EXPECT_TRUE(at::allclose(static_cache[l].second, concat_cache[l].second, 1e-4, 1e-4)) << "layer " << l;
+      }
+      ++compared;
+    }
+  }
+  EXPECT_EQ(compared, 18);
+}
+
+TEST(Runtime, CacheRuleKeepsEveryPositionInsideTheLayersSlots) {
+  // Under the cache rule the position a layer's new token gets is its slot count, and after each
+  // compression the kept keys sit at rotation == slot: so a compressed layer never sees a
+  // position past its budget, whatever the text's length. The positions passed to the model:
+  EXPECT_TRUE(at::equal(rt::next_positions(rt::PositionRule::original, 7, {3, 5}, 2, 3, true, at::kCPU),
+                        at::tensor({7, 8, 9, 7, 8, 9}, at::kLong).view({2, 3})));
+  EXPECT_TRUE(at::equal(rt::next_positions(rt::PositionRule::cache, 7, {3, 5}, 1, 2, true, at::kCPU),
+                        at::tensor({3, 4, 5, 6}, at::kLong).view({2, 1, 2})));
+  EXPECT_TRUE(at::equal(rt::next_positions(rt::PositionRule::cache, 7, {4, 4}, 1, 1, false, at::kCPU),
+                        at::tensor({4}, at::kLong).view({1, 1})));
+  expect_error([] { rt::next_positions(rt::PositionRule::cache, 7, {3, 5}, 1, 1, false, at::kCPU); },
+               "contract version 1");
+  // A window of the last k tokens already sits at slot distances (relative positions equal), so
+  // on a recent window the two rules agree up to rounding; sinks move next to the window.
+  const auto tokens = bundled_tokens(150);
+  auto recent = kvc::make_compressor("recent_only(window_size=40, skip_layers=[])");
+  rt::RunMetrics original, cache;
+  evaluate_concat(recent.get(), tokens, original);
+  evaluate_concat(recent.get(), tokens, cache, rt::PositionRule::cache);
+  EXPECT_NEAR(cache.nll_sum, original.nll_sum, 1e-5 * original.nll_sum);
+  auto sinks = kvc::make_compressor("streaming_llm(start_size=4, recent_size=36, skip_layers=[])");
+  rt::RunMetrics s_original, s_cache;
+  evaluate_concat(sinks.get(), tokens, s_original);
+  evaluate_concat(sinks.get(), tokens, s_cache, rt::PositionRule::cache);
+  EXPECT_GT(std::abs(s_cache.nll_sum - s_original.nll_sum), 1e-3);
+  EXPECT_LT(s_cache.ppl(), 0.1 * static_cast<double>(model().info().vocab_size));
+}
+
+TEST(Runtime, CacheRuleKeysEqualAFreshRotationOfTheKeptTokens) {
+  // Layer 0's keys depend only on the token and its rotation: under the cache rule the cached
+  // keys of layer 0 must be those of the kept tokens computed afresh at positions 0 .. k - 1.
+  const auto tokens = bundled_tokens(60);
+  auto c = kvc::make_compressor("streaming_llm(start_size=3, recent_size=9, skip_layers=[])");
+  for (bool fixed : {false, true}) {
+    SCOPED_TRACE(fixed ? "fixed-capacity" : "concatenating");
+    rt::RunMetrics m;
+    const kvc::KVCache cache = fixed ? evaluate_static(c.get(), tokens, m, rt::PositionRule::cache)
+                                     : evaluate_concat(c.get(), tokens, m, rt::PositionRule::cache);
+    std::vector<int64_t> kept = {tokens[0], tokens[1], tokens[2]};
+    for (size_t t = 60 - 9; t < 60; ++t) kept.push_back(tokens[t]);
+    c10::InferenceMode guard;
+    auto fresh = model().forward(at::tensor(kept, at::kLong).unsqueeze(0), at::arange(12, at::kLong).unsqueeze(0),
+                                 model().empty_cache());
+    ASSERT_EQ(cache[0].first.size(2), 12);
+    EXPECT_TRUE(at::allclose(cache[0].first, fresh.cache[0].first, 1e-4, 1e-4));
+    EXPECT_TRUE(at::allclose(cache[0].second, fresh.cache[0].second, 1e-4, 1e-4));
+  }
+}
+
+TEST(Runtime, VersionOneModelsKeepWorkingWhereTheyCan) {
+  rt::ContractModel v1 = rt::ContractModel::load(version1_model(), at::kCPU, at::kFloat);
+  EXPECT_EQ(v1.info().contract_version, 1);
+  EXPECT_FALSE(v1.info().per_layer_positions());
+  const auto tokens = bundled_tokens(100);
+  // Original positions, and the cache rule while every layer holds as many tokens: as version 2.
+  for (const auto& [spec, rule] : std::vector<std::pair<std::string, rt::PositionRule>>{
+           {"streaming_llm(start_size=4, recent_size=28, skip_layers=[0,1])", rt::PositionRule::original},
+           {"streaming_llm(start_size=4, recent_size=28, skip_layers=[])", rt::PositionRule::cache}}) {
+    SCOPED_TRACE(spec);
+    auto c = kvc::make_compressor(spec);
+    rt::ConcatDecoder a(v1, options(c.get(), rule)), b(model(), options(c.get(), rule));
+    rt::RunMetrics ma, mb;
+    rt::evaluate(a, tokens, ma);
+    rt::evaluate(b, tokens, mb);
+    EXPECT_EQ(ma.token_nll, mb.token_nll);
+  }
+  // Layers of different lengths under the cache rule cannot be expressed: a clear error.
+  auto skip = kvc::make_compressor("streaming_llm(start_size=4, recent_size=28, skip_layers=[0,1])");
+  rt::ConcatDecoder d(v1, options(skip.get(), rt::PositionRule::cache));
   rt::RunMetrics m;
-  rt::measure_generation(model(), compressor.get(), prompt, 8, m);
-  EXPECT_EQ(m.gen_tokens, 8);
-  EXPECT_EQ(m.gen_later_steps, 7);
-  EXPECT_EQ(m.gen_cache_tokens, 32);
-  EXPECT_GT(m.gen_ttft_s, 0.0);
+  expect_error([&] { rt::evaluate(d, tokens, m); }, "contract version 1");
+}
+
+TEST(Runtime, WindowsSplitTheEvaluation) {
+  const auto tokens = bundled_tokens(230);
+  auto c = kvc::make_compressor("streaming_llm(start_size=4, recent_size=60, skip_layers=[])");
+  rt::ConcatDecoder d(model(), options(c.get(), rt::PositionRule::cache));
+  rt::PeakMemory memory(at::kCPU);
+  rt::EvalOptions eo;
+  eo.window = 50;
+  eo.memory = &memory;
+  rt::RunMetrics m;
+  rt::evaluate(d, tokens, m, eo);
+  ASSERT_EQ(m.windows.size(), 5u);  // 0-50, 50-100, 100-150, 150-200, 200-230
+  double nll = 0;
+  int64_t scored = 0, hits = 0;
+  for (size_t w = 0; w < 5; ++w) {
+    EXPECT_EQ(m.windows[w].start, static_cast<int64_t>(50 * w));
+    EXPECT_EQ(m.windows[w].end, std::min<int64_t>(50 * (w + 1), 230));
+    EXPECT_GT(m.windows[w].peak_memory_bytes, 0);
+    nll += m.windows[w].nll_sum;
+    scored += m.windows[w].scored;
+    hits += m.windows[w].hits;
+  }
+  EXPECT_EQ(m.windows[0].cache_tokens, 50);
+  EXPECT_EQ(m.windows[2].cache_tokens, 64);
+  EXPECT_EQ(m.windows[4].scored, 29);  // the last token has nothing to score
+  EXPECT_EQ(scored, m.scored);
+  EXPECT_EQ(hits, m.hits);
+  EXPECT_NEAR(nll, m.nll_sum, 1e-9 * m.nll_sum);
+  eo.window = 231;
+  expect_error([&] { rt::evaluate(d, tokens, m, eo); }, "window 231 is longer than the sample");
+}
+
+TEST(Runtime, RunsPastTheContextAreFlagged) {
+  // Positions past max_positions: the full cache under original positions, and an uncompressed
+  // layer under the cache rule. A compressed layer under the cache rule stays inside.
+  const auto& info = model().info();
+  const auto tokens = bundled_tokens(static_cast<size_t>(info.max_positions + 20));
+  ASSERT_EQ(static_cast<int64_t>(tokens.size()), info.max_positions + 20);
+  auto skip = kvc::make_compressor("recent_only(window_size=16, skip_layers=[0])");
+  auto all = kvc::make_compressor("recent_only(window_size=16, skip_layers=[])");
+  rt::RunMetrics original, skipped, compressed;
+  rt::ConcatDecoder a(model(), options(nullptr)), b(model(), options(skip.get(), rt::PositionRule::cache)),
+      c(model(), options(all.get(), rt::PositionRule::cache));
+  rt::evaluate(a, tokens, original);
+  rt::evaluate(b, tokens, skipped);
+  rt::evaluate(c, tokens, compressed);
+  ASSERT_EQ(original.warnings.size(), 1u);
+  EXPECT_NE(original.warnings[0].find("positions 'original'"), std::string::npos) << original.warnings[0];
+  ASSERT_EQ(skipped.warnings.size(), 1u);
+  EXPECT_NE(skipped.warnings[0].find("layer(s) [0]"), std::string::npos) << skipped.warnings[0];
+  EXPECT_TRUE(compressed.warnings.empty());
+}
+
+TEST(Runtime, GenerationIsTheSameInBothCaches) {
+  const auto prompt = bundled_tokens(100);
+  for (const auto rule : {rt::PositionRule::original, rt::PositionRule::cache}) {
+    SCOPED_TRACE(rt::to_string(rule));
+    auto c = kvc::make_compressor("streaming_llm(start_size=4, recent_size=28, skip_layers=[0,1])");
+    rt::RunMetrics mc, ms;
+    rt::ConcatDecoder concat(model(), options(c.get(), rule, kvc::Schedule::every(), 2));
+    auto fixed = rt::make_decoder(model(), options(c.get(), rule, kvc::Schedule::every(), 2), true, 108, 100);
+    const at::Tensor a = rt::generate(concat, prompt, 8, mc);
+    const at::Tensor b = rt::generate(*fixed, prompt, 8, ms);
+    EXPECT_EQ(a.sizes(), (at::IntArrayRef{2, 8}));
+    EXPECT_TRUE(at::equal(a, b));
+    for (auto* m : {&mc, &ms}) {
+      EXPECT_EQ(m->gen_tokens, 8);
+      EXPECT_EQ(m->gen_later_steps, 7);
+      EXPECT_EQ(m->gen_cache_tokens, 32);
+      EXPECT_EQ(m->gen_batch, 2);
+      EXPECT_GT(m->gen_ttft_s, 0.0);
+    }
+  }
 }
 
 TEST(Runtime, TokenizerMatchesSentencePiece) {
@@ -142,7 +370,28 @@ TEST(Runtime, BadModelFilesAreReported) {
   plain.save(plain_path);
   expect_error([&] { rt::ContractModel::load(plain_path, at::kCPU, at::kFloat); },
                "missing attribute 'kvc_contract_version'");
+  torch::jit::Module future = torch::jit::load(kModel);
+  future.setattr("kvc_contract_version", 3);
+  const std::string future_path = testing::TempDir() + "kvc_v3.pt";
+  future.save(future_path);
+  expect_error([&] { rt::ContractModel::load(future_path, at::kCPU, at::kFloat); }, "reads versions 1 to 2");
   expect_error([] { rt::SentencePieceBPE("garbage"); }, "tokenizer model");
+}
+
+TEST(Runtime, AForwardThatBreaksTheContractIsReported) {
+  // A module with every contract attribute whose forward returns one tensor.
+  torch::jit::Module m = torch::jit::load(kModel);
+  torch::jit::Module broken("Broken");
+  for (const char* a : {"kvc_contract_version", "model_name", "num_layers", "num_heads", "head_dim", "vocab_size",
+                        "rotary_ndims", "max_positions", "rotary_base"})
+    broken.register_attribute(a, m.attr(a).type(), m.attr(a));
+  broken.define("def forward(self, ids, pos, k: List[Tensor], v: List[Tensor]):\n  return ids\n");
+  const std::string path = testing::TempDir() + "kvc_broken.pt";
+  broken.save(path);
+  rt::ContractModel bad = rt::ContractModel::load(path, at::kCPU, at::kFloat);
+  rt::ConcatDecoder d(bad, options(nullptr));
+  expect_error([&] { d.step(at::zeros({1, 1}, at::kLong)); }, "must return (logits, keys, values)");
+  expect_error([&] { rt::StaticDecoder(bad, options(nullptr), {8}); }, "has no `step` method");
 }
 
 // --- the fixed-capacity runtime (model `step`, kvcompress::StaticCache) -------------------------
@@ -155,61 +404,31 @@ TEST(StaticRuntime, PeakLengthsSizeTheBuffersExactly) {
   EXPECT_EQ(rt::peak_lengths(nullptr, 2, 50, 1, kvc::Schedule::every()), (std::vector<int64_t>{50, 50}));
 }
 
-// The model's `step` attends over whole buffers with a mask, so its keys agree with the
-// concatenating forward to ~1e-6, not bitwise; score-based selections can flip at near-ties
-// (snapkv_lite's pooled scores, say). The bitwise guarantee is the library's: see
-// Cache.EveryStepKeepsExactlyWhatTheFunctionalApiKeeps.
-TEST(StaticRuntime, EveryStepScheduleMatchesTheConcatenatingLoop) {
-  const auto tokens = bundled_tokens(160);
-  for (const char* spec : {"h2o_l2(start_size=4, heavy_hitter_size=8, recent_size=36, skip_layers=[0,1])",
-                           "streaming_llm(start_size=4, recent_size=44, skip_layers=[0,1])",
-                           "pyramid_kv(base_size=48, layer_decay=0.9, min_size=8, skip_layers=[0,1])"}) {
-    SCOPED_TRACE(spec);
-    auto c = kvc::make_compressor(spec);
-    rt::RunMetrics dynamic_m, static_m;
-    const kvc::KVCache dynamic_cache = rt::evaluate_sample(model(), c.get(), tokens, dynamic_m);
-    const kvc::KVCache static_cache = rt::evaluate_sample_static(model(), c.get(), tokens, static_m, {});
-    EXPECT_NEAR(static_m.nll_sum, dynamic_m.nll_sum, 1e-4 * dynamic_m.nll_sum);
-    EXPECT_EQ(static_m.hits, dynamic_m.hits);
-    ASSERT_EQ(static_cache.size(), dynamic_cache.size());
-    for (size_t l = 0; l < static_cache.size(); ++l) {
-      ASSERT_EQ(static_cache[l].first.sizes(), dynamic_cache[l].first.sizes()) << "layer " << l;
-      EXPECT_TRUE(at::allclose(static_cache[l].first, dynamic_cache[l].first, 1e-4, 1e-4)) << "layer " << l;
-      EXPECT_TRUE(at::allclose(static_cache[l].second, dynamic_cache[l].second, 1e-4, 1e-4)) << "layer " << l;
-    }
-  }
-}
-
 TEST(StaticRuntime, ChunkedScheduleStaysWithinBudgetPlusSlack) {
   const auto tokens = bundled_tokens(200);
   auto c = kvc::make_compressor("streaming_llm(start_size=4, recent_size=60, skip_layers=[0,1])");
-  rt::StaticOptions so;
-  so.schedule = kvc::Schedule::chunk(16);
-  rt::RunMetrics m;
-  const kvc::KVCache cache = rt::evaluate_sample_static(model(), c.get(), tokens, m, so);
-  EXPECT_EQ(cache[0].first.size(2), 200);
-  EXPECT_GE(cache[2].first.size(2), 64);
-  EXPECT_LE(cache[2].first.size(2), 80);
-  EXPECT_LT(m.ppl(), 0.1 * static_cast<double>(model().info().vocab_size));
-}
-
-TEST(StaticRuntime, BatchedGenerationKeepsTheBudget) {
-  const auto prompt = bundled_tokens(100);
-  auto c = kvc::make_compressor("recent_only(window_size=40, skip_layers=[0,1])");
-  rt::RunMetrics m;
-  rt::measure_generation_static(model(), c.get(), prompt, 6, 3, m, {});
-  EXPECT_EQ(m.gen_batch, 3);
-  EXPECT_EQ(m.gen_later_steps, 5);
-  EXPECT_EQ(m.gen_cache_tokens, 40);
-  EXPECT_GT(m.gen_tok_s(), 0.0);
+  for (const auto rule : {rt::PositionRule::original, rt::PositionRule::cache}) {
+    SCOPED_TRACE(rt::to_string(rule));
+    rt::RunMetrics m;
+    const kvc::KVCache cache = evaluate_static(c.get(), tokens, m, rule, kvc::Schedule::chunk(16));
+    EXPECT_EQ(cache[0].first.size(2), 200);
+    EXPECT_GE(cache[2].first.size(2), 64);
+    EXPECT_LE(cache[2].first.size(2), 80);
+    EXPECT_LT(m.ppl(), 0.1 * static_cast<double>(model().info().vocab_size));
+    // The concatenating cache on the same schedule keeps the same tokens.
+    rt::ConcatDecoder d(model(), options(c.get(), rule, kvc::Schedule::chunk(16)));
+    rt::RunMetrics mc;
+    rt::evaluate(d, tokens, mc);
+    EXPECT_NEAR(mc.nll_sum, m.nll_sum, 1e-5 * m.nll_sum);
+  }
 }
 
 TEST(StaticRuntime, ChunkedPrefillFillsTheSameCache) {
   const auto prompt = bundled_tokens(23);
   const at::Tensor ids = at::tensor(prompt, at::kLong).unsqueeze(0);
-  rt::StaticDecoder whole(model(), 1, {32}, false), chunked(model(), 1, {32}, false);
-  const at::Tensor a = whole.prefill(ids, 0, 0);
-  const at::Tensor b = chunked.prefill(ids, 0, 5);  // 5 + 5 + 5 + 5 + 3 tokens
+  rt::StaticDecoder whole(model(), options(nullptr), {32}), chunked(model(), options(nullptr), {32});
+  const at::Tensor a = whole.prefill(ids, 0);
+  const at::Tensor b = chunked.prefill(ids, 5);  // 5 + 5 + 5 + 5 + 3 tokens
   ASSERT_EQ(b.size(1), 3);
   EXPECT_TRUE(at::allclose(a.select(1, -1), b.select(1, -1), 1e-4, 1e-4));
   for (int64_t l = 0; l < model().info().num_layers; ++l) {
@@ -218,14 +437,27 @@ TEST(StaticRuntime, ChunkedPrefillFillsTheSameCache) {
     EXPECT_TRUE(at::allclose(whole.cache().view()[l].second, chunked.cache().view()[l].second, 1e-4, 1e-4));
     EXPECT_TRUE(at::equal(whole.cache().positions(l), chunked.cache().positions(l)));
   }
-  expect_error([&] { chunked.prefill(ids, 23, -1); }, "chunk must be >= 0");
+  expect_error([&] { chunked.prefill(ids, -1); }, "chunk must be >= 0");
 }
 
-TEST(StaticRuntime, CudaGraphsOnCpuAreRefused) {
-  expect_error([] { rt::StaticDecoder(model(), 1, {8}, /*cuda_graph=*/true); }, "--cuda-graph needs --device cuda");
+TEST(StaticRuntime, ACacheTooSmallForAnUncompressedLayerNamesSkipLayers) {
+  const auto tokens = bundled_tokens(100);
+  auto c = kvc::make_compressor("recent_only(window_size=16, skip_layers=[0,1])");
+  rt::StaticDecoder d(model(), options(c.get()), {40});  // enough for the budget, not for layers 0-1
+  rt::RunMetrics m;
+  expect_error([&] { rt::evaluate(d, tokens, m); }, "the layer is in skip_layers [0,1]");
 }
 
-// --- the `cache` position rule ------------------------------------------------------------------
+TEST(StaticRuntime, BadStepsAreReported) {
+  rt::StaticDecoder d(model(), options(nullptr, rt::PositionRule::original, kvc::Schedule::every(), 2), {8});
+  expect_error([&] { d.step(at::zeros({1, 1}, at::kLong)); }, "ids must be int64 [2, T >= 1]");
+  expect_error([&] { d.step(at::zeros({2, 1}, at::kInt)); }, "ids must be int64");
+  expect_error([] { rt::StaticDecoder(model(), options(nullptr), {8}, /*cuda_graph=*/true); }, "CUDA");
+  expect_error([] { rt::make_decoder(model(), options(nullptr), false, 8, 1, /*cuda_graph=*/true); },
+               "CUDA graphs need the fixed-capacity cache");
+}
+
+// --- positions ------------------------------------------------------------------------------------
 
 TEST(Positions, ShiftingAllPositionsIsOneRotationOfEveryCachedKey) {
   // RoPE attention sees only distances: the same tokens fed 7 positions later give every layer's
@@ -238,24 +470,28 @@ TEST(Positions, ShiftingAllPositionsIsOneRotationOfEveryCachedKey) {
   EXPECT_TRUE(at::allclose(a.logits, b.logits, 1e-3, 1e-3));
   for (size_t l = 0; l < a.cache.size(); ++l) {
     at::Tensor k = a.cache[l].first.clone();
-    kvc::rerotate_keys(k, at::full({1, model().info().num_heads, 10}, 7, at::kLong), model().info().rotary_ndims,
-                       model().info().rotary_base);
+    rt::rerotate_keys(k, at::full({1, model().info().num_heads, 10}, 7, at::kLong), model().info().rotary_ndims,
+                      model().info().rotary_base);
     EXPECT_TRUE(at::allclose(k, b.cache[l].first, 1e-3, 1e-4)) << "layer " << l;
   }
 }
 
-TEST(Positions, CacheRuleChangesNothingForARecentWindow) {
-  // A window of the last k tokens already sits at slot distances: every delta is 0.
-  const auto tokens = bundled_tokens(150);
-  auto c = kvc::make_compressor("recent_only(window_size=40)");
-  rt::RunMetrics original, cache;
-  rt::evaluate_sample(model(), c.get(), tokens, original);
-  rt::evaluate_sample(model(), c.get(), tokens, cache, {0, 1}, nullptr, kvc::PositionRule::cache);
-  EXPECT_EQ(cache.nll_sum, original.nll_sum);
-  auto sinks = kvc::make_compressor("streaming_llm(start_size=4, recent_size=36)");
-  rt::RunMetrics s_original, s_cache;
-  rt::evaluate_sample(model(), sinks.get(), tokens, s_original);
-  rt::evaluate_sample(model(), sinks.get(), tokens, s_cache, {0, 1}, nullptr, kvc::PositionRule::cache);
-  EXPECT_NE(s_cache.nll_sum, s_original.nll_sum);  // the sinks move next to the window
-  EXPECT_LT(s_cache.ppl(), 0.1 * static_cast<double>(model().info().vocab_size));
+TEST(Positions, PerLayerPositionsRotateEachLayerOnItsOwn) {
+  // Contract version 2: position_ids [L, B, T]. Shifting one layer's positions rotates that
+  // layer's keys (and nothing else changes, attention being relative).
+  const auto toks = bundled_tokens(10);
+  c10::InferenceMode guard;
+  const at::Tensor ids = at::tensor(toks, at::kLong).unsqueeze(0);
+  const int64_t layers = model().info().num_layers;
+  const at::Tensor shared = at::arange(10, at::kLong).unsqueeze(0);
+  const at::Tensor shift = at::arange(layers, at::kLong).mul(5).view({layers, 1, 1});
+  auto a = model().forward(ids, shared, model().empty_cache());
+  auto b = model().forward(ids, (shared.unsqueeze(0) + shift).contiguous(), model().empty_cache());
+  EXPECT_TRUE(at::allclose(a.logits, b.logits, 1e-3, 1e-3));
+  for (int64_t l = 0; l < layers; ++l) {
+    at::Tensor k = a.cache[static_cast<size_t>(l)].first.clone();
+    rt::rerotate_keys(k, at::full({1, model().info().num_heads, 10}, 5 * l, at::kLong), model().info().rotary_ndims,
+                      model().info().rotary_base);
+    EXPECT_TRUE(at::allclose(k, b.cache[static_cast<size_t>(l)].first, 1e-3, 1e-4)) << "layer " << l;
+  }
 }

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: position_ids may be per layer, [num_layers, B, T]
 CONFIG_FILE = "kvc/config.json"
 TOKENIZER_FILE = "kvc/tokenizer.model"
 ATTENTION_KINDS = ("portable", "sdpa")
@@ -370,7 +370,7 @@ def fuse_layers(model: "KVCModel") -> "KVCModel":
 
 
 class KVCModel(nn.Module):
-    """GPT-NeoX causal LM with an explicit, caller-managed KV cache (contract version 1)."""
+    """GPT-NeoX causal LM with an explicit, caller-managed KV cache (contract version 2)."""
 
     def __init__(self, cfg: KVCConfig, attention: str = "portable",
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
@@ -413,18 +413,31 @@ class KVCModel(nn.Module):
 
     def rotation(self, position_ids: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """full_width_rotary factors, cos / sin in `dtype` as [B, T, 1, 1, head_dim] to
-        broadcast against the q/k pair [B, T, H, 2, D] of split_heads. Built once per call,
+        broadcast against the q/k pair [B, T, H, 2, D] of split_heads; for per-layer positions
+        ([L, B, T]) one such pair per layer, [L, B, T, 1, 1, head_dim]. Built once per call,
         not per layer."""
-        cos, sin = self.rotary_tables(position_ids)
+        per_layer = position_ids.dim() == 3
+        flat = position_ids.reshape(-1, position_ids.size(-1)) if per_layer else position_ids
+        cos, sin = self.rotary_tables(flat)
         cos, sin = full_width_rotary(cos, sin, self.head_dim)
         shape = [cos.size(0), cos.size(2), 1, 1, cos.size(3)]
+        if per_layer:
+            shape = [position_ids.size(0), position_ids.size(1), cos.size(2), 1, 1, cos.size(3)]
         return cos.to(dtype).view(shape), sin.to(dtype).view(shape)
+
+    def check_positions(self, input_ids: Tensor, position_ids: Tensor):
+        """position_ids: [B, T] (one position per token, every layer) or [num_layers, B, T]
+        (contract version 2: layer i rotates its new queries and keys at position_ids[i])."""
+        shared = position_ids.dim() == 2 and position_ids.size() == input_ids.size()
+        per_layer = (position_ids.dim() == 3 and position_ids.size(0) == self.num_layers
+                     and position_ids.size()[1:] == input_ids.size())
+        if input_ids.dim() != 2 or not (shared or per_layer):
+            raise RuntimeError("kvc model: input_ids {} must be [B, T] and position_ids {} [B, T] or [{}, B, T]"
+                               .format(input_ids.size(), position_ids.size(), self.num_layers))
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, past_keys: List[Tensor],
                 past_values: List[Tensor]) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-        if input_ids.dim() != 2 or position_ids.size() != input_ids.size():
-            raise RuntimeError("kvc model: input_ids {} and position_ids {} must both be [B, T]"
-                               .format(input_ids.size(), position_ids.size()))
+        self.check_positions(input_ids, position_ids)
         if len(past_keys) != self.num_layers or len(past_values) != self.num_layers:
             raise RuntimeError("kvc model: got {} past_keys and {} past_values, expected {} each"
                                .format(len(past_keys), len(past_values), self.num_layers))
@@ -432,8 +445,12 @@ class KVCModel(nn.Module):
         cos, sin = self.rotation(position_ids, x.dtype)
         new_keys: List[Tensor] = []
         new_values: List[Tensor] = []
+        per_layer = position_ids.dim() == 3
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, past_keys[i], past_values[i])
+            if per_layer:
+                x, k, v = layer(x, cos[i], sin[i], past_keys[i], past_values[i])
+            else:
+                x, k, v = layer(x, cos, sin, past_keys[i], past_values[i])
             new_keys.append(k)
             new_values.append(v)
         logits = self.embed_out(self.final_layer_norm(x)).float()
@@ -450,8 +467,10 @@ class KVCModel(nn.Module):
         if len(key_buffers) != self.num_layers or len(value_buffers) != self.num_layers:
             raise RuntimeError("kvc model: got {} key and {} value buffers, expected {} each"
                                .format(len(key_buffers), len(value_buffers), self.num_layers))
+        self.check_positions(input_ids, position_ids)
         x = self.embed_in(input_ids)
         cos, sin = self.rotation(position_ids, x.dtype)
+        per_layer = position_ids.dim() == 3
         # Slots and masks of all layers at once (a handful of kernels per step, not per layer).
         # Mask rows are `width` apart, a multiple of 16, so SDPA's fused kernel takes each
         # layer's [T, C_i] slice without an alignment copy.
@@ -466,7 +485,10 @@ class KVCModel(nn.Module):
                           device=x.device).masked_fill(allowed, 0.0)
         for i, layer in enumerate(self.layers):
             kb = key_buffers[i]
-            x = layer.step(x, cos, sin, kb, value_buffers[i], slots[i], bias[i, :, :kb.size(2)])
+            if per_layer:
+                x = layer.step(x, cos[i], sin[i], kb, value_buffers[i], slots[i], bias[i, :, :kb.size(2)])
+            else:
+                x = layer.step(x, cos, sin, kb, value_buffers[i], slots[i], bias[i, :, :kb.size(2)])
         return self.embed_out(self.final_layer_norm(x)).float()
 
 

@@ -107,7 +107,7 @@ def naive_decode(model, tokens, positions, visible):
 def test_scripts_and_exposes_contract_attributes():
     m = tiny_model()
     s = torch.jit.script(m)
-    expect = dict(kvc_contract_version=1, model_name="tiny-test", num_layers=3, num_heads=4, head_dim=16,
+    expect = dict(kvc_contract_version=2, model_name="tiny-test", num_layers=3, num_heads=4, head_dim=16,
                   hidden_size=64, vocab_size=97, rotary_ndims=4, rotary_base=10000.0, max_positions=2048,
                   bos_token_id=1, eos_token_id=2)
     for k, v in expect.items():
@@ -327,6 +327,43 @@ def test_bad_inputs_raise_clear_errors():
             assert needle in str(e), (needle, str(e)[:300])
         else:
             raise AssertionError("no error for " + needle)
+
+
+def test_per_layer_positions():
+    # Contract version 2: position_ids [num_layers, B, T], layer i rotated at position_ids[i].
+    s = torch.jit.script(tiny_model(12))
+    ids = torch.randint(0, 97, (2, 9))
+    pos = torch.arange(9).expand(2, 9)
+    shift = torch.tensor([0, 3, 7]).view(3, 1, 1)
+    per_layer = pos.unsqueeze(0) + shift
+    shared, k_shared, _ = run(s, ids, pos, *km.empty_cache(s, 2))
+    same, _, _ = run(s, ids, pos.unsqueeze(0).expand(3, 2, 9), *km.empty_cache(s, 2))
+    assert torch.equal(shared, same)  # every layer at the same positions: the shared path's floats
+    moved, k_moved, _ = run(s, ids, per_layer, *km.empty_cache(s, 2))
+    # Attention sees only relative positions: shifting a layer's positions changes its keys'
+    # rotation (layer i rotated by shift[i]) but not the logits.
+    assert (moved - shared).abs().max().item() < 1e-4
+    for i in range(3):
+        expected = k_shared[i].clone()
+        r = s.rotary_ndims
+        for j in range(9):
+            for b in range(2):
+                for h in range(expected.size(1)):
+                    expected[b, h, j, :r] = naive_rotate(k_shared[i][b, h, j], int(shift[i]), r, s.rotary_base)[:r]
+        assert (k_moved[i] - expected).abs().max().item() < 1e-4, i
+    # step takes the same shapes.
+    kb = [torch.zeros(2, 4, 12, 16) for _ in range(3)]
+    vb = [torch.zeros(2, 4, 12, 16) for _ in range(3)]
+    with torch.no_grad():
+        out = s.step(ids, per_layer, kb, vb, torch.zeros(3, dtype=torch.long))
+    assert (out - moved).abs().max().item() < 1e-4
+    for bad in (pos.unsqueeze(0).expand(2, 2, 9), pos[:, :4]):
+        try:
+            run(s, ids, bad, *km.empty_cache(s, 2))
+        except Exception as e:
+            assert "position_ids" in str(e), str(e)[:300]
+        else:
+            raise AssertionError("no error for position_ids %s" % (tuple(bad.shape),))
 
 
 def test_save_reload_with_extra_files():

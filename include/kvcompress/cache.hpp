@@ -6,6 +6,7 @@
 #include <kvcompress/compressor.hpp>
 
 #include <algorithm>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -109,10 +110,16 @@ class StaticCache {
     for (int64_t l = 0; l < num_layers(); ++l) record(l, first_position, t);
   }
 
+  /// Called after layer `layer` was compacted with `selection`: slot j now holds the token that
+  /// was in slot selection.positions(...)[..., j] (a position rule re-rotates keys here).
+  using OnCompacted = std::function<void(int64_t layer, const Selection& selection)>;
+
   /// Compresses every layer with `compressor`, compacting the kept tokens (in selection order)
   /// to the front of each buffer. Keeps exactly what compressor.compress(view()) keeps.
-  void compress(const Compressor& compressor) {
+  void compress(const Compressor& compressor, const OnCompacted& on_compacted = nullptr) {
     const int64_t n = num_layers();
+    uncompressed_ = compressor.skip_layers();
+    uncompressed_by_ = compressor.spec();
     for (int64_t l = 0; l < n; ++l) {
       const int64_t len = lengths_[at(l)];
       const at::Tensor valid_keys = keys_[at(l)].narrow(2, 0, len);
@@ -123,14 +130,16 @@ class StaticCache {
       compact(values_[at(l)], len, *s, scratch_);
       compact(positions_[at(l)].unsqueeze(-1), len, *s, pos_scratch_.unsqueeze(-1));
       lengths_[at(l)] = s->kept();
+      if (on_compacted) on_compacted(l, *s);
     }
     since_compression_ = 0;
   }
 
   /// Compresses if the schedule says so (after every append, or once per `slack` tokens).
-  bool maybe_compress(const Compressor& compressor, const Schedule& schedule) {
+  bool maybe_compress(const Compressor& compressor, const Schedule& schedule,
+                      const OnCompacted& on_compacted = nullptr) {
     if (schedule.kind == Schedule::chunked && since_compression_ < schedule.slack) return false;
-    compress(compressor);
+    compress(compressor, on_compacted);
     return true;
   }
 
@@ -150,11 +159,15 @@ class StaticCache {
   }
 
   void require_room_in(int64_t layer, int64_t t) const {
-    if (lengths_[at(layer)] + t > capacity(layer))
-      throw Error("StaticCache: layer " + std::to_string(layer) + " is full: " +
-                  std::to_string(lengths_[at(layer)]) + " + " + std::to_string(t) +
-                  " tokens exceed its capacity " + std::to_string(capacity(layer)) +
-                  " (compress more often or allocate more)");
+    if (lengths_[at(layer)] + t <= capacity(layer)) return;
+    const bool skipped = std::find(uncompressed_.begin(), uncompressed_.end(), layer) != uncompressed_.end();
+    throw Error("StaticCache: layer " + std::to_string(layer) + " is full: " +
+                std::to_string(lengths_[at(layer)]) + " + " + std::to_string(t) +
+                " tokens exceed its capacity " + std::to_string(capacity(layer)) +
+                (skipped ? " -- the layer is in skip_layers " + params::format_int_list(uncompressed_) + " of " +
+                               uncompressed_by_ + ", so it keeps every token: give it capacity for the whole "
+                               "sequence or remove it from skip_layers"
+                         : " (compress more often or allocate more)"));
   }
 
   // Positions first .. first + t - 1 for every (row, head): [batch, heads, t].
@@ -238,6 +251,9 @@ class StaticCache {
   std::vector<int64_t> lengths_;
   at::Tensor scratch_, pos_scratch_;
   int64_t since_compression_ = 0;
+  // The last compressor's skip_layers and spec, so that a full layer's error can say why.
+  std::vector<int64_t> uncompressed_;
+  std::string uncompressed_by_;
 };
 
 }  // namespace kvcompress

@@ -9,4 +9,3 @@
 #include <kvcompress/functional.hpp>
 #include <kvcompress/registry.hpp>
 #include <kvcompress/cache.hpp>
-#include <kvcompress/positions.hpp>

@@ -1,12 +1,13 @@
 #pragma once
-// The course project's evaluation, exactly: feed token t, score token t + 1 from the logits
-// (NLL and top-1 hit), then compress the cache; positions are absolute token indices. Plus a
-// generation measurement: prefill a prompt, then greedy decoding with compression every step.
+// Evaluation and generation, each written once over a Decoder (decoder.hpp), so both caches,
+// both position rules and CUDA graphs share them.
+//  - evaluate(): the course project's loop, exactly: feed token t, score token t + 1 from the
+//    logits (NLL and top-1 hit), compress, repeat; optionally per-window figures for texts far
+//    longer than the model's context (StreamingLLM's figure).
+//  - generate(): prefill a prompt, then greedy steps with compression on the decoder's schedule.
 #include <kvcompress/compressor.hpp>
-#include <kvcompress/positions.hpp>
+#include <kvcompress/runtime/decoder.hpp>
 #include <kvcompress/runtime/memory.hpp>
-#include <kvcompress/runtime/model.hpp>
-#include <kvcompress/runtime/static_decoder.hpp>
 #include <kvcompress/runtime/timeline.hpp>
 
 #include <c10/core/InferenceMode.h>
@@ -16,10 +17,25 @@
 #include <cmath>
 #include <functional>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace kvcompress {
 namespace runtime {
+
+/// Quality and cost over tokens [start, end) of one sample: the tokens scored are those
+/// predicted from positions start .. end - 1.
+struct WindowMetrics {
+  int64_t sample = 0, start = 0, end = 0;
+  double nll_sum = 0;
+  int64_t scored = 0, hits = 0;
+  int64_t cache_tokens = 0;        ///< first compressed layer's tokens at the window's end
+  int64_t peak_memory_bytes = -1;  ///< peak within the window (PeakMemory)
+  double seconds = 0;              ///< host time of the window's steps
+  double ppl() const { return std::exp(nll_sum / static_cast<double>(std::max<int64_t>(scored, 1))); }
+  double accuracy() const { return static_cast<double>(hits) / static_cast<double>(std::max<int64_t>(scored, 1)); }
+  double step_s() const { return seconds / static_cast<double>(std::max<int64_t>(end - start, 1)); }
+};
 
 /// Totals over the samples of one run (one method); the metrics are derived from them.
 struct RunMetrics {
@@ -28,12 +44,19 @@ struct RunMetrics {
   double total_s = 0, first_steps_s = 0, later_steps_s = 0;
   int64_t later_steps = 0;
   int64_t cache_tokens = 0, cache_bytes = 0, peak_memory_bytes = -1;
+  /// Longest layer at the end of any sample (uncompressed layers keep growing).
+  int64_t max_layer_tokens = 0;
   double gen_ttft_s = 0, gen_later_s = 0;
   int64_t gen_later_steps = 0, gen_tokens = 0, gen_cache_tokens = 0, gen_batch = 1;
   // Device clock (runtime/timeline.hpp) of the decode steps after the first: each step's time
   // including its compression, and the time spent compressing.
   std::vector<double> gen_step_s;
   double gen_compress_s = 0;
+  /// NLL of every scored token, in order over the samples.
+  std::vector<double> token_nll;
+  std::vector<WindowMetrics> windows;
+  /// Why a figure may mislead (positions past the model's context), for the report.
+  std::vector<std::string> warnings;
 
   double ppl() const { return std::exp(nll_sum / static_cast<double>(std::max<int64_t>(scored, 1))); }
   double accuracy() const { return static_cast<double>(hits) / static_cast<double>(std::max<int64_t>(scored, 1)); }
@@ -56,9 +79,24 @@ struct RunMetrics {
     const auto e = second_half ? gen_step_s.end() : gen_step_s.begin() + static_cast<std::ptrdiff_t>(mid);
     return e > b ? std::accumulate(b, e, 0.0) / static_cast<double>(e - b) : 0.0;
   }
+  void warn(const std::string& w) {
+    if (std::find(warnings.begin(), warnings.end(), w) == warnings.end()) warnings.push_back(w);
+  }
 };
 
 using Progress = std::function<void(int64_t done, int64_t total)>;
+
+/// What evaluate() records besides the totals.
+struct EvalOptions {
+  /// Layers reported as "uncompressed" for the full cache's cache size (kvbench's default
+  /// skip_layers); a compressor reports its own.
+  std::vector<int64_t> baseline_skip = {0, 1};
+  Progress progress = nullptr;
+  /// Tokens per window of WindowMetrics (0 = none).
+  int64_t window = 0;
+  /// Peak memory per window, when given (it is reset at every window's start).
+  PeakMemory* memory = nullptr;
+};
 
 namespace detail {
 
@@ -88,13 +126,12 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 /// Sequence length of the first layer the compressor may touch (the seed's "KV cache size").
-inline int64_t first_compressed_layer_tokens(const KVCache& cache, const Compressor* compressor,
+inline int64_t first_compressed_layer_tokens(const std::vector<int64_t>& lengths, const Compressor* compressor,
                                              const std::vector<int64_t>& baseline_skip) {
   const std::vector<int64_t> skip = compressor ? compressor->skip_layers() : baseline_skip;
-  for (size_t i = 0; i < cache.size(); ++i)
-    if (std::find(skip.begin(), skip.end(), static_cast<int64_t>(i)) == skip.end())
-      return cache[i].first.size(2);
-  return cache.empty() ? 0 : cache[0].first.size(2);
+  for (size_t i = 0; i < lengths.size(); ++i)
+    if (std::find(skip.begin(), skip.end(), static_cast<int64_t>(i)) == skip.end()) return lengths[i];
+  return lengths.empty() ? 0 : lengths[0];
 }
 
 inline int64_t cache_bytes(const KVCache& cache) {
@@ -104,216 +141,154 @@ inline int64_t cache_bytes(const KVCache& cache) {
   return bytes;
 }
 
-/// The course project's loop, shared by both runtimes: for each token, `step(id, position)`
-/// feeds it and returns logits [1, 1, vocab]; token t + 1 is scored; `compress()` runs; the
-/// scores come to the host (the step's one synchronisation) and the step's time is booked.
-/// `finish()` returns the final cache.
-template <class Step, class Compress, class Finish>
-KVCache token_loop(const Compressor* compressor, const std::vector<int64_t>& tokens,
-                   RunMetrics& m, const std::vector<int64_t>& baseline_skip, const Progress& progress,
-                   Step&& step, Compress&& compress, Finish&& finish) {
+/// Warnings for a run whose positions went past the model's training context.
+inline void warn_about_context(RunMetrics& m, const Decoder& d, const std::vector<int64_t>& lengths) {
+  const int64_t context = d.model().info().max_positions;
+  if (d.options().positions == PositionRule::original) {
+    if (d.fed() > context)
+      m.warn("positions 'original': tokens past " + std::to_string(context) +
+             " are fed at positions the model was not trained on (its max_positions); "
+             "positions 'cache' keeps compressed layers inside the context");
+    return;
+  }
+  std::vector<int64_t> over;
+  for (size_t l = 0; l < lengths.size(); ++l)
+    if (lengths[l] > context) over.push_back(static_cast<int64_t>(l));
+  if (over.empty()) return;
+  m.warn("positions 'cache': layer(s) " + params::format_int_list(over) + " grew to " +
+         std::to_string(*std::max_element(lengths.begin(), lengths.end())) +
+         " tokens, past the model's context of " + std::to_string(context) +
+         " positions (uncompressed: skip_layers or a budget above the context), so their positions are "
+         "untrained and perplexity rises; compress them (e.g. --skip-layers '')");
+}
+
+}  // namespace detail
+
+/// Token-by-token evaluation of one sample: for each token, step, score the next token, compress
+/// (on the decoder's schedule). Adds to `m` and returns the final cache.
+inline KVCache evaluate(Decoder& d, const std::vector<int64_t>& tokens, RunMetrics& m, const EvalOptions& eo = {}) {
   c10::InferenceMode guard;
   const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n < 2) throw Error("evaluate: a sample needs at least 2 tokens, got " + std::to_string(n));
+  if (eo.window < 0) throw Error("evaluate: window must be >= 0, got " + std::to_string(eo.window));
+  if (eo.window > n)
+    throw Error("evaluate: window " + std::to_string(eo.window) + " is longer than the sample (" + std::to_string(n) +
+                " tokens)");
+  if (d.options().batch != 1) throw Error("evaluate: the decoder must have batch 1");
+  d.reset();
+  d.prepare();
+  const Compressor* compressor = d.options().compressor;
+  const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(d.model().device());
+  WindowMetrics win;
+  auto window_start = std::chrono::steady_clock::now();
+  auto close_window = [&](int64_t end) {
+    win.end = end;
+    win.cache_tokens = detail::first_compressed_layer_tokens(d.lengths(), compressor, eo.baseline_skip);
+    win.seconds = detail::seconds_since(window_start);
+    if (eo.memory) win.peak_memory_bytes = eo.memory->peak_bytes();
+    m.windows.push_back(win);
+  };
+  auto open_window = [&](int64_t start) {
+    win = WindowMetrics{};
+    win.sample = m.samples;
+    win.start = start;
+    if (eo.memory) eo.memory->reset();
+    window_start = std::chrono::steady_clock::now();
+  };
+  if (eo.window > 0) open_window(0);
   const auto run_start = std::chrono::steady_clock::now();
   for (int64_t t = 0; t < n; ++t) {
     const auto step_start = std::chrono::steady_clock::now();
-    const at::Tensor logits_all = step(tokens[t], t);
+    const at::Tensor logits_all = d.step(at::full({1, 1}, tokens[static_cast<size_t>(t)], ids_opts));
     at::Tensor scored;
     if (t + 1 < n) {
       const at::Tensor logits = logits_all.select(0, 0).select(0, -1);
-      const at::Tensor nll = at::logsumexp(logits, 0) - logits[tokens[t + 1]];
+      const at::Tensor nll = at::logsumexp(logits, 0) - logits[tokens[static_cast<size_t>(t + 1)]];
       scored = at::stack({nll.to(at::kDouble), logits.argmax().to(at::kDouble)});
     } else {
       scored = logits_all.sum().to(at::kDouble);  // last step: synchronise all the same
     }
-    if (compressor) compress();
-    const at::Tensor host = scored.to(at::kCPU);
+    d.maybe_compress();
+    const at::Tensor host = scored.to(at::kCPU);  // the step's one synchronisation
     if (t + 1 < n) {
-      m.nll_sum += host[0].item<double>();
-      m.hits += static_cast<int64_t>(host[1].item<double>()) == tokens[t + 1] ? 1 : 0;
+      const double nll = host[0].item<double>();
+      const bool hit = static_cast<int64_t>(host[1].item<double>()) == tokens[static_cast<size_t>(t + 1)];
+      m.nll_sum += nll;
+      m.hits += hit ? 1 : 0;
       ++m.scored;
+      m.token_nll.push_back(nll);
+      win.nll_sum += nll;
+      win.hits += hit ? 1 : 0;
+      ++win.scored;
     }
-    const double dt = seconds_since(step_start);
+    const double dt = detail::seconds_since(step_start);
     if (t == 0) m.first_steps_s += dt;
     else { m.later_steps_s += dt; ++m.later_steps; }
-    if (progress) progress(t + 1, n);
+    if (eo.window > 0 && ((t + 1) % eo.window == 0 || t + 1 == n)) {
+      close_window(t + 1);
+      if (t + 1 < n) open_window(t + 1);
+    }
+    if (eo.progress) eo.progress(t + 1, n);
   }
-  m.total_s += seconds_since(run_start);
+  m.total_s += detail::seconds_since(run_start);
   m.tokens += n;
   ++m.samples;
-  KVCache cache = finish();
-  m.cache_tokens = first_compressed_layer_tokens(cache, compressor, baseline_skip);
-  m.cache_bytes = cache_bytes(cache);
+  const std::vector<int64_t> lengths = d.lengths();
+  m.cache_tokens = detail::first_compressed_layer_tokens(lengths, compressor, eo.baseline_skip);
+  m.max_layer_tokens = std::max(m.max_layer_tokens, *std::max_element(lengths.begin(), lengths.end()));
+  detail::warn_about_context(m, d, lengths);
+  KVCache cache = d.view();
+  m.cache_bytes = detail::cache_bytes(cache);
   return cache;
 }
 
-/// The rotation positions of the `cache` rule: one [batch, heads, len] tensor per layer,
-/// extended as tokens arrive and compacted by compress_reassigning_positions.
-class RotationTracker {
- public:
-  RotationTracker(const ContractModel& model, PositionRule rule, int64_t batch = 1) : rule_(rule) {
-    if (rule != PositionRule::cache) return;
-    for (int64_t l = 0; l < model.info().num_layers; ++l)
-      rotation_.push_back(at::empty({batch, model.info().num_heads, 0},
-                                    at::TensorOptions().dtype(at::kLong).device(model.device())));
-    rotary_ndims_ = model.info().rotary_ndims;
-    base_ = model.info().rotary_base;
-  }
-  /// Tokens at positions first .. first + t - 1 were appended to every layer.
-  void appended(int64_t first, int64_t t) {
-    for (auto& r : rotation_)
-      r = at::cat({r, at::arange(first, first + t, r.options()).expand({r.size(0), r.size(1), t})}, 2);
-  }
-  KVCache compress(const Compressor& c, const KVCache& kv, int64_t next_position) {
-    if (rule_ == PositionRule::original) return c.compress(kv);
-    return compress_reassigning_positions(c, kv, rotation_, next_position, rotary_ndims_, base_);
-  }
-
- private:
-  PositionRule rule_;
-  std::vector<at::Tensor> rotation_;
-  int64_t rotary_ndims_ = 0;
-  double base_ = 10000.0;
-};
-
-}  // namespace detail
-
-/// Token-by-token evaluation of one sample with the concatenating cache (the course project's
-/// runtime); adds to `m` and returns the final cache. `compressor` null = full cache.
-/// Positions: tokens are fed at their absolute index; under PositionRule::cache, compressed
-/// layers' kept keys are re-rotated so that distances count cache slots (StreamingLLM).
-inline KVCache evaluate_sample(ContractModel& model, const Compressor* compressor,
-                               const std::vector<int64_t>& tokens, RunMetrics& m,
-                               const std::vector<int64_t>& baseline_skip = {0, 1},
-                               const Progress& progress = nullptr,
-                               PositionRule positions = PositionRule::original) {
-  const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
-  KVCache cache = model.empty_cache();
-  detail::RotationTracker rotation(model, positions);
-  int64_t next = 0;
-  return detail::token_loop(
-      compressor, tokens, m, baseline_skip, progress,
-      [&](int64_t id, int64_t t) {
-        auto step = model.forward(at::full({1, 1}, id, ids_opts), at::full({1, 1}, t, ids_opts), cache);
-        cache = std::move(step.cache);
-        rotation.appended(t, 1);
-        next = t + 1;
-        return step.logits;
-      },
-      [&] { cache = rotation.compress(*compressor, cache, next); }, [&] { return cache; });
-}
-
-/// Prefills `prompt` in one call, compresses, then generates `new_tokens` greedily with
-/// compression after every step. TTFT = prefill + compression + first token; TPOT = the rest.
-/// The generation measurements time a warm process, as a serving loop sees it: one untimed
-/// prefill of the same shape runs first (cuBLAS heuristics, allocator growth, TorchScript's
-/// profiling executor and its fusion compiler under --jit-optimize).
-inline void measure_generation(ContractModel& model, const Compressor* compressor,
-                               const std::vector<int64_t>& prompt, int64_t new_tokens, RunMetrics& m,
-                               const std::vector<int64_t>& baseline_skip = {0, 1},
-                               PositionRule positions = PositionRule::original) {
+/// Greedy generation: prefill `prompt` (the same prompt in every row of the decoder's batch,
+/// in pieces of `prefill_chunk` tokens, 0 = at once), compress, then `new_tokens` - 1 one-token
+/// steps, compressing on the decoder's schedule. TTFT = prefill + compression + first token;
+/// TPOT = the rest, with one synchronisation at the end (no per-step stall). A serving loop's
+/// warm process: one untimed prefill of the same shape runs first (cuBLAS heuristics,
+/// allocator growth, TorchScript's profiling executor and its fuser). Returns the generated
+/// ids [batch, new_tokens] on the host.
+inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64_t new_tokens, RunMetrics& m,
+                           int64_t prefill_chunk = 0, const std::vector<int64_t>& baseline_skip = {0, 1}) {
   c10::InferenceMode guard;
-  detail::RotationTracker rotation(model, positions);
-  const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
-  const int64_t p = static_cast<int64_t>(prompt.size());
-  at::Tensor ids = at::tensor(prompt, at::TensorOptions().dtype(at::kLong)).to(model.device()).unsqueeze(0);
-  const at::Tensor prompt_positions = at::arange(p, ids_opts).unsqueeze(0);
-  model.forward(ids, prompt_positions, model.empty_cache());  // untimed warm-up (see above)
+  if (prompt.empty()) throw Error("generate: the prompt is empty");
+  if (new_tokens < 1) throw Error("generate: new_tokens must be >= 1, got " + std::to_string(new_tokens));
+  const int64_t batch = d.options().batch, p = static_cast<int64_t>(prompt.size());
+  const at::Tensor ids = at::tensor(prompt, at::TensorOptions().dtype(at::kLong))
+                             .to(d.model().device()).unsqueeze(0).expand({batch, p}).contiguous();
+  d.reset();
+  d.prefill(ids, prefill_chunk);  // untimed warm-up (see above)
+  d.reset();
+  d.prepare();
+  std::vector<at::Tensor> out;
   auto start = std::chrono::steady_clock::now();
-  auto step = model.forward(ids, prompt_positions, model.empty_cache());
-  rotation.appended(0, p);
-  KVCache cache = compressor ? rotation.compress(*compressor, step.cache, p) : std::move(step.cache);
-  int64_t next = step.logits.select(0, 0).select(0, -1).argmax().item<int64_t>();
-  m.gen_ttft_s += detail::seconds_since(start);
-  detail::DecodeMarks marks(model.device());
-  for (int64_t i = 1; i < new_tokens; ++i) {
-    start = std::chrono::steady_clock::now();
-    step = model.forward(at::full({1, 1}, next, ids_opts), at::full({1, 1}, p + i - 1, ids_opts), cache);
-    rotation.appended(p + i - 1, 1);
-    marks.stepped();
-    if (compressor) {
-      cache = rotation.compress(*compressor, step.cache, p + i);
-      marks.compressed();
-    } else {
-      cache = std::move(step.cache);
-    }
-    next = step.logits.select(0, 0).select(0, -1).argmax().item<int64_t>();
-    m.gen_later_s += detail::seconds_since(start);
-    ++m.gen_later_steps;
-  }
-  marks.record(m);
-  m.gen_tokens += new_tokens;
-  m.gen_cache_tokens = detail::first_compressed_layer_tokens(cache, compressor, baseline_skip);
-}
-
-/// How the fixed-capacity runtime runs: compression schedule and CUDA graphs.
-struct StaticOptions {
-  Schedule schedule = Schedule::every();
-  bool cuda_graph = false;
-  /// Tokens per prefill step of the generation measurement (0 = the whole prompt at once).
-  int64_t prefill_chunk = 0;
-};
-
-/// evaluate_sample on a fixed-capacity cache through the model's `step` (same metrics; with
-/// the every-step schedule the kept tokens are exactly those of evaluate_sample).
-inline KVCache evaluate_sample_static(ContractModel& model, const Compressor* compressor,
-                                      const std::vector<int64_t>& tokens, RunMetrics& m, const StaticOptions& so,
-                                      const std::vector<int64_t>& baseline_skip = {0, 1},
-                                      const Progress& progress = nullptr) {
-  c10::InferenceMode guard;
-  const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
-  const int64_t n = static_cast<int64_t>(tokens.size());
-  StaticDecoder decoder(model, 1, peak_lengths(compressor, model.info().num_layers, n, 1, so.schedule),
-                        so.cuda_graph);
-  decoder.prepare();
-  return detail::token_loop(
-      compressor, tokens, m, baseline_skip, progress,
-      [&](int64_t id, int64_t t) { return decoder.step(at::full({1, 1}, id, ids_opts), t); },
-      [&] { decoder.cache().maybe_compress(*compressor, so.schedule); },
-      [&] { return decoder.cache().view(); });
-}
-
-/// measure_generation on a fixed-capacity cache, for `batch` copies of the prompt: prefill
-/// through `step`, compress, then one-token steps (graph replays when enabled).
-inline void measure_generation_static(ContractModel& model, const Compressor* compressor,
-                                      const std::vector<int64_t>& prompt, int64_t new_tokens, int64_t batch,
-                                      RunMetrics& m, const StaticOptions& so,
-                                      const std::vector<int64_t>& baseline_skip = {0, 1}) {
-  c10::InferenceMode guard;
-  const int64_t p = static_cast<int64_t>(prompt.size());
-  StaticDecoder decoder(model, batch,
-                        peak_lengths(compressor, model.info().num_layers, p + new_tokens, p, so.schedule),
-                        so.cuda_graph);
-  decoder.prepare();
-  const at::Tensor ids = at::tensor(prompt, at::TensorOptions().dtype(at::kLong)).to(model.device())
-                             .unsqueeze(0).expand({batch, p}).contiguous();
-  decoder.prefill(ids, 0, so.prefill_chunk);  // untimed warm-up (see measure_generation)
-  decoder.cache().clear();
-  auto start = std::chrono::steady_clock::now();
-  at::Tensor next = decoder.prefill(ids, 0, so.prefill_chunk).select(1, -1).argmax(-1, /*keepdim=*/true);  // [batch, 1]
-  if (compressor) decoder.cache().maybe_compress(*compressor, so.schedule);
+  at::Tensor next = d.prefill(ids, prefill_chunk).select(1, -1).argmax(-1, /*keepdim=*/true);  // [batch, 1]
+  d.maybe_compress();
+  out.push_back(next);
   next.sum().item<int64_t>();  // synchronise: the first token exists
   m.gen_ttft_s += detail::seconds_since(start);
   start = std::chrono::steady_clock::now();
-  detail::DecodeMarks marks(model.device());
+  detail::DecodeMarks marks(d.model().device());
   for (int64_t i = 1; i < new_tokens; ++i) {
-    next = decoder.step(next, p + i - 1).select(1, -1).argmax(-1, /*keepdim=*/true);
+    next = d.step(next).select(1, -1).argmax(-1, /*keepdim=*/true);
+    out.push_back(next);
     marks.stepped();
-    if (compressor) {
-      decoder.cache().maybe_compress(*compressor, so.schedule);
+    if (d.options().compressor) {
+      d.maybe_compress();
       marks.compressed();
     }
   }
   if (new_tokens > 1) {
-    next.sum().item<int64_t>();  // one synchronisation for the whole decode: no per-step stall
+    next.sum().item<int64_t>();  // one synchronisation for the whole decode
     m.gen_later_s += detail::seconds_since(start);
     m.gen_later_steps += new_tokens - 1;
   }
   marks.record(m);
   m.gen_tokens += new_tokens;
   m.gen_batch = batch;
-  const KVCache cache = decoder.cache().view();
-  m.gen_cache_tokens = detail::first_compressed_layer_tokens(cache, compressor, baseline_skip);
+  m.gen_cache_tokens = detail::first_compressed_layer_tokens(d.lengths(), d.options().compressor, baseline_skip);
+  return at::cat(out, 1).to(at::kCPU);
 }
 
 }  // namespace runtime

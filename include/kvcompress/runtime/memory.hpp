@@ -1,15 +1,11 @@
 #pragma once
-// Peak memory of one run: the CUDA caching allocator's peak on CUDA, the process's peak
-// resident set on the CPU (reset per run through /proc/self/clear_refs).
-#include <ATen/ATen.h>
+// Peak memory of one run or window: the CUDA caching allocator's peak on CUDA, the process's
+// peak resident set on the CPU (reset through /proc/self/clear_refs).
+#include <kvcompress/runtime/device.hpp>
 
 #include <cstdint>
 #include <fstream>
 #include <string>
-
-#ifdef KVC_WITH_CUDA
-#include <c10/cuda/CUDACachingAllocator.h>
-#endif
 
 namespace kvcompress {
 namespace runtime {
@@ -20,26 +16,13 @@ class PeakMemory {
 
   /// Starts a new measurement window.
   void reset() {
-    if (device_.is_cuda()) {
-#ifdef KVC_WITH_CUDA
-      c10::cuda::CUDACachingAllocator::resetPeakStats(device_.index() < 0 ? 0 : device_.index());
-#endif
-    } else {
-      std::ofstream("/proc/self/clear_refs") << "5";  // resets VmHWM to the current RSS
-    }
+    if (device_.is_cuda()) cuda_reset_peak(index());
+    else std::ofstream("/proc/self/clear_refs") << "5";  // resets VmHWM to the current RSS
   }
 
   /// Peak bytes since reset(); -1 when unknown.
   int64_t peak_bytes() const {
-    if (device_.is_cuda()) {
-#ifdef KVC_WITH_CUDA
-      const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index() < 0 ? 0 : device_.index());
-      // Index 0 is StatType::AGGREGATE (its namespace moved between LibTorch 1.13 and 2.x).
-      return stats.allocated_bytes[0].peak;
-#else
-      return -1;
-#endif
-    }
+    if (device_.is_cuda()) return cuda_peak_allocated_bytes(index());
     std::ifstream status("/proc/self/status");
     std::string key;
     while (status >> key) {
@@ -54,6 +37,7 @@ class PeakMemory {
   }
 
  private:
+  int index() const { return device_.index() < 0 ? 0 : device_.index(); }
   at::Device device_;
 };
 

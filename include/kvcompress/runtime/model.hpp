@@ -1,6 +1,6 @@
 #pragma once
-// Driver side: a TorchScript model that follows docs/MODEL_CONTRACT.md. Needs <torch/script.h>,
-// so it is not part of the umbrella header.
+// A TorchScript model that follows docs/MODEL_CONTRACT.md (versions 1 and 2). Part of
+// kvcompress::runtime: needs <torch/script.h>.
 #include <kvcompress/types.hpp>
 
 #include <torch/script.h>
@@ -20,7 +20,13 @@ struct ModelInfo {
   int64_t rotary_ndims = 0, max_positions = 0;
   double rotary_base = 10000.0;
   int64_t eos_token_id = -1;
+  int64_t contract_version = 1;
+  /// Version 2: position_ids may be [num_layers, B, T], one position per layer.
+  bool per_layer_positions() const { return contract_version >= 2; }
 };
+
+/// Contract versions this runtime reads.
+constexpr int64_t kMinContractVersion = 1, kMaxContractVersion = 2;
 
 /// The first line of an exception's message, without LibTorch's backtrace.
 inline std::string first_line(const std::exception& e) {
@@ -87,11 +93,15 @@ class ContractModel {
   /// The contract's `step`: writes the new tokens into caller-owned buffers; returns logits.
   at::Tensor step(const at::Tensor& input_ids, const at::Tensor& position_ids, const c10::List<at::Tensor>& key_buffers,
                   const c10::List<at::Tensor>& value_buffers, const at::Tensor& lengths) {
+    at::IValue out;
     try {
-      return module_.get_method("step")({input_ids, position_ids, key_buffers, value_buffers, lengths}).toTensor();
+      out = module_.get_method("step")({input_ids, position_ids, key_buffers, value_buffers, lengths});
     } catch (const std::exception& e) {
       throw Error("model step failed: " + first_line(e));
     }
+    if (!out.isTensor())
+      throw Error("model step must return the logits Tensor (docs/MODEL_CONTRACT.md), got " + out.tagKind());
+    return out.toTensor();
   }
 
   /// One call of the contract's forward: ids and positions [B, T] int64 on the model's device.
@@ -109,11 +119,18 @@ class ContractModel {
     } catch (const std::exception& e) {
       throw Error("model forward failed: " + first_line(e));
     }
-    auto elems = out.toTuple()->elements();
-    if (elems.size() != 3) throw Error("model forward must return (logits, keys, values)");
+    const char* contract = "model forward must return (logits, keys, values): a Tensor and two lists of "
+                           "num_layers Tensors (docs/MODEL_CONTRACT.md)";
+    if (!out.isTuple()) throw Error(std::string(contract) + ", got " + out.tagKind());
+    const auto& elems = out.toTupleRef().elements();
+    if (elems.size() != 3 || !elems[0].isTensor() || !elems[1].isTensorList() || !elems[2].isTensorList())
+      throw Error(contract);
     Step step;
     step.logits = elems[0].toTensor();
     auto new_keys = elems[1].toTensorList(), new_values = elems[2].toTensorList();
+    if (static_cast<int64_t>(new_keys.size()) != info_.num_layers || new_values.size() != new_keys.size())
+      throw Error(std::string(contract) + "; got " + std::to_string(new_keys.size()) + " keys and " +
+                  std::to_string(new_values.size()) + " values for " + std::to_string(info_.num_layers) + " layers");
     step.cache.reserve(new_keys.size());
     for (size_t i = 0; i < new_keys.size(); ++i) step.cache.emplace_back(new_keys[i], new_values[i]);
     return step;
@@ -134,10 +151,12 @@ class ContractModel {
       return v.toInt();
     };
     const int64_t version = get_int("kvc_contract_version", 1);
-    if (version != 1)
+    if (version < kMinContractVersion || version > kMaxContractVersion)
       throw Error("model " + path + " uses contract version " + std::to_string(version) +
-                  "; this kvbench understands version 1");
+                  "; this kvcompress runtime reads versions " + std::to_string(kMinContractVersion) + " to " +
+                  std::to_string(kMaxContractVersion));
     ModelInfo info;
+    info.contract_version = version;
     at::IValue name = get("model_name");
     info.name = name.isString() ? name.toStringRef() : "unnamed";
     info.num_layers = get_int("num_layers", 1);

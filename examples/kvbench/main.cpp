@@ -1,0 +1,155 @@
+// kvbench: runs a contract TorchScript model (docs/MODEL_CONTRACT.md) token by token over text
+// and reports, for the full cache and every requested compression method, perplexity,
+// next-token accuracy, TTFT, TPOT, throughput, cache size and peak memory (per window too, for
+// texts longer than the model's context); plus a greedy generation measurement. A small tool
+// over kvcompress::runtime: cli.hpp (options), inputs.hpp (texts, token files), report.hpp
+// (table, JSON, CSV). `kvbench --help` lists the options.
+#include "cli.hpp"
+#include "inputs.hpp"
+#include "report.hpp"
+
+#include <kvcompress/runtime/runtime.hpp>
+
+#include <ATen/Parallel.h>
+
+#include <cstdio>
+
+namespace kvbench {
+namespace {
+
+// Under the cache rule a version-1 model takes one position for all layers: refuse up front a
+// run whose layers would hold different numbers of tokens (the decoder would stop mid-run).
+void check_positions_fit_model(const Options& o, const rt::ContractModel& model, const std::vector<Run>& runs,
+                               int64_t tokens) {
+  if (o.rule() != rt::PositionRule::cache || model.info().per_layer_positions()) return;
+  const int64_t layers = model.info().num_layers;
+  const at::Tensor probe = at::zeros({1, 1, tokens, 1});
+  for (const auto& r : runs) {
+    if (!r.compressor) continue;
+    std::vector<int64_t> kept;
+    for (int64_t l = 0; l < layers; ++l) {
+      auto s = r.compressor->select(kvc::LayerView{probe, l, layers});
+      kept.push_back(s ? s->kept() : tokens);
+    }
+    if (std::adjacent_find(kept.begin(), kept.end(), std::not_equal_to<>()) != kept.end())
+      fail(r.label + ": under --positions cache its layers keep different numbers of tokens (" +
+           kvc::params::format_int_list(kept) + " at " + std::to_string(tokens) + " tokens), but " + o.model +
+           " is a contract version 1 file, which takes one position per token for all layers; re-export it "
+           "(examples/python/upgrade_contract.py), compress every layer alike (--skip-layers '', no "
+           "pyramid_kv), or use --positions original");
+  }
+}
+
+int run(int argc, char** argv) {
+  Options o = parse_args(argc, argv);
+  if (o.threads > 0) at::set_num_threads(static_cast<int>(o.threads));
+  torch::jit::setGraphExecutorOptimize(o.jit_optimize == 1 || (o.jit_optimize < 0 && o.cuda_graph));
+  at::Device device(at::kCPU);
+  if (o.device == "cuda") {
+    if (!at::hasCUDA()) fail("--device cuda: no CUDA device is available (or this LibTorch has no CUDA)");
+    device = at::Device(at::kCUDA, 0);
+  }
+  if (o.cuda_graph && !rt::built_with_cuda()) fail("--cuda-graph: this build of kvcompress::runtime has no CUDA support");
+  const at::ScalarType dtype = o.dtype == "float16" ? at::kHalf : o.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+  std::vector<Run> runs = make_runs(o);  // spec errors before the (slow) model load
+  rt::ContractModel model = rt::ContractModel::load(o.model, device, dtype);
+  std::vector<Sample> samples = load_samples(o, model);
+  const auto& info = model.info();
+  int64_t total_tokens = 0, longest = 0;
+  for (const auto& s : samples) {
+    total_tokens += static_cast<int64_t>(s.tokens.size());
+    longest = std::max<int64_t>(longest, static_cast<int64_t>(s.tokens.size()));
+  }
+  const int64_t window = o.window >= 0 ? o.window : longest > info.max_positions ? 1024 : 0;
+  if (o.eval)
+    for (const auto& s : samples)
+      if (window > static_cast<int64_t>(s.tokens.size()))
+        fail("--window " + std::to_string(window) + " is longer than " + s.source + " (" +
+             std::to_string(s.tokens.size()) + " tokens): lower --window or raise --max-tokens");
+  check_positions_fit_model(o, model, runs, longest);
+
+  std::printf("model %s (%lld layers, %lld heads, head_dim %lld, vocab %lld, context %lld, contract v%lld) on %s/%s\n",
+              info.name.c_str(), (long long)info.num_layers, (long long)info.num_heads, (long long)info.head_dim,
+              (long long)info.vocab_size, (long long)info.max_positions, (long long)info.contract_version,
+              device.str().c_str(), o.dtype.c_str());
+  std::printf("%zu sample(s), %lld tokens, positions=%s, skip_layers=%s, runtime=%s\n", samples.size(),
+              (long long)total_tokens, o.positions.c_str(), kvc::params::format_int_list(o.skip_layers).c_str(),
+              !o.static_cache() ? "dynamic (concatenating cache)"
+              : (std::string("static, schedule ") + o.schedule + (o.schedule == "chunked" ? " slack " + std::to_string(o.slack) : "") +
+                 (o.cuda_graph ? ", CUDA graph" : "")).c_str());
+  std::fflush(stdout);
+
+  std::vector<int64_t> prompt;
+  if (o.generate > 0) {
+    const auto& first = samples.front().tokens;
+    prompt.assign(first.begin(), first.begin() + std::min<int64_t>(o.prompt_tokens, first.size()));
+    o.prompt_tokens = static_cast<int64_t>(prompt.size());
+  }
+
+  // One decoder per (method, measurement): the fixed-capacity one is sized for its tokens.
+  auto decoder = [&](const kvc::Compressor* c, int64_t batch, int64_t total, int64_t first_chunk) {
+    rt::DecoderOptions d;
+    d.compressor = c;
+    d.positions = o.rule();
+    d.schedule = o.compression_schedule();
+    d.batch = batch;
+    return rt::make_decoder(model, d, o.static_cache(), total, first_chunk, o.cuda_graph);
+  };
+  auto evaluate = [&](const kvc::Compressor* c, const std::vector<int64_t>& tokens, rt::RunMetrics& m,
+                      const rt::EvalOptions& eo) {
+    auto d = decoder(c, 1, static_cast<int64_t>(tokens.size()), 1);
+    rt::evaluate(*d, tokens, m, eo);
+  };
+  auto generate = [&](const kvc::Compressor* c, int64_t n, rt::RunMetrics& m) {
+    auto d = decoder(c, o.batch, o.prompt_tokens + n, o.prompt_tokens);
+    rt::generate(*d, prompt, n, m, o.prefill_chunk, o.skip_layers);
+  };
+  {  // Untimed warm-up of both call shapes (one token; a prompt), so the first timed run does
+     // not pay for LibTorch's and the GPU's first-call costs.
+    rt::RunMetrics scratch;
+    const auto& first = samples.front().tokens;
+    rt::EvalOptions eo;
+    eo.baseline_skip = o.skip_layers;
+    evaluate(nullptr, std::vector<int64_t>(first.begin(), first.begin() + std::min<size_t>(8, first.size())), scratch, eo);
+    if (o.generate > 0) generate(nullptr, 2, scratch);
+  }
+  ProgressBar bar(!o.quiet);
+  rt::PeakMemory memory(device);
+  for (size_t r = 0; r < runs.size(); ++r) {
+    Run& run = runs[r];
+    memory.reset();
+    for (size_t s = 0; o.eval && s < samples.size(); ++s) {
+      bar.reset();
+      rt::EvalOptions eo;
+      eo.baseline_skip = o.skip_layers;
+      eo.window = window;
+      eo.memory = window > 0 ? &memory : nullptr;
+      eo.progress = [&](int64_t done, int64_t total) {
+        bar.update(run.label, r + 1, runs.size(), s + 1, samples.size(), done, total);
+      };
+      evaluate(run.compressor.get(), samples[s].tokens, run.metrics, eo);
+    }
+    if (o.generate > 0) generate(run.compressor.get(), o.generate, run.metrics);
+    // Windows reset the peak as they go: the run's peak is the largest of theirs and what came after.
+    int64_t peak = memory.peak_bytes();
+    for (const auto& w : run.metrics.windows) peak = std::max(peak, w.peak_memory_bytes);
+    run.metrics.peak_memory_bytes = peak;
+  }
+  print_table(o, runs);
+  print_windows(runs);
+  if (!o.json.empty()) write_json(o.json, o, model, samples, runs, window);
+  if (!o.csv.empty()) write_csv(o.csv, o, runs);
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvbench
+
+int main(int argc, char** argv) {
+  try {
+    return kvbench::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "kvbench: error: %s\n", kvcompress::runtime::first_line(e).c_str());
+    return 2;
+  }
+}
