@@ -211,7 +211,17 @@ TEST_P(Cache, RerotationComposesAndInverts) {
   EXPECT_TRUE(at::allclose(split, once, 1e-4, 1e-5));
   // Rotation preserves each rotated pair's norm.
   EXPECT_TRUE(at::allclose(at::norm(k.narrow(3, 0, 8), 2, {-1}), at::norm(keys.narrow(3, 0, 8), 2, {-1}), 1e-5, 1e-5));
+  // One delta for every key (host-computed factors) equals the per-key form.
+  at::Tensor uniform = keys.clone(), per_key = keys.clone();
+  rt::rerotate_keys(uniform, int64_t{-37}, 8, 10000.0);
+  rt::rerotate_keys(per_key, at::full_like(delta, -37), 8, 10000.0);
+  EXPECT_TRUE(at::allclose(uniform, per_key, 1e-5, 1e-6));
+  EXPECT_TRUE(at::equal(uniform.narrow(3, 8, 8), keys.narrow(3, 8, 8)));
+  at::Tensor zero = keys.clone();
+  rt::rerotate_keys(zero, int64_t{0}, 8, 10000.0);
+  EXPECT_TRUE(at::equal(zero, keys));
   expect_error([&] { rt::rerotate_keys(k, delta, 7, 10000.0); }, {"even"});
+  expect_error([&] { rt::rerotate_keys(k, int64_t{3}, 7, 10000.0); }, {"even"});
   expect_error([&] { rt::rerotate_keys(k, delta.narrow(2, 0, 3), 8, 10000.0); }, {"delta"});
 }
 

@@ -36,6 +36,9 @@ the cache) for the full cache and each method, as the course project did.
   --max-tokens N        first N tokens of each sample (default 2000; 0 = the whole text)
   --window N            also report quality per N-token window (JSON "windows"; default 1024
                         when a sample is longer than the model's context, else off; 0 = off)
+  --recompute-reference  also the oracle of long texts: each window scored by a fresh forward
+                        over the model's context ending there (StreamingLLM's sliding window
+                        with re-computation); a row "recompute_<context>" (needs windows)
   --device cpu|cuda     (default cpu)
   --dtype float32|float16|bfloat16   (default float32 on cpu, float16 on cuda)
   --method SPEC         a method, e.g. 'h2o_l2(heavy_hitter_size=128)'; repeatable; a label
@@ -116,7 +119,7 @@ struct Options {
   int64_t window = -1;  // -1: 1024 when a sample is longer than the model's context
   std::string device = "cpu", dtype;
   std::vector<std::pair<std::string, std::string>> methods;  // label, spec
-  bool compare_all = false, baseline = true, quiet = false;
+  bool compare_all = false, baseline = true, quiet = false, recompute_reference = false;
   int jit_optimize = -1;  // -1: on with --cuda-graph
   std::string schedule;   // "" = the concatenating cache
   std::string positions = "original";
@@ -154,6 +157,7 @@ inline Options parse_args(int argc, char** argv) {
       if (o.max_tokens == 1) fail("--max-tokens must be 0 (the whole text) or >= 2, got 1");
     }
     else if (a == "--window") o.window = parse_count(a, value(i), 0);
+    else if (a == "--recompute-reference") o.recompute_reference = true;
     else if (a == "--device") o.device = parse_choice(a, value(i), {"cpu", "cuda"});
     else if (a == "--dtype") o.dtype = parse_choice(a, value(i), {"float32", "float16", "bfloat16"});
     else if (a == "--method") {
@@ -190,6 +194,8 @@ inline Options parse_args(int argc, char** argv) {
   if (o.cuda_graph && o.device != "cuda") fail("--cuda-graph needs --device cuda");
   if (o.cuda_graph && o.schedule.empty()) o.schedule = "every";
   if (!o.eval && o.generate == 0) fail("--no-eval with --generate 0 leaves nothing to measure");
+  if (o.recompute_reference && (!o.eval || o.window == 0))
+    fail("--recompute-reference scores windows: it needs the evaluation and --window > 0");
   if (o.compare_all && o.budgets.empty()) fail("--budgets needs at least one budget");
   for (int64_t b : o.budgets)
     if (b < 16) fail("--budgets: each budget must be >= 16, got " + std::to_string(b));
@@ -219,11 +225,13 @@ struct Run {
   std::string label;
   std::unique_ptr<kvc::Compressor> compressor;
   rt::RunMetrics metrics;
+  bool recompute = false;  ///< the sliding-window re-computation oracle (no cache)
 };
 
 inline std::vector<Run> make_runs(const Options& o) {
   std::vector<Run> runs;
   if (o.baseline) runs.push_back({"baseline", nullptr, {}});
+  if (o.recompute_reference) runs.push_back({"recompute", nullptr, {}, true});  // label gets the context later
   std::vector<std::pair<std::string, std::string>> methods = o.methods;
   if (o.compare_all)
     for (int64_t b : o.budgets)

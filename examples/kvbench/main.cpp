@@ -67,6 +67,11 @@ int run(int argc, char** argv) {
         fail("--window " + std::to_string(window) + " is longer than " + s.source + " (" +
              std::to_string(s.tokens.size()) + " tokens): lower --window or raise --max-tokens");
   check_positions_fit_model(o, model, runs, longest);
+  for (auto& r : runs)
+    if (r.recompute) r.label = "recompute_" + std::to_string(info.max_positions);
+  if (o.recompute_reference && window > info.max_positions)
+    fail("--recompute-reference: --window " + std::to_string(window) + " exceeds the model's context " +
+         std::to_string(info.max_positions));
 
   std::printf("model %s (%lld layers, %lld heads, head_dim %lld, vocab %lld, context %lld, contract v%lld) on %s/%s\n",
               info.name.c_str(), (long long)info.num_layers, (long long)info.num_heads, (long long)info.head_dim,
@@ -118,6 +123,11 @@ int run(int argc, char** argv) {
   for (size_t r = 0; r < runs.size(); ++r) {
     Run& run = runs[r];
     memory.reset();
+    if (run.recompute) {
+      for (const auto& sample : samples) rt::evaluate_recompute(model, sample.tokens, window, info.max_positions, run.metrics);
+      run.metrics.peak_memory_bytes = memory.peak_bytes();
+      continue;
+    }
     for (size_t s = 0; o.eval && s < samples.size(); ++s) {
       bar.reset();
       rt::EvalOptions eo;

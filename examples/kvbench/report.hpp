@@ -105,15 +105,17 @@ inline void write_json(const std::string& path, const Options& o, const rt::Cont
     out << "    {\"label\": " << quoted(r.label) << ", \"spec\": "
         << (r.compressor ? quoted(r.compressor->spec()) : std::string("null"))
         << ", \"ppl\": " << eval_num(m, m.ppl()) << ", \"accuracy\": " << eval_num(m, m.accuracy())
-        << ", \"ttft_s\": " << eval_num(m, m.ttft_s()) << ", \"tpot_s\": " << eval_num(m, m.tpot_s())
+        << ", \"ttft_s\": " << (r.recompute ? "null" : eval_num(m, m.ttft_s()))
+        << ", \"tpot_s\": " << (r.recompute ? "null" : eval_num(m, m.tpot_s()))
         << ", \"throughput_tok_s\": " << eval_num(m, m.throughput_tok_s())
         << ", \"cache_tokens\": " << m.cache_tokens << ", \"cache_bytes\": " << m.cache_bytes
         << ", \"max_layer_tokens\": " << m.max_layer_tokens
-        << ", \"peak_memory_bytes\": " << m.peak_memory_bytes << ", \"scored_tokens\": " << m.scored;
+        << ", \"peak_memory_bytes\": " << m.peak_memory_bytes << ", \"scored_tokens\": " << m.scored
+        << ", \"reference\": " << (r.recompute ? "\"sliding window with re-computation\"" : "null");
     out << ", \"warnings\": [";
     for (size_t w = 0; w < m.warnings.size(); ++w) out << (w ? ", " : "") << quoted(m.warnings[w]);
     out << "]";
-    if (o.generate > 0)
+    if (o.generate > 0 && !r.recompute)
       out << ", \"generation\": {\"batch\": " << m.gen_batch << ", \"prompt_tokens\": " << o.prompt_tokens
           << ", \"new_tokens\": " << m.gen_tokens << ", \"tok_s\": " << num(m.gen_tok_s())
           << ", \"ttft_s\": " << num(m.gen_ttft_s) << ", \"tpot_s\": " << num(m.gen_tpot_s())
@@ -126,7 +128,7 @@ inline void write_json(const std::string& path, const Options& o, const rt::Cont
       for (size_t w = 0; w < m.windows.size(); ++w) {
         const auto& x = m.windows[w];
         out << (w ? ",\n       " : "\n       ") << "{\"sample\": " << x.sample << ", \"start\": " << x.start
-            << ", \"end\": " << x.end << ", \"ppl\": " << num(x.ppl()) << ", \"accuracy\": " << num(x.accuracy())
+            << ", \"end\": " << x.end << ", \"scored\": " << x.scored << ", \"ppl\": " << num(x.ppl()) << ", \"accuracy\": " << num(x.accuracy())
             << ", \"cache_tokens\": " << x.cache_tokens << ", \"peak_memory_bytes\": " << x.peak_memory_bytes
             << ", \"step_s\": " << num(x.step_s()) << "}";
       }
@@ -161,7 +163,10 @@ inline void print_table(const Options& o, const std::vector<Run>& runs) {
   std::printf("\n");
   for (const auto& r : runs) {
     const auto& m = r.metrics;
-    if (m.scored > 0)
+    if (r.recompute)  // one forward per window: no per-token times, no cache
+      std::printf("%-22s %9.3f %8.4f %9s %9s %9.1f %7lld %10s", r.label.c_str(), m.ppl(), m.accuracy(), "-", "-",
+                  m.throughput_tok_s(), (long long)m.cache_tokens, "-");
+    else if (m.scored > 0)
       std::printf("%-22s %9.3f %8.4f %9.3f %9.3f %9.1f %7lld %10.2f", r.label.c_str(), m.ppl(), m.accuracy(),
                   m.ttft_s() * 1e3, m.tpot_s() * 1e3, m.throughput_tok_s(), (long long)m.cache_tokens,
                   m.cache_bytes / 1048576.0);
@@ -169,7 +174,7 @@ inline void print_table(const Options& o, const std::vector<Run>& runs) {
       std::printf("%-22s %9s %8s %9s %9s %9s %7lld %10s", r.label.c_str(), "-", "-", "-", "-", "-",
                   (long long)m.gen_cache_tokens, "-");
     std::printf(" %10.1f", m.peak_memory_bytes < 0 ? -1.0 : m.peak_memory_bytes / 1048576.0);
-    if (o.generate > 0) {
+    if (o.generate > 0 && !r.recompute) {
       const double first = m.gen_tpot_half_s(false);
       std::printf(" %11.3f %11.3f %9.1f %7.2f %8.3f", m.gen_ttft_s * 1e3, m.gen_tpot_s() * 1e3, m.gen_tok_s(),
                   100.0 * m.gen_compress_share(), first > 0 ? m.gen_tpot_half_s(true) / first : 0.0);

@@ -22,6 +22,11 @@ Figures (file names are fixed; each one written is printed):
                            baseline (green better, red worse, direction per metric) and
                            annotated with the raw value and the ratio (each run is compared
                            with the baseline of its own file, else the first baseline)
+  streaming.png            only when results carry "windows" (kvbench --window, long texts):
+                           PPL of every window against the tokens read, one line per run
+                           (labelled with its file's position rule and skip_layers), the
+                           model's context marked (StreamingLLM's figure 3); with a second
+                           panel for the cache size
 
 Labels: the full-cache run is "baseline" (spec null). A compressed run labelled
 <method>_<budget> (e.g. h2o_l2_512, streaming_llm_1024) is split at its trailing integer;
@@ -155,7 +160,8 @@ def load(paths):
             fail("cannot read %s: %s" % (path, e))
         if not isinstance(data, dict) or not isinstance(data.get("results"), list):
             fail("%s: not kvbench output: no \"results\" list at the top level" % path)
-        meta = {k: data.get(k) for k in ("model", "device", "dtype", "tokens")}
+        meta = {k: data.get(k) for k in ("model", "device", "dtype", "tokens", "positions", "skip_layers",
+                                          "model_context", "runtime", "cuda_graph")}
         metas.append(meta)
         file_runs = []
         for i, entry in enumerate(data["results"]):
@@ -533,6 +539,62 @@ def plot_heatmap(runs, metas, args):
 # --------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------
+# 4. streaming.png
+
+
+def run_setting(run):
+    """How a run was fed, for a legend: 'positions cache, skip []'."""
+    m = run.meta
+    skip = m.get("skip_layers")
+    spec = run.entry.get("spec") or ""
+    found = re.search(r"skip_layers=(\[[^\]]*\])", spec)
+    if found:
+        skip = found.group(1)
+    return "positions %s, skip %s" % (m.get("positions") or "?", skip if skip is not None else "?")
+
+
+def plot_streaming(runs, metas, args, colors):
+    streamed = [r for r in runs if isinstance(r.entry.get("windows"), list) and r.entry["windows"]]
+    if not streamed:
+        return
+    fig, (ax, ax_cache) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True,
+                                       gridspec_kw={"height_ratios": [3, 1]})
+    styles = ["-", "--", ":", "-."]
+    contexts = set()
+    for n, r in enumerate(streamed):
+        wins = [w for w in r.entry["windows"] if w.get("sample", 0) == 0 and w.get("ppl") is not None]
+        x = [w["end"] for w in wins]
+        # One colour per run here: the same method under different position rules is the point.
+        reference = r.entry.get("reference")
+        color = BASELINE_COLOR if r.is_baseline else "0.55" if reference else PALETTE[n % len(PALETTE)]
+        name = "full cache" if r.is_baseline else r.orig_label
+        setting = reference + ", no cache" if reference else run_setting(r)
+        style = ":" if reference else styles[n % len(styles)] if not r.is_baseline else "-"
+        lw = 3.0 if reference else 1.4
+        ax.plot(x, [w["ppl"] for w in wins], style, color=color, lw=lw, label="%s (%s)" % (name, setting))
+        ax_cache.plot(x, [w["cache_tokens"] for w in wins], style, color=color, lw=lw)
+        if r.meta.get("model_context"):
+            contexts.add(r.meta["model_context"])
+    for c in sorted(contexts):
+        for a in (ax, ax_cache):
+            a.axvline(c, color="grey", lw=1, ls="--")
+        ax.text(c, 0.98, " model context (%d)" % c, transform=ax.get_xaxis_transform(), va="top",
+                ha="left", fontsize=8, color="grey")
+    ax.set_yscale("log")
+    ax.set_ylabel("PPL per window (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title("Perplexity while reading past the model's context\n" + describe(metas, args.title), fontsize=10)
+    ax_cache.set_yscale("log")
+    ax_cache.set_ylabel("cache tokens")
+    ax_cache.set_xlabel("tokens read")
+    ax_cache.grid(True, which="both", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    legend = ax_cache.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2,
+                             frameon=False)
+    save(fig, args.out_dir, "streaming.png", args.dpi, extra=[legend])
+
+
 def main():
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -555,6 +617,7 @@ def main():
         plot_comparison(runs, budget, metas, args, colors)
     plot_tradeoff(runs, metas, args, colors)
     plot_heatmap(runs, metas, args)
+    plot_streaming(runs, metas, args, colors)
 
 
 if __name__ == "__main__":

@@ -151,13 +151,19 @@ inline void warn_about_context(RunMetrics& m, const Decoder& d, const std::vecto
              "positions 'cache' keeps compressed layers inside the context");
     return;
   }
+  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+  if (!d.options().compressor) {
+    if (longest > context)
+      m.warn("the full cache holds " + std::to_string(longest) + " tokens, past the model's context of " +
+             std::to_string(context) + " positions: those positions are untrained, so perplexity rises");
+    return;
+  }
   std::vector<int64_t> over;
   for (size_t l = 0; l < lengths.size(); ++l)
     if (lengths[l] > context) over.push_back(static_cast<int64_t>(l));
   if (over.empty()) return;
   m.warn("positions 'cache': layer(s) " + params::format_int_list(over) + " grew to " +
-         std::to_string(*std::max_element(lengths.begin(), lengths.end())) +
-         " tokens, past the model's context of " + std::to_string(context) +
+         std::to_string(longest) + " tokens, past the model's context of " + std::to_string(context) +
          " positions (uncompressed: skip_layers or a budget above the context), so their positions are "
          "untrained and perplexity rises; compress them (e.g. --skip-layers '')");
 }
@@ -240,6 +246,56 @@ inline KVCache evaluate(Decoder& d, const std::vector<int64_t>& tokens, RunMetri
   KVCache cache = d.view();
   m.cache_bytes = detail::cache_bytes(cache);
   return cache;
+}
+
+/// The oracle of long-text evaluation (StreamingLLM's "sliding window with re-computation"):
+/// every `window`-token window [s, e) is scored by one fresh forward over the `context` tokens
+/// ending at e (positions 0 .., no cache carried over), so each token sees up to `context` - 1
+/// predecessors at trained positions. Expensive for a server, the best a model of this context
+/// can do on the text; a compressed cache is judged against it window by window.
+inline void evaluate_recompute(ContractModel& model, const std::vector<int64_t>& tokens, int64_t window,
+                               int64_t context, RunMetrics& m) {
+  c10::InferenceMode guard;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (window < 1 || window > n) throw Error("evaluate_recompute: window must be in [1, " + std::to_string(n) + "]");
+  if (context < window) throw Error("evaluate_recompute: context must be >= window");
+  const auto ids_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
+  const auto run_start = std::chrono::steady_clock::now();
+  for (int64_t s = 0; s < n; s += window) {
+    const auto window_start = std::chrono::steady_clock::now();
+    const int64_t e = std::min(s + window, n), a = std::max<int64_t>(0, e - context);
+    const at::Tensor ids = at::tensor(std::vector<int64_t>(tokens.begin() + a, tokens.begin() + e), at::kLong)
+                               .to(model.device()).unsqueeze(0);
+    const at::Tensor logits = model.forward(ids, at::arange(e - a, ids_opts).unsqueeze(0), model.empty_cache())
+                                  .logits.select(0, 0);
+    const int64_t last = std::min(e, n - 1);  // the text's last token predicts nothing
+    WindowMetrics w;
+    w.sample = m.samples;
+    w.start = s;
+    w.end = e;
+    w.cache_tokens = e - a;
+    if (last > s) {
+      const at::Tensor rows = logits.narrow(0, s - a, last - s);
+      const at::Tensor targets = at::tensor(std::vector<int64_t>(tokens.begin() + s + 1, tokens.begin() + last + 1),
+                                            at::kLong).to(model.device());
+      const at::Tensor nll = (at::logsumexp(rows, 1) - rows.gather(1, targets.unsqueeze(1)).squeeze(1)).to(at::kDouble).cpu();
+      const at::Tensor hits = rows.argmax(1).eq(targets).sum().cpu();
+      for (int64_t i = 0; i < last - s; ++i) m.token_nll.push_back(nll[i].item<double>());
+      w.nll_sum = nll.sum().item<double>();
+      w.scored = last - s;
+      w.hits = hits.item<int64_t>();
+    }
+    w.seconds = detail::seconds_since(window_start);
+    m.nll_sum += w.nll_sum;
+    m.scored += w.scored;
+    m.hits += w.hits;
+    m.windows.push_back(w);
+  }
+  m.total_s += detail::seconds_since(run_start);
+  m.tokens += n;
+  ++m.samples;
+  m.cache_tokens = std::min(context, n);
+  m.max_layer_tokens = m.cache_tokens;
 }
 
 /// Greedy generation: prefill `prompt` (the same prompt in every row of the decoder's batch,

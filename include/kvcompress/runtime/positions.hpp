@@ -8,6 +8,7 @@
 #include <kvcompress/selection.hpp>
 #include <kvcompress/types.hpp>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -51,6 +52,31 @@ inline void rerotate_keys(at::Tensor keys, const at::Tensor& delta, int64_t rota
   rot.narrow(3, half, half).copy_(x2 * cos + x1 * sin);
 }
 
+/// rerotate_keys with one delta for every key: the rotation factors are computed once on the
+/// host (double, rounded to float32) instead of per key on the device, which saves most of the
+/// kernels of a re-rotation (what a span move under the cache rule needs).
+inline void rerotate_keys(at::Tensor keys, int64_t delta, int64_t rotary_ndims, double base) {
+  if (keys.dim() != 4) throw Error("rerotate_keys: keys must be [batch, heads, n, head_dim]");
+  if (rotary_ndims <= 0 || delta == 0 || keys.size(2) == 0) return;
+  if (rotary_ndims % 2 != 0 || rotary_ndims > keys.size(3))
+    throw Error("rerotate_keys: rotary_ndims must be even and <= head_dim, got " + std::to_string(rotary_ndims));
+  const int64_t half = rotary_ndims / 2;
+  at::Tensor factors = at::empty({2, half}, at::TensorOptions().dtype(at::kFloat).pinned_memory(keys.is_cuda()));
+  float* f = factors.data_ptr<float>();
+  for (int64_t j = 0; j < half; ++j) {
+    const double angle = static_cast<double>(delta) * std::pow(base, -2.0 * static_cast<double>(j) / static_cast<double>(rotary_ndims));
+    f[j] = static_cast<float>(std::cos(angle));
+    f[half + j] = static_cast<float>(std::sin(angle));
+  }
+  factors = factors.to(keys.device(), /*non_blocking=*/true);
+  const at::Tensor cos = factors[0], sin = factors[1];
+  at::Tensor rot = keys.narrow(3, 0, rotary_ndims);
+  const at::Tensor x1 = rot.narrow(3, 0, half).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  const at::Tensor x2 = rot.narrow(3, half, half).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  rot.narrow(3, 0, half).copy_(x1 * cos - x2 * sin);
+  rot.narrow(3, half, half).copy_(x2 * cos + x1 * sin);
+}
+
 /// The cache rule after a compaction: `kept_keys` ([batch, heads, k, head_dim], slot j holding
 /// the token that was in slot s.positions()[..., j], rotated at that old slot) are re-rotated
 /// in place to their new slots 0 .. k - 1.
@@ -58,6 +84,14 @@ inline void rotate_kept_keys_to_slots(at::Tensor kept_keys, const Selection& s, 
   const int64_t b = kept_keys.size(0), h = kept_keys.size(1), k = kept_keys.size(2);
   if (s.kept() != k) throw Error("rotate_kept_keys_to_slots: the selection keeps " + std::to_string(s.kept()) +
                                  " tokens, the keys hold " + std::to_string(k));
+  if (s.spans_only()) {  // each span moves as a block: one delta per span, none for the sinks
+    int64_t offset = 0;
+    for (const auto& p : s.parts()) {
+      rerotate_keys(kept_keys.narrow(2, offset, p.length), offset - p.start, rotary_ndims, base);
+      offset += p.length;
+    }
+    return;
+  }
   const at::Tensor old_slots = s.positions(b, h, kept_keys.device());
   const at::Tensor new_slots = at::arange(k, old_slots.options()).expand({b, h, k});
   rerotate_keys(kept_keys, new_slots - old_slots, rotary_ndims, base);
