@@ -179,7 +179,9 @@ TEST_P(Cache, BadUseIsReported) {
   kvc::StaticCache cache(2, kBatch, kHeads, kDim, {4, 6}, opts());
   EXPECT_EQ(cache.capacity(0), 4);
   EXPECT_EQ(cache.capacity(1), 6);
-  auto [k, v] = tokens(5);
+  const kvc::LayerKV five = tokens(5);  // not a structured binding: C++17 lambdas cannot capture those
+  const at::Tensor& k = five.first;
+  const at::Tensor& v = five.second;
   expect_error([&] { cache.append(0, k, v, 0); }, {"layer 0 is full", "capacity 4"});
   expect_error([&] { cache.append(2, k, v, 0); }, {"layer 2 out of range"});
   auto wrong = at::randn({kBatch, kHeads + 1, 1, kDim}, opts());
@@ -281,7 +283,9 @@ TEST_P(Cache, AFullSkippedLayerSaysItIsSkipped) {
   }
   EXPECT_EQ(cache.length(0), 6);
   EXPECT_EQ(cache.length(1), 4);
-  auto [k, v] = tokens(1);
+  const kvc::LayerKV one = tokens(1);  // not a structured binding: C++17 lambdas cannot capture those
+  const at::Tensor& k = one.first;
+  const at::Tensor& v = one.second;
   expect_error([&] { cache.append(0, k, v, 6); },
                {"layer 0 is full", "skip_layers [0]", "recent_only(window_size=4, skip_layers=[0])",
                 "remove it from skip_layers"});
