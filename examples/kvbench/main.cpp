@@ -51,7 +51,9 @@ int run(int argc, char** argv) {
   }
   if (o.cuda_graph && !rt::built_with_cuda()) fail("--cuda-graph: this build of kvcompress::runtime has no CUDA support");
   const at::ScalarType dtype = o.dtype == "float16" ? at::kHalf : o.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
-  std::vector<Run> runs = make_runs(o);  // spec errors before the (slow) model load
+  std::vector<Run> runs = make_runs(o);  // spec and output errors before the (slow) model load
+  if (!o.json.empty()) check_output_path("--json", o.json);
+  if (!o.csv.empty()) check_output_path("--csv", o.csv);
   rt::ContractModel model = rt::ContractModel::load(o.model, device, dtype);
   std::vector<Sample> samples = load_samples(o, model);
   const auto& info = model.info();

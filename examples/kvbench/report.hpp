@@ -8,9 +8,12 @@
 
 #include <torch/script.h>
 
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
+#include <cstring>
+#include <filesystem>
+#include <sstream>
 
 #include <unistd.h>
 
@@ -39,6 +42,36 @@ class ProgressBar {
   bool enabled_, tty_;
   int64_t last_pct_ = -1;
 };
+
+// An output file: checked before the run (so a typo does not cost the run), then written whole
+// to a temporary file beside it and renamed over it, every write checked: a failed write is an
+// error and leaves no partial file.
+inline void check_output_path(const std::string& flag, const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path p(path);
+  if (path.empty()) fail(flag + " needs a file name");
+  if (fs::exists(p, ec) && !fs::is_regular_file(p, ec))
+    fail(flag + " " + path + " exists and is not a regular file");
+  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  if (!fs::is_directory(dir, ec)) fail(flag + " " + path + ": no such directory " + dir.string());
+  if (access(dir.c_str(), W_OK) != 0) fail(flag + " " + path + ": directory " + dir.string() + " is not writable");
+}
+
+inline void write_atomically(const std::string& flag, const std::string& path, const std::string& content) {
+  const std::string tmp = path + ".tmp" + std::to_string(getpid());
+  auto failed = [&](const std::string& why) {
+    std::remove(tmp.c_str());
+    fail("cannot write " + flag + " file " + path + ": " + why);
+  };
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) failed(std::strerror(errno));
+  const bool written = std::fwrite(content.data(), 1, content.size(), f) == content.size() && std::fflush(f) == 0 &&
+                       fsync(fileno(f)) == 0;
+  const int error = errno;
+  if (std::fclose(f) != 0 || !written) failed(std::strerror(written ? errno : error));
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) failed(std::strerror(errno));
+}
 
 inline std::string json_escape(const std::string& s) {
   std::string out;
@@ -74,8 +107,7 @@ inline std::string eval_num(const rt::RunMetrics& m, double x) { return m.scored
 
 inline void write_json(const std::string& path, const Options& o, const rt::ContractModel& model,
                        const std::vector<Sample>& samples, const std::vector<Run>& runs, int64_t window) {
-  std::ofstream out(path);
-  if (!out) fail("cannot write --json file " + path);
+  std::ostringstream out;
   int64_t tokens = 0;
   for (const auto& s : samples) tokens += static_cast<int64_t>(s.tokens.size());
   out << "{\n  \"model\": " << quoted(model.info().name) << ",\n"
@@ -137,11 +169,11 @@ inline void write_json(const std::string& path, const Options& o, const rt::Cont
     out << "}" << (i + 1 < runs.size() ? "," : "") << "\n";
   }
   out << "  ]\n}\n";
+  write_atomically("--json", path, out.str());
 }
 
 inline void write_csv(const std::string& path, const Options& o, const std::vector<Run>& runs) {
-  std::ofstream out(path);
-  if (!out) fail("cannot write --csv file " + path);
+  std::ostringstream out;
   out << "label,spec,ppl,accuracy,ttft_s,tpot_s,throughput_tok_s,cache_tokens,cache_bytes,peak_memory_bytes";
   if (o.generate > 0) out << ",gen_ttft_s,gen_tpot_s,gen_compress_share";
   out << "\n";
@@ -154,6 +186,7 @@ inline void write_csv(const std::string& path, const Options& o, const std::vect
     if (o.generate > 0) out << ',' << num(m.gen_ttft_s) << ',' << num(m.gen_tpot_s()) << ',' << num(m.gen_compress_share());
     out << "\n";
   }
+  write_atomically("--csv", path, out.str());
 }
 
 inline void print_table(const Options& o, const std::vector<Run>& runs) {
