@@ -51,6 +51,20 @@ void expect_error(Fn&& fn, const std::string& fragment) {
   }
 }
 
+// Every policy on 150 tokens with budgets of 40-48, skip_layers [0,1] or [] and pyramid_kv's
+// uneven layers: what both caches must agree on (CPU and CUDA tests).
+const std::vector<std::string> kEveryPolicy = {
+    "l2(keep_ratio=0.5, prune_after=40, skip_layers=[0,1])",
+    "fix_size_l2(fix_kv_size=48, keep_ratio=0.5, skip_layers=[0,1])",
+    "streaming_llm(start_size=4, recent_size=44, skip_layers=[0,1])",
+    "streaming_llm(start_size=4, recent_size=28, skip_layers=[])",
+    "h2o_l2(start_size=4, heavy_hitter_size=8, recent_size=36, skip_layers=[0,1])",
+    "snapkv_lite(observation_window=8, keep_size=40, pooling_kernel=3, skip_layers=[0,1])",
+    "pyramid_kv(base_size=48, layer_decay=0.9, min_size=8, skip_layers=[])",
+    "adaptive_l2(target_size=48, soft_limit=32, hard_limit=96, skip_layers=[0,1])",
+    "recent_only(window_size=40, skip_layers=[0,1])",
+};
+
 rt::DecoderOptions options(const kvc::Compressor* c, rt::PositionRule rule = rt::PositionRule::original,
                            kvc::Schedule schedule = kvc::Schedule::every(), int64_t batch = 1) {
   rt::DecoderOptions o;
@@ -167,20 +181,9 @@ TEST(Runtime, CompressedRunsKeepEveryLayerAtItsBudget) {
 // each other; the settings here (fixed model and text) have no such near-tie on the CPU.
 TEST(Runtime, BothCachesAgreeForEveryPolicyAndBothPositionRules) {
   const auto tokens = bundled_tokens(150);
-  const std::vector<std::string> specs = {
-      "l2(keep_ratio=0.5, prune_after=40, skip_layers=[0,1])",
-      "fix_size_l2(fix_kv_size=48, keep_ratio=0.5, skip_layers=[0,1])",
-      "streaming_llm(start_size=4, recent_size=44, skip_layers=[0,1])",
-      "streaming_llm(start_size=4, recent_size=28, skip_layers=[])",
-      "h2o_l2(start_size=4, heavy_hitter_size=8, recent_size=36, skip_layers=[0,1])",
-      "snapkv_lite(observation_window=8, keep_size=40, pooling_kernel=3, skip_layers=[0,1])",
-      "pyramid_kv(base_size=48, layer_decay=0.9, min_size=8, skip_layers=[])",
-      "adaptive_l2(target_size=48, soft_limit=32, hard_limit=96, skip_layers=[0,1])",
-      "recent_only(window_size=40, skip_layers=[0,1])",
-  };
   int compared = 0;
   for (const auto rule : {rt::PositionRule::original, rt::PositionRule::cache}) {
-    for (const auto& spec : specs) {
+    for (const auto& spec : kEveryPolicy) {
       SCOPED_TRACE(spec + " positions " + rt::to_string(rule));
       auto c = kvc::make_compressor(spec);
       rt::RunMetrics concat_m, static_m;
@@ -502,20 +505,9 @@ TEST(CudaRuntime, GraphReplayAgreesWithTheConcatenatingCacheForEveryPolicyAndBot
   if (!at::hasCUDA() || !rt::built_with_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA support in this build";
   static rt::ContractModel gpu = rt::ContractModel::load(kModel, at::Device(at::kCUDA, 0), at::kFloat);
   const auto tokens = bundled_tokens(150);
-  const std::vector<std::string> specs = {
-      "l2(keep_ratio=0.5, prune_after=40, skip_layers=[0,1])",
-      "fix_size_l2(fix_kv_size=48, keep_ratio=0.5, skip_layers=[0,1])",
-      "streaming_llm(start_size=4, recent_size=44, skip_layers=[0,1])",
-      "streaming_llm(start_size=4, recent_size=28, skip_layers=[])",
-      "h2o_l2(start_size=4, heavy_hitter_size=8, recent_size=36, skip_layers=[0,1])",
-      "snapkv_lite(observation_window=8, keep_size=40, pooling_kernel=3, skip_layers=[0,1])",
-      "pyramid_kv(base_size=48, layer_decay=0.9, min_size=8, skip_layers=[])",
-      "adaptive_l2(target_size=48, soft_limit=32, hard_limit=96, skip_layers=[0,1])",
-      "recent_only(window_size=40, skip_layers=[0,1])",
-  };
   int compared = 0, near_tie_flips = 0;
   for (const auto rule : {rt::PositionRule::original, rt::PositionRule::cache}) {
-    for (const auto& spec : specs) {
+    for (const auto& spec : kEveryPolicy) {
       SCOPED_TRACE(spec + " positions " + rt::to_string(rule));
       auto c = kvc::make_compressor(spec);
       rt::RunMetrics concat_m, graph_m, plain_m;

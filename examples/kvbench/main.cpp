@@ -34,9 +34,8 @@ void check_positions_fit_model(const Options& o, const rt::ContractModel& model,
     if (std::adjacent_find(kept.begin(), kept.end(), std::not_equal_to<>()) != kept.end())
       fail(r.label + ": under --positions cache its layers keep different numbers of tokens (" +
            kvc::params::format_int_list(kept) + " at " + std::to_string(tokens) + " tokens), but " + o.model +
-           " is a contract version 1 file, which takes one position per token for all layers; re-export it "
-           "(examples/python/upgrade_contract.py), compress every layer alike (--skip-layers '', no "
-           "pyramid_kv), or use --positions original");
+           " is a contract version 1 file, which takes one position per token for all layers; " +
+           rt::kVersion1CacheRuleRemedy);
   }
 }
 

@@ -12,12 +12,15 @@
 
 namespace kvcompress {
 
-/// When StaticCache::maybe_compress compresses.
+/// When a cache compresses (StaticCache::maybe_compress, the runtime's decoders).
 struct Schedule {
   enum Kind { every_step, chunked } kind = every_step;
   /// chunked: compress once `slack` tokens have been appended since the last compression, so
   /// the cost of one compression is spread over `slack` steps.
   int64_t slack = 0;
+
+  /// Whether to compress now, `since` tokens having arrived since the last compression.
+  bool due(int64_t since) const { return kind == every_step || since >= slack; }
 
   static Schedule every() { return {every_step, 0}; }
   static Schedule chunk(int64_t slack) {
@@ -138,7 +141,7 @@ class StaticCache {
   /// Compresses if the schedule says so (after every append, or once per `slack` tokens).
   bool maybe_compress(const Compressor& compressor, const Schedule& schedule,
                       const OnCompacted& on_compacted = nullptr) {
-    if (schedule.kind == Schedule::chunked && since_compression_ < schedule.slack) return false;
+    if (!schedule.due(since_compression_)) return false;
     compress(compressor, on_compacted);
     return true;
   }

@@ -67,7 +67,7 @@ class Decoder {
   /// `slack` tokens arrived since the last compression); returns whether it did.
   bool maybe_compress() {
     if (!options_.compressor) return false;
-    if (options_.schedule.kind == Schedule::chunked && since_compression_ < options_.schedule.slack) return false;
+    if (!options_.schedule.due(since_compression_)) return false;
     compress_now();
     since_compression_ = 0;
     return true;
@@ -100,8 +100,10 @@ class Decoder {
   virtual void clear() = 0;
 
   at::Tensor positions_for(int64_t t) const {
-    return next_positions(options_.positions, fed_, lengths(), options_.batch, t,
-                          model_.info().per_layer_positions(), model_.device());
+    // Layer lengths matter only under the cache rule: not gathered per step otherwise.
+    const std::vector<int64_t> held = options_.positions == PositionRule::cache ? lengths() : std::vector<int64_t>{};
+    return next_positions(options_.positions, fed_, held, options_.batch, t, model_.info().per_layer_positions(),
+                          model_.device());
   }
   bool positions_per_layer() const {
     return options_.positions == PositionRule::cache && model_.info().per_layer_positions();
@@ -174,7 +176,7 @@ inline std::vector<int64_t> peak_lengths(const Compressor* compressor, int64_t n
     since += t;
     for (auto& l : len) l += t;
     for (size_t i = 0; i < len.size(); ++i) peak[i] = std::max(peak[i], len[i]);
-    if (!compressor || (schedule.kind == Schedule::chunked && since < schedule.slack)) continue;
+    if (!compressor || !schedule.due(since)) continue;
     since = 0;
     for (int64_t i = 0; i < num_layers; ++i) {
       auto s = compressor->select(LayerView{probe.narrow(2, 0, len[static_cast<size_t>(i)]), i, num_layers});
@@ -223,7 +225,7 @@ class StaticDecoder final : public Decoder {
   void prepare() override {
     if (!use_graph_ || graph_.captured()) return;
     upload_step_inputs();
-    graph_logits_ = graph_.capture([this] { return call(ids_, positions_); });
+    capture();
   }
 
  protected:
@@ -234,7 +236,7 @@ class StaticDecoder final : public Decoder {
       ids_.copy_(ids);
       upload_step_inputs();
       if (use_graph_) {
-        if (!graph_.captured()) graph_logits_ = graph_.capture([this] { return call(ids_, positions_); });
+        if (!graph_.captured()) capture();
         graph_.replay();
         logits = graph_logits_;
       } else {
@@ -264,6 +266,9 @@ class StaticDecoder final : public Decoder {
   at::Tensor call(const at::Tensor& ids, const at::Tensor& positions) {
     return model_.step(ids, positions, key_list_, value_list_, lengths_);
   }
+
+  // Records the one-token step on the graph's input buffers.
+  void capture() { graph_logits_ = graph_.capture([this] { return call(ids_, positions_); }); }
 
   // Valid lengths to the device. On CUDA from pinned memory without blocking: the caching host
   // allocator keeps each staging buffer alive until its copy has run, so the host never waits.

@@ -97,6 +97,12 @@ inline void rotate_kept_keys_to_slots(at::Tensor kept_keys, const Selection& s, 
   rerotate_keys(kept_keys, new_slots - old_slots, rotary_ndims, base);
 }
 
+/// What to do when a version-1 model (one position per token for all layers) meets the cache
+/// rule with layers of different lengths; the runtime and kvbench's up-front check say the same.
+inline constexpr const char* kVersion1CacheRuleRemedy =
+    "re-export it (examples/python/upgrade_contract.py), compress every layer alike (--skip-layers '', no "
+    "pyramid_kv), or use positions 'original'";
+
 /// The position ids of the next `t` tokens of every row, `fed` tokens having been fed so far
 /// and layer l holding lengths[l] tokens:
 ///  - original rule: fed .. fed + t - 1, as [batch, t];
@@ -116,9 +122,8 @@ inline at::Tensor next_positions(PositionRule rule, int64_t fed, const std::vect
       if (lengths[l] != lengths[0])
         throw Error("positions 'cache': layer " + std::to_string(l) + " holds " + std::to_string(lengths[l]) +
                     " tokens and layer 0 " + std::to_string(lengths[0]) +
-                    ", but this model file (contract version 1) takes one position per token for all layers; "
-                    "re-export it (examples/python/upgrade_contract.py), compress every layer alike "
-                    "(--skip-layers '', no pyramid_kv), or use positions 'original'");
+                    ", but this model file (contract version 1) takes one position per token for all layers; " +
+                    kVersion1CacheRuleRemedy);
     return next_positions(PositionRule::original, lengths.empty() ? 0 : lengths[0], {}, batch, t, false, device);
   }
   const int64_t n = static_cast<int64_t>(lengths.size());
