@@ -4,19 +4,18 @@
 
 #include <iostream>
 
-// Keeps the first `head` tokens and every `stride`-th token after them.
+// Keeps the first `head` tokens and every `stride`-th token after them. (skip_layers is the
+// compressor's: every policy accepts it without declaring it.)
 struct StridedPolicy {
   struct Options {
     int64_t head = 16;
     int64_t stride = 4;
-    std::vector<int64_t> skip_layers = {};
   };
   static constexpr const char* name = "strided";
   template <class O, class V>
   static void visit_params(O& o, V& v) {
     v.integer("head", o.head, 0);
     v.integer("stride", o.stride, 1);
-    v.int_list("skip_layers", o.skip_layers, 0);
   }
   static std::optional<kvcompress::Selection> select(const Options& o, const kvcompress::LayerView& layer) {
     if (layer.seq() <= o.head) return std::nullopt;
@@ -28,14 +27,15 @@ struct StridedPolicy {
 };
 
 template <class Policy>
-int64_t kept_tokens(const kvcompress::KVCache& kv, typename Policy::Options options) {
-  kvcompress::BasicCompressor<Policy> compressor(std::move(options));
+int64_t kept_tokens(const kvcompress::KVCache& kv, typename Policy::Options options,
+                    std::vector<int64_t> skip_layers = {}) {
+  kvcompress::BasicCompressor<Policy> compressor(std::move(options), std::move(skip_layers));
   return compressor.compress(kv).back().first.size(2);
 }
 
 int main() {
   kvcompress::KVCache kv(2, {at::randn({1, 4, 1000, 32}), at::randn({1, 4, 1000, 32})});
-  std::cout << "recent_only: " << kept_tokens<kvcompress::policies::RecentOnly>(kv, {256, {}}) << '\n';
+  std::cout << "recent_only: " << kept_tokens<kvcompress::policies::RecentOnly>(kv, {256}) << '\n';
   std::cout << "pyramid_kv:  " << kept_tokens<kvcompress::policies::PyramidKV>(kv, {}) << '\n';
   std::cout << "strided:     " << kept_tokens<StridedPolicy>(kv, {}) << '\n';
 

@@ -69,8 +69,8 @@ TEST(Registry, AliasL2Compress) {
 TEST(Registry, RegistryMatchesFunctionalAndTemplatedWays) {
   auto kv = small_cache(3, 40);
   auto via_registry = kvc::make_compressor("h2o_l2(start_size=2, heavy_hitter_size=5, recent_size=7)")->compress(kv);
-  auto via_function = kvc::h2o_l2_compress(kv, {2, 5, 7, {}});
-  kvc::BasicCompressor<kvc::policies::H2OL2> typed({2, 5, 7, {}});
+  auto via_function = kvc::h2o_l2_compress(kv, {2, 5, 7}, {});
+  kvc::BasicCompressor<kvc::policies::H2OL2> typed({2, 5, 7}, {});
   auto via_template = typed.compress(kv);
   for (size_t i = 0; i < kv.size(); ++i) {
     EXPECT_TRUE(at::equal(via_registry[i].first, via_function[i].first));
@@ -82,13 +82,11 @@ TEST(Registry, RegistryMatchesFunctionalAndTemplatedWays) {
 struct EveryOther {
   struct Options {
     int64_t phase = 0;
-    std::vector<int64_t> skip_layers = {};
   };
   static constexpr const char* name = "test_every_other";
   template <class O, class V>
   static void visit_params(O& o, V& v) {
     v.integer("phase", o.phase, 0, 1);
-    v.int_list("skip_layers", o.skip_layers, 0);
   }
   static std::optional<kvc::Selection> select(const Options& o, const kvc::LayerView& layer) {
     kvc::Selection s;
@@ -127,7 +125,7 @@ TEST(Registry, SelectionReportsKeptPositions) {
 // --- bad input ---------------------------------------------------------------------------------
 
 TEST(Errors, UnknownMethodListsKnownOnes) {
-  expect_error([] { kvc::make_compressor("snapkv"); }, {"unknown method 'snapkv'", "snapkv_lite", "h2o_l2"});
+  expect_error([] { kvc::make_compressor("snapkv_heavy"); }, {"unknown method 'snapkv_heavy'", "snapkv_lite", "h2o_l2", "tova"});
 }
 
 TEST(Errors, UnknownParameterListsValidOnes) {
@@ -162,7 +160,7 @@ TEST(Errors, OutOfRangeValues) {
   expect_error([] { kvc::make_compressor("streaming_llm(start_size=-1)"); }, {"start_size"});
   expect_error([] { kvc::make_compressor("l2(skip_layers=[0,-1])"); }, {"skip_layers", "-1"});
   // Typed options are checked the same way.
-  expect_error([] { kvc::streaming_llm_compress({}, {4, 0, {}}); }, {"recent_size"});
+  expect_error([] { kvc::streaming_llm_compress({}, {4, 0}, {}); }, {"recent_size"});
   // Degenerate but valid rules of the seed are accepted.
   EXPECT_NO_THROW(kvc::make_compressor("snapkv_lite(observation_window=64, keep_size=32, pooling_kernel=4)"));
   EXPECT_NO_THROW(kvc::make_compressor("h2o_l2(start_size=0, heavy_hitter_size=100000, recent_size=1)"));

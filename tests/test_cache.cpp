@@ -292,3 +292,68 @@ TEST_P(Cache, AFullSkippedLayerSaysItIsSkipped) {
   cache.append(1, k, v, 6);  // the compressed layer has room
   expect_error([&] { cache.append(1, k, v, 7); cache.append(1, k, v, 8); }, {"layer 1 is full", "compress more often"});
 }
+
+// Every token's accumulated attention is a function of its position (given once, when it
+// arrives), so after any compaction slot j's score must be score(positions[j]): a score never
+// belongs to another token. Checked for a shared choice (h2o_attention), per-head choices (h2o,
+// out-of-order gathers) and both schedules, against the functional API fed the same scores.
+TEST_P(Cache, AttentionScoresMoveWithTheirTokens) {
+  at::manual_seed(5);
+  auto score_of = [](const at::Tensor& positions) {  // distinct per (row, head, position), not monotone
+    const auto sizes = positions.sizes();
+    at::Tensor head = at::arange(sizes[1], positions.options()).view({1, -1, 1});
+    at::Tensor row = at::arange(sizes[0], positions.options()).view({-1, 1, 1});
+    return (positions * 7919 + head * 31 + row * 17).remainder(101).to(at::kFloat).div_(128);
+  };
+  for (const char* spec : {"h2o_attention(start_size=2, heavy_hitter_size=5, recent_size=4, skip_layers=[0])",
+                           "h2o(heavy_hitter_size=6, recent_size=5, skip_layers=[0])"}) {
+    for (const auto schedule : {kvc::Schedule::every(), kvc::Schedule::chunk(5)}) {
+      SCOPED_TRACE(std::string(spec) + (schedule.kind == kvc::Schedule::chunked ? " chunked" : " every step"));
+      auto c = kvc::make_compressor(spec);
+      kvc::StaticCache cache(kLayers, kBatch, kHeads, kDim, {64}, opts());
+      cache.track_attention();
+      kvc::KVCache reference(kLayers, {at::empty({kBatch, kHeads, 0, kDim}, opts()), at::empty({kBatch, kHeads, 0, kDim}, opts())});
+      std::vector<kvc::LayerInputs> ref_in(kLayers);
+      for (auto& in : ref_in) in.attention = at::empty({kBatch, kHeads, 0}, opts());
+      int64_t position = 0, compactions = 0;
+      for (int64_t step = 0; step < 40; ++step) {
+        const int64_t t = step == 0 ? 9 : 1;
+        const at::Tensor pos = at::arange(position, position + t, opts().dtype(at::kLong)).expand({kBatch, kHeads, t});
+        for (int64_t l = 0; l < kLayers; ++l) {
+          auto [k, v] = tokens(t);
+          cache.append(l, k, v, position);
+          // The new tokens' scores; everything held so far gets 0 more (decay 1).
+          at::Tensor add = at::cat({at::zeros({kBatch, kHeads, cache.length(l) - t}, opts()), score_of(pos)}, 2);
+          cache.accumulate_attention(l, add, 1.0);
+          reference[l] = {at::cat({reference[l].first, k}, 2), at::cat({reference[l].second, v}, 2)};
+          ref_in[l].attention = at::cat({ref_in[l].attention, score_of(pos)}, 2);
+        }
+        position += t;
+        if (!cache.maybe_compress(*c, schedule)) continue;
+        ++compactions;
+        for (int64_t l = 0; l < kLayers; ++l) {  // the functional API on the same cache and scores
+          std::optional<kvc::Selection> s = c->select(kvc::LayerView{reference[l].first, l, kLayers, {}, ref_in[l].attention});
+          if (!s) continue;
+          reference[l] = kvc::apply_selection(reference[l].first, reference[l].second, *s);
+          ref_in[l].attention = kvc::take_slots(ref_in[l].attention, *s);
+        }
+        const kvc::KVCache view = cache.view();
+        for (int64_t l = 0; l < kLayers; ++l) {
+          ASSERT_TRUE(at::equal(view[l].first, reference[l].first)) << "step " << step << " layer " << l;
+          ASSERT_TRUE(at::equal(cache.attention(l), score_of(cache.positions(l)))) << "step " << step << " layer " << l;
+          ASSERT_TRUE(at::equal(cache.attention(l), ref_in[l].attention)) << "step " << step << " layer " << l;
+          const int64_t len = cache.length(l);
+          EXPECT_EQ(cache.attention_buffer(l).narrow(2, len, 64 - len).abs().sum().item<double>(), 0.0);
+        }
+      }
+      EXPECT_GT(compactions, 4);
+      EXPECT_EQ(cache.length(0), 48);
+      EXPECT_LE(cache.length(1), schedule.kind == kvc::Schedule::chunked ? 11 + 4 : 11);  // + slack - 1
+    }
+  }
+  kvc::StaticCache plain(kLayers, kBatch, kHeads, kDim, {8}, opts());
+  expect_error([&] { plain.attention(0); }, {"attention is not tracked"});
+  plain.track_attention();
+  expect_error([&] { plain.accumulate_attention(0, at::zeros({kBatch, kHeads, 3}, opts()), 1.0); },
+               {"accumulate_attention", "layer 0"});
+}

@@ -26,25 +26,25 @@ INSTANTIATE_TEST_SUITE_P(Devices, Policies, ::testing::Values("cpu", "cuda"));
 
 TEST_P(Policies, StreamingLLMKeepsSinksAndRecent) {
   auto in = mixed(10);
-  auto out = kvc::streaming_llm_compress({in}, {2, 3, {}});
+  auto out = kvc::streaming_llm_compress({in}, {2, 3}, {});
   expect_kept(out[0], in, everywhere(2, 2, {0, 1, 7, 8, 9}));
 }
 
 TEST_P(Policies, StreamingLLMWithinBudgetIsUnchanged) {
   auto in = mixed(5);
-  expect_unchanged(kvc::streaming_llm_compress({in}, {2, 3, {}})[0], in);
+  expect_unchanged(kvc::streaming_llm_compress({in}, {2, 3}, {})[0], in);
 }
 
 TEST_P(Policies, StreamingLLMWithoutSinks) {
   auto in = mixed(6);
-  expect_kept(kvc::streaming_llm_compress({in}, {0, 2, {}})[0], in, everywhere(2, 2, {4, 5}));
+  expect_kept(kvc::streaming_llm_compress({in}, {0, 2}, {})[0], in, everywhere(2, 2, {4, 5}));
 }
 
 TEST_P(Policies, RecentOnlyKeepsLastWindow) {
   auto in = mixed(9);
-  expect_kept(kvc::recent_only_compress({in}, {3, {}})[0], in, everywhere(2, 2, {6, 7, 8}));
+  expect_kept(kvc::recent_only_compress({in}, {3}, {})[0], in, everywhere(2, 2, {6, 7, 8}));
   auto small = mixed(3);
-  expect_unchanged(kvc::recent_only_compress({small}, {3, {}})[0], small);
+  expect_unchanged(kvc::recent_only_compress({small}, {3}, {})[0], small);
 }
 
 TEST_P(Policies, SkipLayersAreUnchanged) {
@@ -53,7 +53,7 @@ TEST_P(Policies, SkipLayersAreUnchanged) {
   expect_unchanged(out[0], a);
   expect_unchanged(out[1], b);
   expect_kept(out[2], c, everywhere(2, 2, {0, 1, 2, 3, 4, 5, 6, 7, 8}));  // 9 <= 512: unchanged
-  auto out2 = kvc::recent_only_compress({a, b, c}, {2, {1}});
+  auto out2 = kvc::recent_only_compress({a, b, c}, {2}, {1});
   expect_kept(out2[0], a, everywhere(2, 2, {7, 8}));
   expect_unchanged(out2[1], b);
   expect_kept(out2[2], c, everywhere(2, 2, {7, 8}));
@@ -64,7 +64,7 @@ TEST_P(Policies, SkipLayersAreUnchanged) {
 TEST_P(Policies, L2KeepsSmallestNormsPerRowAndHead) {
   // Row 1 head 0 has a scrambled order: smallest four norms 1,2,3,4 sit at 1,3,5,7.
   auto in = layer({{ramp(8, true), ramp(8, false)}, {{5, 1, 7, 2, 8, 3, 6, 4}, ramp(8, true)}});
-  auto out = kvc::l2_compress({in}, {0.5, 4, {}});
+  auto out = kvc::l2_compress({in}, {0.5, 4}, {});
   expect_kept(out[0], in, {{{0, 1, 2, 3}, {4, 5, 6, 7}}, {{1, 3, 5, 7}, {0, 1, 2, 3}}});
 }
 
@@ -72,19 +72,19 @@ TEST_P(Policies, L2CeilIsOfTheDoubleProduct) {
   // ceil(0.14 * 50) = 8: the double product is 7.000000000000001. (0.7 * 10 is exactly 7.0 in
   // doubles, so it gives 7.)
   auto in = mixed(50);
-  expect_kept(kvc::l2_compress({in}, {0.14, 0, {}})[0], in,
+  expect_kept(kvc::l2_compress({in}, {0.14, 0}, {})[0], in,
               {{span(0, 8), span(42, 8)}, {span(42, 8), span(0, 8)}});
   auto ten = mixed(10);
-  expect_kept(kvc::l2_compress({ten}, {0.7, 0, {}})[0], ten,
+  expect_kept(kvc::l2_compress({ten}, {0.7, 0}, {})[0], ten,
               {{span(0, 7), span(3, 7)}, {span(3, 7), span(0, 7)}});
 }
 
 TEST_P(Policies, L2BoundaryRules) {
   auto in = mixed(8);
-  expect_unchanged(kvc::l2_compress({in}, {0.5, 8, {}})[0], in);   // seq <= prune_after
-  expect_unchanged(kvc::l2_compress({in}, {1.0, 0, {}})[0], in);   // keep_ratio >= 1
-  expect_unchanged(kvc::l2_compress({in}, {0.99, 0, {}})[0], in);  // ceil(7.92) = 8 = seq
-  expect_kept(kvc::l2_compress({in}, {0.5, 7, {}})[0], in,         // seq = prune_after + 1
+  expect_unchanged(kvc::l2_compress({in}, {0.5, 8}, {})[0], in);   // seq <= prune_after
+  expect_unchanged(kvc::l2_compress({in}, {1.0, 0}, {})[0], in);   // keep_ratio >= 1
+  expect_unchanged(kvc::l2_compress({in}, {0.99, 0}, {})[0], in);  // ceil(7.92) = 8 = seq
+  expect_kept(kvc::l2_compress({in}, {0.5, 7}, {})[0], in,         // seq = prune_after + 1
               {{span(0, 4), span(4, 4)}, {span(4, 4), span(0, 4)}});
   expect_unchanged(kvc::l2_compress({in})[0], in);                  // defaults: keep_ratio 1
 }
@@ -94,36 +94,36 @@ TEST_P(Policies, L2BoundaryRules) {
 TEST_P(Policies, FixSizeKeepLowWithProtectedTail) {
   // fix 5, keep_ratio 0.5: protected = int(2.5) = 2, zone [0, 6), 3 chosen from it.
   auto in = mixed(8);
-  kvc::FixSizeL2Options o{5, 0.5, kvc::FixSizeStrategy::keep_low, {}};
-  expect_kept(kvc::fix_size_l2_compress({in}, o)[0], in,
+  kvc::FixSizeL2Options o{5, 0.5, kvc::FixSizeStrategy::keep_low};
+  expect_kept(kvc::fix_size_l2_compress({in}, o, {})[0], in,
               {{{0, 1, 2, 6, 7}, {3, 4, 5, 6, 7}}, {{3, 4, 5, 6, 7}, {0, 1, 2, 6, 7}}});
 }
 
 TEST_P(Policies, FixSizeKeepHigh) {
   auto in = mixed(8);
-  kvc::FixSizeL2Options o{5, 0.5, kvc::FixSizeStrategy::keep_high, {}};
-  expect_kept(kvc::fix_size_l2_compress({in}, o)[0], in,
+  kvc::FixSizeL2Options o{5, 0.5, kvc::FixSizeStrategy::keep_high};
+  expect_kept(kvc::fix_size_l2_compress({in}, o, {})[0], in,
               {{{3, 4, 5, 6, 7}, {0, 1, 2, 6, 7}}, {{0, 1, 2, 6, 7}, {3, 4, 5, 6, 7}}});
 }
 
 TEST_P(Policies, FixSizeNoProtectedTail) {
   auto in = mixed(8);
-  expect_kept(kvc::fix_size_l2_compress({in}, {3, 0.0, kvc::FixSizeStrategy::keep_low, {}})[0], in,
+  expect_kept(kvc::fix_size_l2_compress({in}, {3, 0.0, kvc::FixSizeStrategy::keep_low}, {})[0], in,
               {{span(0, 3), span(5, 3)}, {span(5, 3), span(0, 3)}});
 }
 
 TEST_P(Policies, FixSizeAllProtectedKeepsLastTokens) {
   auto in = mixed(8);  // keep_ratio 1: protected = fix_kv_size, nothing chosen by norm
-  expect_kept(kvc::fix_size_l2_compress({in}, {3, 1.0, kvc::FixSizeStrategy::keep_low, {}})[0], in,
+  expect_kept(kvc::fix_size_l2_compress({in}, {3, 1.0, kvc::FixSizeStrategy::keep_low}, {})[0], in,
               everywhere(2, 2, {5, 6, 7}));
   auto small = mixed(3);
-  expect_unchanged(kvc::fix_size_l2_compress({small}, {3, 0.5, kvc::FixSizeStrategy::keep_low, {}})[0], small);
+  expect_unchanged(kvc::fix_size_l2_compress({small}, {3, 0.5, kvc::FixSizeStrategy::keep_low}, {})[0], small);
 }
 
 TEST_P(Policies, FixSizeRandomIsAUniformSubsetOfTheZone) {
   auto in = layer({{ramp(40, true), ramp(40, true)}, {ramp(40, true), ramp(40, true)}});
   at::manual_seed(7);
-  auto out = kvc::fix_size_l2_compress({in}, {10, 0.2, kvc::FixSizeStrategy::random, {}})[0];
+  auto out = kvc::fix_size_l2_compress({in}, {10, 0.2, kvc::FixSizeStrategy::random}, {})[0];
   ASSERT_EQ(out.first.size(2), 10);
   // Keys encode their position (norm t + 1), so the kept positions can be read back.
   at::Tensor pos = out.first.select(-1, 0).to(at::kCPU).to(at::kLong) - 1;  // [2, 2, 10]
@@ -147,15 +147,15 @@ TEST_P(Policies, FixSizeRandomIsAUniformSubsetOfTheZone) {
 TEST_P(Policies, H2OKeepsSinksHeavyHittersRecent) {
   // start 1, heavy 2, recent 2, seq 9: middle [1, 7).
   auto in = layer({{ramp(9, true), ramp(9, false)}, {{9, 5, 1, 8, 2, 7, 3, 4, 6}, ramp(9, true)}});
-  auto out = kvc::h2o_l2_compress({in}, {1, 2, 2, {}});
+  auto out = kvc::h2o_l2_compress({in}, {1, 2, 2}, {});
   expect_kept(out[0], in,
               {{{0, 1, 2, 7, 8}, {0, 5, 6, 7, 8}}, {{0, 2, 4, 7, 8}, {0, 1, 2, 7, 8}}});
 }
 
 TEST_P(Policies, H2OWithoutHeavyHittersAndWithinBudget) {
   auto in = mixed(9);
-  expect_kept(kvc::h2o_l2_compress({in}, {2, 0, 3, {}})[0], in, everywhere(2, 2, {0, 1, 6, 7, 8}));
-  expect_unchanged(kvc::h2o_l2_compress({in}, {2, 4, 3, {}})[0], in);  // seq 9 = budget
+  expect_kept(kvc::h2o_l2_compress({in}, {2, 0, 3}, {})[0], in, everywhere(2, 2, {0, 1, 6, 7, 8}));
+  expect_unchanged(kvc::h2o_l2_compress({in}, {2, 4, 3}, {})[0], in);  // seq 9 = budget
 }
 
 // --- snapkv_lite --------------------------------------------------------------------------------
@@ -168,32 +168,32 @@ static const std::vector<double> kSnapNorms = {1, 17, 8, 15, 18, 9, 4, 6, 3, 5};
 
 TEST_P(Policies, SnapKVNoPooling) {
   auto in = layer({{kSnapNorms}});
-  expect_kept(kvc::snapkv_lite_compress({in}, {2, 6, 1, {}})[0], in, {{{0, 2, 6, 7, 8, 9}}});
+  expect_kept(kvc::snapkv_lite_compress({in}, {2, 6, 1}, {})[0], in, {{{0, 2, 6, 7, 8, 9}}});
 }
 
 TEST_P(Policies, SnapKVEvenKernelDropsTheExtraPooledEntry) {
   auto in = layer({{kSnapNorms}});
-  expect_kept(kvc::snapkv_lite_compress({in}, {2, 6, 2, {}})[0], in, {{{0, 1, 6, 7, 8, 9}}});
+  expect_kept(kvc::snapkv_lite_compress({in}, {2, 6, 2}, {})[0], in, {{{0, 1, 6, 7, 8, 9}}});
 }
 
 TEST_P(Policies, SnapKVOddKernel) {
   auto in = layer({{kSnapNorms, ramp(10, true)}});
   // Head 1: rising norms give falling scores; pooled with kernel 3 the top 4 are {0,1,2,3}.
-  expect_kept(kvc::snapkv_lite_compress({in}, {2, 6, 3, {}})[0], in,
+  expect_kept(kvc::snapkv_lite_compress({in}, {2, 6, 3}, {})[0], in,
               {{{1, 5, 6, 7, 8, 9}, {0, 1, 2, 3, 8, 9}}});
 }
 
 TEST_P(Policies, SnapKVBoundaries) {
   auto in = layer({{kSnapNorms}});
   // keep_size <= observation_window: m <= 0, only the window survives.
-  expect_kept(kvc::snapkv_lite_compress({in}, {3, 2, 5, {}})[0], in, {{{7, 8, 9}}});
+  expect_kept(kvc::snapkv_lite_compress({in}, {3, 2, 5}, {})[0], in, {{{7, 8, 9}}});
   // prefix <= 0: unchanged even though seq > keep_size.
-  expect_unchanged(kvc::snapkv_lite_compress({in}, {10, 4, 5, {}})[0], in);
+  expect_unchanged(kvc::snapkv_lite_compress({in}, {10, 4, 5}, {})[0], in);
   // seq <= keep_size: unchanged.
-  expect_unchanged(kvc::snapkv_lite_compress({in}, {2, 10, 5, {}})[0], in);
+  expect_unchanged(kvc::snapkv_lite_compress({in}, {2, 10, 5}, {})[0], in);
   // prefix (3) < kernel (5): no pooling; scores of [1,17,8] -> top 2 = {0, 2}.
   auto short_in = layer({{{1, 17, 8, 2, 2}}});
-  expect_kept(kvc::snapkv_lite_compress({short_in}, {2, 4, 5, {}})[0], short_in, {{{0, 2, 3, 4}}});
+  expect_kept(kvc::snapkv_lite_compress({short_in}, {2, 4, 5}, {})[0], short_in, {{{0, 2, 3, 4}}});
 }
 
 // --- pyramid_kv ---------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ TEST(PyramidBudgets, ProfilesAndClamp) {
 TEST_P(Policies, PyramidPerLayerBudgets) {
   // base 16, decay 0.5, min 4, 3 layers: budgets 16, 8, 4.
   auto l0 = mixed(20), l1 = mixed(20), l2 = mixed(20);
-  auto out = kvc::pyramid_kv_compress({l0, l1, l2}, {16, 0.5, 4, kvc::PyramidProfile::exponential, {}});
+  auto out = kvc::pyramid_kv_compress({l0, l1, l2}, {16, 0.5, 4, kvc::PyramidProfile::exponential}, {});
   // Layer 0, size 16: start 2, recent 8, middle [2, 12) keeps 6.
   const auto rise0 = join({span(0, 2), span(2, 6), span(12, 8)});
   const auto fall0 = join({span(0, 2), span(6, 6), span(12, 8)});
@@ -241,7 +241,7 @@ TEST_P(Policies, AdaptiveSoftBand) {
   // soft 8, hard 16, seq 12: progress 0.5, ratio 0.75, n = 9, protected int(1.8) = 1,
   // history 8 smallest of [0, 11), then position 11.
   auto in = mixed(12);
-  auto out = kvc::adaptive_l2_compress({in}, {12, 8, 16, 0.5, 1.0, {}});
+  auto out = kvc::adaptive_l2_compress({in}, {12, 8, 16, 0.5, 1.0}, {});
   const auto rise = join({span(0, 8), {11}}), fall = join({span(3, 8), {11}});
   expect_kept(out[0], in, {{rise, fall}, {fall, rise}});
 }
@@ -249,22 +249,22 @@ TEST_P(Policies, AdaptiveSoftBand) {
 TEST_P(Policies, AdaptiveHardLimit) {
   // seq 20 > hard 16, target 12: first 4, 2 of middle [4, 14), last 6.
   auto in = mixed(20);
-  auto out = kvc::adaptive_l2_compress({in}, {12, 8, 16, 0.5, 1.0, {}});
+  auto out = kvc::adaptive_l2_compress({in}, {12, 8, 16, 0.5, 1.0}, {});
   const auto rise = join({span(0, 4), {4, 5}, span(14, 6)});
   const auto fall = join({span(0, 4), {12, 13}, span(14, 6)});
   expect_kept(out[0], in, {{rise, fall}, {fall, rise}});
   // target 8: middle_keep = 8 - 4 - 4 = 0, so the last 8 tokens.
-  expect_kept(kvc::adaptive_l2_compress({in}, {8, 8, 16, 0.5, 1.0, {}})[0], in,
+  expect_kept(kvc::adaptive_l2_compress({in}, {8, 8, 16, 0.5, 1.0}, {})[0], in,
               everywhere(2, 2, span(12, 8)));
 }
 
 TEST_P(Policies, AdaptiveUnchangedCases) {
   auto in = mixed(8);
-  expect_unchanged(kvc::adaptive_l2_compress({in}, {12, 8, 16, 0.5, 1.0, {}})[0], in);  // seq <= soft
+  expect_unchanged(kvc::adaptive_l2_compress({in}, {12, 8, 16, 0.5, 1.0}, {})[0], in);  // seq <= soft
   auto mid = mixed(12);
-  expect_unchanged(kvc::adaptive_l2_compress({mid}, {12, 8, 16, 1.0, 1.0, {}})[0], mid);  // n = seq
+  expect_unchanged(kvc::adaptive_l2_compress({mid}, {12, 8, 16, 1.0, 1.0}, {})[0], mid);  // n = seq
   auto big = mixed(20);
-  expect_unchanged(kvc::adaptive_l2_compress({big}, {24, 8, 16, 0.5, 1.0, {}})[0], big);  // seq <= target
+  expect_unchanged(kvc::adaptive_l2_compress({big}, {24, 8, 16, 0.5, 1.0}, {})[0], big);  // seq <= target
 }
 
 // --- dtypes, input untouched, layers of different lengths ---------------------------------------
@@ -273,17 +273,17 @@ TEST_P(Policies, HalfPrecisionCachesKeepTheSameTokens) {
   for (auto dtype : {at::kHalf, at::kBFloat16, at::kFloat, at::kDouble}) {
     SCOPED_TRACE(c10::toString(dtype));
     auto in = layer({{ramp(10, true), ramp(10, false)}}, dtype);
-    expect_kept(kvc::l2_compress({in}, {0.5, 0, {}})[0], in, {{span(0, 5), span(5, 5)}});
+    expect_kept(kvc::l2_compress({in}, {0.5, 0}, {})[0], in, {{span(0, 5), span(5, 5)}});
     auto snap = layer({{kSnapNorms}}, dtype);
-    expect_kept(kvc::snapkv_lite_compress({snap}, {2, 6, 3, {}})[0], snap, {{{1, 5, 6, 7, 8, 9}}});
-    expect_kept(kvc::streaming_llm_compress({in}, {1, 2, {}})[0], in, {{{0, 8, 9}, {0, 8, 9}}});
+    expect_kept(kvc::snapkv_lite_compress({snap}, {2, 6, 3}, {})[0], snap, {{{1, 5, 6, 7, 8, 9}}});
+    expect_kept(kvc::streaming_llm_compress({in}, {1, 2}, {})[0], in, {{{0, 8, 9}, {0, 8, 9}}});
   }
 }
 
 TEST_P(Policies, InputIsNeverModifiedAndLayersMayDiffer) {
   auto a = mixed(12), b = mixed(7);
   auto a_keys = a.first.clone(), a_values = a.second.clone();
-  auto out = kvc::h2o_l2_compress({a, b}, {1, 2, 3, {}});
+  auto out = kvc::h2o_l2_compress({a, b}, {1, 2, 3}, {});
   EXPECT_TRUE(at::equal(a.first, a_keys));
   EXPECT_TRUE(at::equal(a.second, a_values));
   EXPECT_EQ(out[0].first.size(2), 6);
@@ -309,4 +309,125 @@ TEST_P(Policies, EveryPolicyKeepsTheSameCountForEveryRowAndHead) {
     EXPECT_LE(out[0].first.size(2), 20);
     EXPECT_GT(out[0].first.size(2), 0);
   }
+}
+
+// --- attention-aware policies: scores and queries given by hand ----------------------------------
+
+namespace {
+
+// A [batch, heads, seq] float32 tensor from nested values (binary fractions: sums are exact).
+at::Tensor per_slot(const Norms& v, at::Device dev) {
+  const int64_t b = static_cast<int64_t>(v.size()), h = static_cast<int64_t>(v[0].size()),
+                s = static_cast<int64_t>(v[0][0].size());
+  at::Tensor t = at::zeros({b, h, s}, at::kDouble);
+  auto acc = t.accessor<double, 3>();
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < h; ++j)
+      for (int64_t k = 0; k < s; ++k) acc[i][j][k] = v[i][j][k];
+  return t.to(at::kFloat).to(dev);
+}
+
+kvc::LayerInputs with_attention(const Norms& v, at::Device dev) {
+  kvc::LayerInputs in;
+  in.attention = per_slot(v, dev);
+  return in;
+}
+
+// `w` queries c * e_0: against layer_from_norms keys (n * e_0) a query's logits are c * n / 2.
+kvc::LayerInputs with_queries(const kvc::LayerKV& layer, int64_t w, double c) {
+  kvc::LayerInputs in;
+  const auto& k = layer.first;
+  in.queries = at::zeros({k.size(0), k.size(1), w, k.size(3)}, k.options());
+  in.queries.select(3, 0).fill_(c);
+  return in;
+}
+
+}  // namespace
+
+TEST_P(Policies, H2OAttentionKeepsSinksHeavyHittersSharedByHeadsAndRecent) {
+  // seq 12, start 2, heavy 3, recent 4: the middle is [2, 8). Sinks and recent carry large
+  // scores, which must not matter: they are kept by place, not by score.
+  const double x = 4.0;
+  const Norms att = {
+      // Row 0: summed over heads, the middle's largest are 5 (1), 3 (0.875), 7 (0.75); head 1 alone
+      // would choose 7, 3 and 4, so the choice is shared, not per head.
+      {{x, x, 0.125, 0.5, 0, 0.875, 0, 0.25, x, x, x, x}, {x, x, 0, 0.375, 0.125, 0.125, 0, 0.5, x, x, x, x}},
+      // Row 1: 2, 3, 5 and 6 tie; the earlier positions win.
+      {{x, x, 0.5, 0.5, 0, 0.5, 0.5, 0, x, x, x, x}, {x, x, 0, 0, 0, 0, 0, 0, x, x, x, x}}};
+  auto in = mixed(12);
+  auto out = kvc::h2o_attention_compress({in}, {2, 3, 4, 0.9}, {}, {with_attention(att, dev())});
+  const auto row0 = std::vector<int64_t>{0, 1, 3, 5, 7, 8, 9, 10, 11};
+  const auto row1 = std::vector<int64_t>{0, 1, 2, 3, 5, 8, 9, 10, 11};
+  expect_kept(out[0], in, {{row0, row0}, {row1, row1}});
+  // Within budget (seq 12 <= 2 + 6 + 4): unchanged.
+  expect_unchanged(kvc::h2o_attention_compress({in}, {2, 6, 4, 0.9}, {}, {with_attention(att, dev())})[0], in);
+  // No heavy hitters: sinks + recent, as StreamingLLM.
+  expect_kept(kvc::h2o_attention_compress({in}, {2, 0, 4, 0.9}, {}, {with_attention(att, dev())})[0], in,
+              everywhere(2, 2, {0, 1, 8, 9, 10, 11}));
+}
+
+TEST_P(Policies, H2OKeepsEachHeadsHeavyHittersAndRecent) {
+  // seq 8, heavy 2, recent 3: the middle is [0, 5), chosen per head.
+  const Norms att = {{{0.5, 0.125, 0.75, 0, 0.25, 9, 9, 9}, {0, 0.5, 0, 0.5, 0.5, 9, 9, 9}},
+                     {{0.25, 0.25, 0.25, 0.25, 0.25, 0, 0, 0}, {0, 0, 0, 0.125, 1, 0, 0, 0}}};
+  auto in = mixed(8);
+  auto out = kvc::h2o_compress({in}, {2, 3}, {}, {with_attention(att, dev())});
+  expect_kept(out[0], in, {{{0, 2, 5, 6, 7}, {1, 3, 5, 6, 7}}, {{0, 1, 5, 6, 7}, {3, 4, 5, 6, 7}}});
+  expect_unchanged(kvc::h2o_compress({in}, {5, 3}, {}, {with_attention(att, dev())})[0], in);
+}
+
+TEST_P(Policies, TOVAKeepsWhatTheLastQueryAttendsTo) {
+  // One row, two heads, 6 tokens, keep 3. Logits of the last query are 4 * norm.
+  auto in = layer({{{1, 5, 2, 4, 3, 0}, {0, 0, 0, 0, 0, 9}}});
+  kvc::TOVAOptions o{3, kvc::TOVAHeads::per_head};
+  // Per head: head 0 the three largest norms; head 1 position 5, then the earliest of the ties.
+  expect_kept(kvc::tova_compress({in}, o, {}, {with_queries(in, 1, 8.0)})[0], in, {{{1, 3, 4}, {0, 1, 5}}});
+  // The paper's rule: attention averaged over heads, one choice for the layer. Position 5 has
+  // mean ~0.5 (head 1 attends only to it), position 1 ~0.49 (head 0's favourite), then 3.
+  o.heads = kvc::TOVAHeads::mean;
+  expect_kept(kvc::tova_compress({in}, o, {}, {with_queries(in, 1, 8.0)})[0], in, everywhere(1, 2, {1, 3, 5}));
+  o.cache_size = 6;
+  expect_unchanged(kvc::tova_compress({in}, o, {}, {with_queries(in, 1, 8.0)})[0], in);
+}
+
+TEST_P(Policies, SnapKVKeepsThePrefixTheWindowVotesForAndTheWindow) {
+  // seq 8, window 2, keep 5: 3 of the prefix [0, 6) plus the window [6, 8).
+  auto in = layer({{{1, 4, 2, 5, 3, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}}});
+  kvc::SnapKVOptions o{2, 5, 0, kvc::SnapKVPooling::avg};
+  expect_kept(kvc::snapkv_compress({in}, o, {}, {with_queries(in, 2, 4.0)})[0], in,
+              {{{1, 3, 4, 6, 7}, {0, 1, 2, 6, 7}}});
+  // Pooling spreads a spike to its neighbours: kernel 3 around position 2 gives 1, 2, 3.
+  auto spike = layer({{{0, 0, 6, 0, 0, 0, 0, 0}}});
+  for (auto pooling : {kvc::SnapKVPooling::avg, kvc::SnapKVPooling::max}) {
+    kvc::SnapKVOptions p{2, 5, 3, pooling};
+    expect_kept(kvc::snapkv_compress({spike}, p, {}, {with_queries(spike, 2, 4.0)})[0], spike, {{{1, 2, 3, 6, 7}}});
+  }
+  // A query never sees a token that came after it: slot 0 holds position 99 (later than the
+  // window's queries at 6 and 7), so its large norm earns no votes.
+  auto late = layer({{{9, 0, 0, 1, 2, 3, 0, 0}}});
+  kvc::LayerInputs li = with_queries(late, 2, 4.0);
+  li.key_positions = at::tensor(std::vector<int64_t>{99, 1, 2, 3, 4, 5, 6, 7}, at::kLong).view({1, 1, 8}).to(dev());
+  li.query_positions = at::tensor(std::vector<int64_t>{6, 7}, at::kLong);
+  expect_kept(kvc::snapkv_compress({late}, o, {}, {li})[0], late, {{{3, 4, 5, 6, 7}}});
+  const at::Tensor probs = kvc::window_attention(kvc::LayerView{late.first, 0, 1, {}, {}, li.queries,
+                                                                li.query_positions, li.key_positions});
+  EXPECT_EQ(probs.select(-1, 0).abs().sum().item<double>(), 0.0);
+  EXPECT_NEAR(probs.sum(-1).min().item<double>(), 1.0, 1e-6);
+}
+
+TEST_P(Policies, AttentionPoliciesNameWhatIsMissingOrMisshapen) {
+  auto in = mixed(12);
+  expect_error([&] { kvc::h2o_compress({in}, {2, 3}); },
+               {"h2o: layer 0: needs the accumulated attention", "was not provided", "contract version 3"});
+  expect_error([&] { kvc::make_compressor("tova(cache_size=4)")->compress({in}); },
+               {"tova: layer 0", "last 1 queries", "not provided"});
+  kvc::LayerInputs short_att;
+  short_att.attention = at::zeros({2, 2, 11}, at::TensorOptions().device(dev()));
+  expect_error([&] { kvc::h2o_compress({in}, {2, 3}, {}, {short_att}); }, {"accumulated attention must be [2, 2, 12]"});
+  kvc::LayerInputs wide_q;
+  wide_q.queries = at::zeros({2, 2, 1, 5}, at::TensorOptions().device(dev()));
+  expect_error([&] { kvc::snapkv_compress({in}, {2, 5}, {}, {wide_q}); }, {"queries must be [2, 2, W >= 1, 4]"});
+  expect_error([&] { kvc::h2o_compress({in, in}, {2, 3}, {}, {short_att}); }, {"1 LayerInputs for 2 layers"});
+  // Skipped layers need nothing.
+  expect_unchanged(kvc::h2o_compress({in}, {2, 3}, {0})[0], in);
 }

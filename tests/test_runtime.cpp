@@ -63,6 +63,11 @@ const std::vector<std::string> kEveryPolicy = {
     "pyramid_kv(base_size=48, layer_decay=0.9, min_size=8, skip_layers=[])",
     "adaptive_l2(target_size=48, soft_limit=32, hard_limit=96, skip_layers=[0,1])",
     "recent_only(window_size=40, skip_layers=[0,1])",
+    "h2o_attention(start_size=4, heavy_hitter_size=8, recent_size=36, decay_factor=0.9, skip_layers=[0,1])",
+    "h2o(heavy_hitter_size=12, recent_size=30, skip_layers=[])",
+    "snapkv(observation_window=8, keep_size=40, pooling_kernel=3, skip_layers=[0,1])",
+    "tova(cache_size=40, skip_layers=[])",
+    "tova(cache_size=40, heads=per_head, skip_layers=[0,1])",
 };
 
 rt::DecoderOptions options(const kvc::Compressor* c, rt::PositionRule rule = rt::PositionRule::original,
@@ -90,6 +95,16 @@ kvc::KVCache evaluate_static(const kvc::Compressor* c, const std::vector<int64_t
   return rt::evaluate(*d, tokens, m);
 }
 
+// An empty module carrying the bundled model's contract attributes: methods are defined by each test.
+torch::jit::Module with_contract_attributes(const std::string& name) {
+  torch::jit::Module m = torch::jit::load(kModel);
+  torch::jit::Module out(name);
+  for (const char* a : {"kvc_contract_version", "model_name", "num_layers", "num_heads", "head_dim", "vocab_size",
+                        "rotary_ndims", "max_positions", "rotary_base"})
+    out.register_attribute(a, m.attr(a).type(), m.attr(a));
+  return out;
+}
+
 // The bundled model saved as a contract version 1 file (one position per token for all layers).
 const std::string& version1_model() {
   static const std::string path = [] {
@@ -108,7 +123,8 @@ TEST(Runtime, ModelFollowsTheContract) {
   const auto& info = model().info();
   EXPECT_EQ(info.name, "pg19-neox-tiny");
   EXPECT_EQ(info.num_layers, 6);
-  EXPECT_EQ(info.contract_version, 2);
+  EXPECT_EQ(info.contract_version, 3);
+  EXPECT_TRUE(model().has_scored());
   EXPECT_TRUE(info.per_layer_positions());
   EXPECT_GE(info.max_positions, 2048);
   EXPECT_FALSE(model().tokenizer_model().empty());
@@ -203,7 +219,7 @@ TEST(Runtime, BothCachesAgreeForEveryPolicyAndBothPositionRules) {
       ++compared;
     }
   }
-  EXPECT_EQ(compared, 18);
+  EXPECT_EQ(compared, 2 * static_cast<int>(kEveryPolicy.size()));
 }
 
 TEST(Runtime, CacheRuleKeepsEveryPositionInsideTheLayersSlots) {
@@ -374,20 +390,16 @@ TEST(Runtime, BadModelFilesAreReported) {
   expect_error([&] { rt::ContractModel::load(plain_path, at::kCPU, at::kFloat); },
                "missing attribute 'kvc_contract_version'");
   torch::jit::Module future = torch::jit::load(kModel);
-  future.setattr("kvc_contract_version", 3);
-  const std::string future_path = testing::TempDir() + "kvc_v3.pt";
+  future.setattr("kvc_contract_version", 4);
+  const std::string future_path = testing::TempDir() + "kvc_v4.pt";
   future.save(future_path);
-  expect_error([&] { rt::ContractModel::load(future_path, at::kCPU, at::kFloat); }, "reads versions 1 to 2");
+  expect_error([&] { rt::ContractModel::load(future_path, at::kCPU, at::kFloat); }, "reads versions 1 to 3");
   expect_error([] { rt::SentencePieceBPE("garbage"); }, "tokenizer model");
 }
 
 TEST(Runtime, AForwardThatBreaksTheContractIsReported) {
   // A module with every contract attribute whose forward returns one tensor.
-  torch::jit::Module m = torch::jit::load(kModel);
-  torch::jit::Module broken("Broken");
-  for (const char* a : {"kvc_contract_version", "model_name", "num_layers", "num_heads", "head_dim", "vocab_size",
-                        "rotary_ndims", "max_positions", "rotary_base"})
-    broken.register_attribute(a, m.attr(a).type(), m.attr(a));
+  torch::jit::Module broken = with_contract_attributes("Broken");
   broken.define("def forward(self, ids, pos, k: List[Tensor], v: List[Tensor]):\n  return ids\n");
   const std::string path = testing::TempDir() + "kvc_broken.pt";
   broken.save(path);
@@ -395,6 +407,32 @@ TEST(Runtime, AForwardThatBreaksTheContractIsReported) {
   rt::ConcatDecoder d(bad, options(nullptr));
   expect_error([&] { d.step(at::zeros({1, 1}, at::kLong)); }, "must return (logits, keys, values)");
   expect_error([&] { rt::StaticDecoder(bad, options(nullptr), {8}); }, "has no `step` method");
+  // A file without contract version 3's scored methods cannot feed attention-aware policies:
+  // refused when the decoder is made, naming the remedy; key-only policies still run.
+  EXPECT_FALSE(bad.has_scored());
+  auto h2o = kvc::make_compressor("h2o(heavy_hitter_size=4, recent_size=4)");
+  expect_error([&] { rt::ConcatDecoder(bad, options(h2o.get())); },
+               "h2o(heavy_hitter_size=4, recent_size=4, skip_layers=[]) scores with attention");
+  expect_error([&] { rt::StaticDecoder(bad, options(h2o.get()), {8}); }, "upgrade_contract.py");
+  auto streaming = kvc::make_compressor("streaming_llm");
+  rt::ConcatDecoder fine(bad, options(streaming.get()));
+}
+
+TEST(Runtime, ScoredForwardBreakingTheContractIsReported) {
+  torch::jit::Module broken = with_contract_attributes("BrokenScored");
+  broken.define("def forward(self, ids, pos, k: List[Tensor], v: List[Tensor]):\n  return ids\n"
+                "def forward_scored(self, ids, pos, k: List[Tensor], v: List[Tensor], a: bool, w: int):\n"
+                "  return ids, k, v\n"
+                "def step(self, ids, pos, k: List[Tensor], v: List[Tensor], n):\n  return ids\n"
+                "def step_scored(self, ids, pos, k: List[Tensor], v: List[Tensor], n, a: List[Tensor], d: float, "
+                "q: List[Tensor], s):\n  return ids\n");
+  const std::string path = testing::TempDir() + "kvc_broken_scored.pt";
+  broken.save(path);
+  rt::ContractModel bad = rt::ContractModel::load(path, at::kCPU, at::kFloat);
+  EXPECT_TRUE(bad.has_scored());
+  auto tova = kvc::make_compressor("tova(cache_size=4)");
+  rt::ConcatDecoder d(bad, options(tova.get()));
+  expect_error([&] { d.step(at::zeros({1, 1}, at::kLong)); }, "must return (logits, keys, values, attention, queries)");
 }
 
 // --- the fixed-capacity runtime (model `step`, kvcompress::StaticCache) -------------------------
@@ -534,6 +572,6 @@ TEST(CudaRuntime, GraphReplayAgreesWithTheConcatenatingCacheForEveryPolicyAndBot
       ++compared;
     }
   }
-  EXPECT_EQ(compared, 18);
+  EXPECT_EQ(compared, 2 * static_cast<int>(kEveryPolicy.size()));
   std::printf("CUDA: %d runs compared, %d with a near-tie flip of a scored selection\n", compared, near_tie_flips);
 }

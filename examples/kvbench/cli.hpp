@@ -44,7 +44,10 @@ the cache) for the full cache and each method, as the course project did.
   --method SPEC         a method, e.g. 'h2o_l2(heavy_hitter_size=128)'; repeatable; a label
                         can be given as LABEL=SPEC
   --compare-all         the course project's set of seven methods at each budget
-  --budgets LIST        budgets for --compare-all (default 512,1024)
+  --compare-attention   the attention-aware methods beside their key-norm proxies at each budget:
+                        h2o_l2 | h2o_attention (same split) | h2o, snapkv_lite | snapkv (same
+                        window), tova, and streaming_llm as the score-free reference
+  --budgets LIST        budgets for --compare-all / --compare-attention (default 512,1024)
   --skip-layers LIST    layers left uncompressed, applied to every method whose spec does
                         not set skip_layers itself (default 0,1 with positions original, as
                         the course project; none with positions cache; '' for none)
@@ -119,7 +122,7 @@ struct Options {
   int64_t window = -1;  // -1: 1024 when a sample is longer than the model's context
   std::string device = "cpu", dtype;
   std::vector<std::pair<std::string, std::string>> methods;  // label, spec
-  bool compare_all = false, baseline = true, quiet = false, recompute_reference = false;
+  bool compare_all = false, compare_attention = false, baseline = true, quiet = false, recompute_reference = false;
   int jit_optimize = -1;  // -1: on with --cuda-graph
   std::string schedule;   // "" = the concatenating cache
   std::string positions = "original";
@@ -169,6 +172,7 @@ inline Options parse_args(int argc, char** argv) {
         o.methods.emplace_back("", v);
     }
     else if (a == "--compare-all") o.compare_all = true;
+    else if (a == "--compare-attention") o.compare_attention = true;
     else if (a == "--budgets") o.budgets = parse_int_list(a, value(i));
     else if (a == "--skip-layers") { o.skip_layers = parse_int_list(a, value(i)); o.skip_layers_given = true; }
     else if (a == "--no-baseline") o.baseline = false;
@@ -196,7 +200,7 @@ inline Options parse_args(int argc, char** argv) {
   if (!o.eval && o.generate == 0) fail("--no-eval with --generate 0 leaves nothing to measure");
   if (o.recompute_reference && (!o.eval || o.window == 0))
     fail("--recompute-reference scores windows: it needs the evaluation and --window > 0");
-  if (o.compare_all && o.budgets.empty()) fail("--budgets needs at least one budget");
+  if ((o.compare_all || o.compare_attention) && o.budgets.empty()) fail("--budgets needs at least one budget");
   for (int64_t b : o.budgets)
     if (b < 16) fail("--budgets: each budget must be >= 16, got " + std::to_string(b));
   // Under the cache rule an uncompressed layer's positions grow with the text, past the
@@ -220,6 +224,24 @@ inline std::vector<std::pair<std::string, std::string>> compare_all_methods(int6
   };
 }
 
+// Each attention-aware method beside its key-norm proxy at budget b: the same split of the
+// budget (sinks, heavy hitters, recent; window, kept), so a row differs only in its scores.
+inline std::vector<std::pair<std::string, std::string>> compare_attention_methods(int64_t b) {
+  const auto s = [](int64_t x) { return std::to_string(x); };
+  const std::string tag = "_" + s(b);
+  const std::string h2o_split = "start_size=4, heavy_hitter_size=" + s(b / 8) + ", recent_size=" + s(b - 4 - b / 8);
+  const std::string snap_split = "observation_window=" + s(std::max<int64_t>(b / 16, 1)) + ", keep_size=" + s(b);
+  return {
+      {"streaming_llm" + tag, "streaming_llm(start_size=4, recent_size=" + s(b - 4) + ")"},
+      {"h2o_l2" + tag, "h2o_l2(" + h2o_split + ")"},
+      {"h2o_attention" + tag, "h2o_attention(" + h2o_split + ", decay_factor=0.9)"},
+      {"h2o" + tag, "h2o(heavy_hitter_size=" + s(b / 2) + ", recent_size=" + s(b - b / 2) + ")"},
+      {"snapkv_lite" + tag, "snapkv_lite(" + snap_split + ")"},
+      {"snapkv" + tag, "snapkv(" + snap_split + ")"},
+      {"tova" + tag, "tova(cache_size=" + s(b) + ")"},
+  };
+}
+
 /// One row of the report: a label and a compressor (null = the full cache) and what it measured.
 struct Run {
   std::string label;
@@ -233,9 +255,13 @@ inline std::vector<Run> make_runs(const Options& o) {
   if (o.baseline) runs.push_back({"baseline", nullptr, {}});
   if (o.recompute_reference) runs.push_back({"recompute", nullptr, {}, true});  // label gets the context later
   std::vector<std::pair<std::string, std::string>> methods = o.methods;
-  if (o.compare_all)
-    for (int64_t b : o.budgets)
+  for (int64_t b : o.budgets) {
+    if (o.compare_all)
       for (auto& m : compare_all_methods(b)) methods.push_back(m);
+    if (o.compare_attention)  // rows --compare-all already has are not repeated
+      for (auto& m : compare_attention_methods(b))
+        if (std::find(methods.begin(), methods.end(), m) == methods.end()) methods.push_back(m);
+  }
   std::map<std::string, int> seen;
   for (const auto& [label, spec] : methods) {
     kvc::ParsedSpec parsed = kvc::parse_spec(spec);
@@ -250,7 +276,7 @@ inline std::vector<Run> make_runs(const Options& o) {
     if (++seen[name] > 1) name += "_" + std::to_string(seen[name]);
     runs.push_back({name, std::move(c), {}});
   }
-  if (runs.empty()) fail("nothing to run: give --method, --compare-all, or drop --no-baseline");
+  if (runs.empty()) fail("nothing to run: give --method, --compare-all, --compare-attention, or drop --no-baseline");
   return runs;
 }
 

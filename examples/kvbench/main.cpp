@@ -23,14 +23,10 @@ void check_positions_fit_model(const Options& o, const rt::ContractModel& model,
                                int64_t tokens) {
   if (o.rule() != rt::PositionRule::cache || model.info().per_layer_positions()) return;
   const int64_t layers = model.info().num_layers;
-  const at::Tensor probe = at::zeros({1, 1, tokens, 1});
   for (const auto& r : runs) {
     if (!r.compressor) continue;
     std::vector<int64_t> kept;
-    for (int64_t l = 0; l < layers; ++l) {
-      auto s = r.compressor->select(kvc::LayerView{probe, l, layers});
-      kept.push_back(s ? s->kept() : tokens);
-    }
+    for (int64_t l = 0; l < layers; ++l) kept.push_back(kvc::kept_tokens(*r.compressor, l, layers, tokens));
     if (std::adjacent_find(kept.begin(), kept.end(), std::not_equal_to<>()) != kept.end())
       fail(r.label + ": under --positions cache its layers keep different numbers of tokens (" +
            kvc::params::format_int_list(kept) + " at " + std::to_string(tokens) + " tokens), but " + o.model +

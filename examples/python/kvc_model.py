@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CONTRACT_VERSION = 2  # 2: position_ids may be per layer, [num_layers, B, T]
+# 2: position_ids may be per layer, [num_layers, B, T].
+# 3: forward_scored / step_scored also surface what attention-aware policies score with: the
+#    attention each cached slot receives and the most recent queries.
+CONTRACT_VERSION = 3
 CONFIG_FILE = "kvc/config.json"
 TOKENIZER_FILE = "kvc/tokenizer.model"
 ATTENTION_KINDS = ("portable", "sdpa")
@@ -140,6 +143,12 @@ class PortableAttention(nn.Module):
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         return torch.matmul(probs, v)
 
+    def masked_scored(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+        """masked(), also returning the attention mass per slot (attention_mass): the output
+        comes from the same probabilities, so it is masked()'s bitwise."""
+        probs, mass = attention_mass(q, k, bias)
+        return torch.matmul(probs.to(v.dtype), v), mass
+
 
 class SdpaAttention(nn.Module):
     """torch.nn.functional.scaled_dot_product_attention (PyTorch >= 2.0 only). Kept in its
@@ -165,6 +174,25 @@ class SdpaAttention(nn.Module):
         attend, -inf not. A float mask whose row stride is a multiple of 16 goes to the fused
         kernel as is; a boolean one costs a conversion and an alignment copy in every layer."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    def masked_scored(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+        """masked() through the fused kernel (so the output is the unscored step's bitwise), and
+        the attention mass per slot computed beside it (a fused kernel does not expose its
+        probabilities): a few small kernels per layer, for the policies that need them."""
+        return self.masked(q, k, v, bias), attention_mass(q, k, bias.float())[1]
+
+
+def attention_mass(q: Tensor, k: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+    """(probs, mass): the attention probabilities softmax(q k^T / sqrt(D) + bias) in float32
+    [B, H, T, S] and what every key slot received, summed over the T queries (float32
+    [B, H, S]; a slot masked out for every query receives exactly 0). bias [T, S] additive
+    (0 = may attend, -inf not). What contract version 3's scored methods report."""
+    scale = 1.0 / math.sqrt(q.size(-1))
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + bias
+    probs = torch.softmax(scores, dim=-1)
+    if probs.size(2) == 1:
+        return probs, probs.squeeze(2)  # one query: a view, no reduction kernel
+    return probs, probs.sum(2)
 
 
 def make_attention_core(kind: str, head_dim: int) -> nn.Module:
@@ -229,7 +257,8 @@ class _Layer(nn.Module):
     and step (caller-owned buffers). A layer supplies
       project(x, cos, sin) -> q, k, v [B, H, T, D] and `carry` for finish,
       finish(x, o, carry) -> the layer's output from attention's o [B, H, T, D],
-      attend(q, k, v, past_len) / attend_masked(q, k, v, bias): its attention core."""
+      attend(q, k, v, past_len) / attend_masked(q, k, v, bias) / attend_masked_scored (also the
+      attention mass per slot): its attention core."""
 
     def __init__(self, index: int, num_heads: int, head_dim: int):
         super().__init__()
@@ -250,23 +279,46 @@ class _Layer(nn.Module):
             raise RuntimeError("kvc model: layer {} cache dtype {} / {} differs from the model dtype {}"
                                .format(self.layer_index, past_k.dtype, past_v.dtype, x.dtype))
 
-    def step(self, x: Tensor, cos: Tensor, sin: Tensor, key_buffer: Tensor,
-             value_buffer: Tensor, slots: Tensor, bias: Tensor) -> Tensor:
+    def step(self, x: Tensor, cos: Tensor, sin: Tensor, key_buffer: Tensor, value_buffer: Tensor,
+             slots: Tensor, bias: Tensor, want_mass: bool) -> Tuple[Tensor, Tensor, Tensor]:
         """Writes the new tokens' keys/values into the caller's buffers at `slots` ([T] int64,
         on the device) and attends with the additive mask `bias` ([T, C]). Static shapes, no
-        host synchronisation: capturable in a CUDA graph."""
+        host synchronisation: capturable in a CUDA graph. Returns the output, the queries and,
+        when want_mass, the attention every slot received (attention_mass; else empty)."""
         q, k, v, carry = self.project(x, cos, sin)
         key_buffer.index_copy_(2, slots, k)
         value_buffer.index_copy_(2, slots, v)
-        return self.finish(x, self.attend_masked(q, key_buffer, value_buffer, bias), carry)
+        if want_mass:
+            o, mass = self.attend_masked_scored(q, key_buffer, value_buffer, bias)
+        else:
+            o = self.attend_masked(q, key_buffer, value_buffer, bias)
+            mass = torch.empty([0], device=x.device)
+        return self.finish(x, o, carry), q, mass
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor,
                 past_v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        y, k, v, _, _ = self.forward_scored(x, cos, sin, past_k, past_v, False)
+        return y, k, v
+
+    def forward_scored(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor,
+                       want_mass: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """forward, also returning the queries and (when want_mass) the attention each of the
+        past + new slots received from the new tokens, summed over them (else empty)."""
         self.check_past(x, past_k, past_v)
         q, k, v, carry = self.project(x, cos, sin)
         k = torch.cat((past_k, k), dim=2)
         v = torch.cat((past_v, v), dim=2)
-        return self.finish(x, self.attend(q, k, v, past_k.size(2)), carry), k, v
+        if want_mass:
+            t = q.size(2)
+            s = k.size(2)
+            bias = torch.zeros([t, s], dtype=torch.float32, device=x.device)
+            if t > 1:
+                bias = bias.masked_fill(chunk_mask(t, s, past_k.size(2), x.device).logical_not(), float("-inf"))
+            o, mass = self.attend_masked_scored(q, k, v, bias)
+        else:
+            o = self.attend(q, k, v, past_k.size(2))
+            mass = torch.empty([0], device=x.device)
+        return self.finish(x, o, carry), k, v, q, mass
 
     def causal(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Whole-sequence causal pass without a cache (lm_logits; eager modules only)."""
@@ -303,6 +355,9 @@ class NeoXLayer(_Layer):
 
     def attend_masked(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         return self.attention.core.masked(q, k, v, bias)
+
+    def attend_masked_scored(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.attention.core.masked_scored(q, k, v, bias)
 
 
 class FusedNeoXLayer(_Layer):
@@ -358,6 +413,9 @@ class FusedNeoXLayer(_Layer):
     def attend_masked(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         return self.core.masked(q, k, v, bias)
 
+    def attend_masked_scored(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.core.masked_scored(q, k, v, bias)
+
 
 def fuse_layers(model: "KVCModel") -> "KVCModel":
     """Replaces every layer of `model` (weights loaded) by its FusedNeoXLayer, in place; the
@@ -370,7 +428,7 @@ def fuse_layers(model: "KVCModel") -> "KVCModel":
 
 
 class KVCModel(nn.Module):
-    """GPT-NeoX causal LM with an explicit, caller-managed KV cache (contract version 2)."""
+    """GPT-NeoX causal LM with an explicit, caller-managed KV cache (contract version 3)."""
 
     def __init__(self, cfg: KVCConfig, attention: str = "portable",
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
@@ -437,6 +495,17 @@ class KVCModel(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, past_keys: List[Tensor],
                 past_values: List[Tensor]) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+        logits, keys, values, _, _ = self.forward_scored(input_ids, position_ids, past_keys, past_values, False, 0)
+        return logits, keys, values
+
+    @torch.jit.export
+    def forward_scored(self, input_ids: Tensor, position_ids: Tensor, past_keys: List[Tensor],
+                       past_values: List[Tensor], attention: bool, query_window: int
+                       ) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
+        """Contract version 3: forward, plus per layer (when `attention`) the attention every
+        slot of the returned cache received from the new tokens, summed over them (float32
+        [B, H, past + T]), and the last min(T, query_window) queries as the layer used them
+        ([B, H, n, D]). Empty lists for what is not asked for."""
         self.check_positions(input_ids, position_ids)
         if len(past_keys) != self.num_layers or len(past_values) != self.num_layers:
             raise RuntimeError("kvc model: got {} past_keys and {} past_values, expected {} each"
@@ -445,16 +514,24 @@ class KVCModel(nn.Module):
         cos, sin = self.rotation(position_ids, x.dtype)
         new_keys: List[Tensor] = []
         new_values: List[Tensor] = []
+        masses: List[Tensor] = []
+        queries: List[Tensor] = []
         per_layer = position_ids.dim() == 3
+        t = input_ids.size(1)
+        keep = min(t, query_window)
         for i, layer in enumerate(self.layers):
             if per_layer:
-                x, k, v = layer(x, cos[i], sin[i], past_keys[i], past_values[i])
+                x, k, v, q, mass = layer.forward_scored(x, cos[i], sin[i], past_keys[i], past_values[i], attention)
             else:
-                x, k, v = layer(x, cos, sin, past_keys[i], past_values[i])
+                x, k, v, q, mass = layer.forward_scored(x, cos, sin, past_keys[i], past_values[i], attention)
             new_keys.append(k)
             new_values.append(v)
+            if attention:
+                masses.append(mass)
+            if keep > 0:
+                queries.append(q[:, :, t - keep:])
         logits = self.embed_out(self.final_layer_norm(x)).float()
-        return logits, new_keys, new_values
+        return logits, new_keys, new_values, masses, queries
 
     @torch.jit.export
     def step(self, input_ids: Tensor, position_ids: Tensor, key_buffers: List[Tensor],
@@ -464,9 +541,31 @@ class KVCModel(nn.Module):
         [num_layers] on the model's device). The T new tokens' keys/values are written to slots
         lengths[i] .. lengths[i] + T - 1; each token attends to the valid slots and the new ones
         up to itself. Returns float32 logits [B, T, vocab]; the caller advances its lengths."""
+        empty: List[Tensor] = []
+        return self.step_scored(input_ids, position_ids, key_buffers, value_buffers, lengths, empty, 1.0, empty,
+                                lengths[:0])
+
+    @torch.jit.export
+    def step_scored(self, input_ids: Tensor, position_ids: Tensor, key_buffers: List[Tensor],
+                    value_buffers: List[Tensor], lengths: Tensor, attention_buffers: List[Tensor], decay: float,
+                    query_buffers: List[Tensor], query_slots: Tensor) -> Tensor:
+        """Contract version 3: step, plus what attention-aware policies score with, written into
+        caller-owned buffers (still capturable in a CUDA graph):
+          attention_buffers[i] float32 [B, H, C_i]: becomes decay * itself + the attention each
+            slot received from the new tokens, summed over them (masked slots receive 0, so
+            slots past the valid ones keep what they hold times decay: the caller keeps them 0);
+          query_buffers[i] [B, H, W, D]: the last n = query_slots.size(0) new queries written at
+            slots query_slots (int64 [n] on the device; a ring of the W most recent queries).
+        Empty lists skip either; with both empty this is `step` exactly."""
         if len(key_buffers) != self.num_layers or len(value_buffers) != self.num_layers:
             raise RuntimeError("kvc model: got {} key and {} value buffers, expected {} each"
                                .format(len(key_buffers), len(value_buffers), self.num_layers))
+        want_mass = len(attention_buffers) > 0
+        want_queries = len(query_buffers) > 0
+        if (want_mass and len(attention_buffers) != self.num_layers) or (
+                want_queries and len(query_buffers) != self.num_layers):
+            raise RuntimeError("kvc model: got {} attention and {} query buffers, expected {} each (or none)"
+                               .format(len(attention_buffers), len(query_buffers), self.num_layers))
         self.check_positions(input_ids, position_ids)
         x = self.embed_in(input_ids)
         cos, sin = self.rotation(position_ids, x.dtype)
@@ -483,12 +582,20 @@ class KVCModel(nn.Module):
         allowed = cols <= slots.unsqueeze(2)  # [L, T, width]
         bias = torch.full([self.num_layers, t, width], float("-inf"), dtype=x.dtype,
                           device=x.device).masked_fill(allowed, 0.0)
+        n = query_slots.size(0)
         for i, layer in enumerate(self.layers):
             kb = key_buffers[i]
             if per_layer:
-                x = layer.step(x, cos[i], sin[i], kb, value_buffers[i], slots[i], bias[i, :, :kb.size(2)])
+                x, q, mass = layer.step(x, cos[i], sin[i], kb, value_buffers[i], slots[i], bias[i, :, :kb.size(2)],
+                                        want_mass)
             else:
-                x = layer.step(x, cos, sin, kb, value_buffers[i], slots[i], bias[i, :, :kb.size(2)])
+                x, q, mass = layer.step(x, cos, sin, kb, value_buffers[i], slots[i], bias[i, :, :kb.size(2)],
+                                        want_mass)
+            if want_mass:
+                ab = attention_buffers[i]
+                torch.add(mass, ab, alpha=decay, out=ab)
+            if want_queries and n > 0:
+                query_buffers[i].index_copy_(2, query_slots, q[:, :, t - n:])
         return self.embed_out(self.final_layer_norm(x)).float()
 
 

@@ -107,7 +107,7 @@ def naive_decode(model, tokens, positions, visible):
 def test_scripts_and_exposes_contract_attributes():
     m = tiny_model()
     s = torch.jit.script(m)
-    expect = dict(kvc_contract_version=2, model_name="tiny-test", num_layers=3, num_heads=4, head_dim=16,
+    expect = dict(kvc_contract_version=3, model_name="tiny-test", num_layers=3, num_heads=4, head_dim=16,
                   hidden_size=64, vocab_size=97, rotary_ndims=4, rotary_base=10000.0, max_positions=2048,
                   bos_token_id=1, eos_token_id=2)
     for k, v in expect.items():
@@ -174,6 +174,68 @@ def test_step_writes_caller_buffers_and_matches_forward():
     pv = [fv[0], fv[1][:, :, T - 4:], fv[2]]
     want, _, _ = run(s, nxt, torch.full((B, 1), T), pk, pv)
     assert (got - want).abs().max().item() < 1e-4
+
+
+def test_scored_methods_report_attention_and_queries():
+    """Contract version 3. forward_scored: logits and cache equal forward's; the attention mass
+    of a prefill equals the sum of the masses of the same tokens fed one by one (each query's
+    row sums to 1, masked slots get 0); the queries are the last ones. step_scored with empty
+    lists is step bitwise; with buffers it accumulates decay * mass + new mass per slot, leaves
+    slots past the valid ones at 0, and writes the ring of recent queries."""
+    m = tiny_model(7)
+    s = torch.jit.script(m)
+    B, T, W, C = 2, 9, 3, 12
+    ids = torch.randint(0, 97, (B, T))
+    pos = torch.arange(T).expand(B, T)
+    with torch.no_grad():
+        full = s(ids, pos, *km.empty_cache(s, B))
+        lg, fk, fv, mass, queries = s.forward_scored(ids, pos, *km.empty_cache(s, B), True, W)
+        assert torch.equal(lg, full[0]) and all(torch.equal(a, b) for a, b in zip(fk, full[1]))
+        assert len(mass) == 3 and all(x.shape == (B, 4, T) and x.dtype == torch.float32 for x in mass)
+        assert all((x.sum(-1) - T).abs().max().item() < 1e-4 for x in mass)
+        assert all(q.shape == (B, 4, W, 16) for q in queries)
+        _, _, _, none_mass, none_q = s.forward_scored(ids, pos, *km.empty_cache(s, B), False, 0)
+        assert none_mass == [] and none_q == []
+
+        pk, pv = km.empty_cache(s, B)
+        summed = [torch.zeros(B, 4, T) for _ in range(3)]
+        steps = []
+        for t in range(T):
+            _, pk, pv, mt, qt = s.forward_scored(ids[:, t:t + 1], pos[:, t:t + 1], pk, pv, True, W)
+            steps.append((mt, qt))
+            for i in range(3):
+                summed[i][:, :, :t + 1] += mt[i]
+        for i in range(3):
+            assert (summed[i] - mass[i]).abs().max().item() < 1e-5
+            assert (torch.cat([steps[t][1][i] for t in range(T - W, T)], 2) - queries[i]).abs().max().item() < 1e-5
+
+        kb = [torch.zeros(B, 4, C, 16) for _ in range(3)]
+        vb = [torch.zeros(B, 4, C, 16) for _ in range(3)]
+        kb2 = [x.clone() for x in kb]
+        vb2 = [x.clone() for x in vb]
+        ab = [torch.zeros(B, 4, C) for _ in range(3)]
+        qb = [torch.zeros(B, 4, W, 16) for _ in range(3)]
+        decay = 0.75
+        for t in range(T):
+            lengths = torch.full((3,), t, dtype=torch.long)
+            plain = s.step(ids[:, t:t + 1], pos[:, t:t + 1], kb, vb, lengths)
+            scored = s.step_scored(ids[:, t:t + 1], pos[:, t:t + 1], kb2, vb2, lengths, [], 1.0, [],
+                                   lengths[:0])
+            assert torch.equal(plain, scored)
+        for t in range(T):
+            lengths = torch.full((3,), t, dtype=torch.long)
+            s.step_scored(ids[:, t:t + 1], pos[:, t:t + 1], kb2, vb2, lengths, ab, decay, qb,
+                          torch.tensor([t % W]))
+        for i in range(3):
+            want = torch.zeros(B, 4, T)
+            for t in range(T):
+                want = want * decay
+                want[:, :, :t + 1] += steps[t][0][i]
+            assert (ab[i][:, :, :T] - want).abs().max().item() < 1e-5
+            assert (ab[i][:, :, T:] == 0).all()
+            ring = torch.cat([steps[t][1][i] for t in range(T - W, T)], 2)
+            order = [t % W for t in range(T - W, T)]
+            assert (qb[i][:, :, order] - ring).abs().max().item() < 1e-5
 
 
 def test_lm_logits_matches_forward():
@@ -436,6 +498,21 @@ def test_sdpa_matches_portable():
         x3, pk, pv = run(model, ids[:, 12:13], pos[:, 12:13], pk, pv)  # one token (no mask)
         outs.append(torch.cat([x1, x2, x3], 1))
     assert (outs[0] - outs[1]).abs().max().item() < 1e-4
+    # The scored methods: sdpa's output stays the fused kernel's, its mass equals portable's.
+    scored = []
+    for model in (a, b):
+        kb = [torch.zeros(2, 4, 16, 16) for _ in range(3)]
+        vb = [torch.zeros(2, 4, 16, 16) for _ in range(3)]
+        ab = [torch.zeros(2, 4, 16) for _ in range(3)]
+        lengths = torch.zeros(3, dtype=torch.long)
+        with torch.no_grad():
+            x = model.step_scored(ids[:, :8], pos[:, :8], kb, vb, lengths, ab, 0.9, [], lengths[:0])
+            y = model.step_scored(ids[:, 8:9], pos[:, 8:9], kb, vb, lengths + 8, ab, 0.9, [], lengths[:0])
+            plain = model.step(ids[:, 8:9], pos[:, 8:9], [k.clone() for k in kb], [v.clone() for v in vb], lengths + 8)
+        assert torch.equal(y, plain)  # the scored step's logits are the plain step's
+        scored.append((torch.cat([x, y], 1), ab))
+    assert (scored[0][0] - scored[1][0]).abs().max().item() < 1e-4
+    assert max((p - q).abs().max().item() for p, q in zip(scored[0][1], scored[1][1])) < 1e-5
 
 
 def main():

@@ -28,4 +28,10 @@ inline LayerKV apply_selection(const at::Tensor& keys, const at::Tensor& values,
           values.gather(2, pos.expand({batch, heads, kept, values.size(3)}))};
 }
 
+/// The per-slot data `side` ([batch, heads, seq]: scores, positions) of the tokens `selection`
+/// keeps, in selection order: what keeps such data with its tokens through a compression.
+inline at::Tensor take_slots(const at::Tensor& side, const Selection& selection) {
+  return side.gather(2, selection.positions(side.size(0), side.size(1), side.device()));
+}
+
 }  // namespace kvcompress

@@ -29,6 +29,13 @@ struct Schedule {
   }
 };
 
+/// The most recent queries of every layer, oldest first, for policies that score with them
+/// (Needs::queries): `per_layer[l]` [batch, heads, W, head_dim], `positions` int64 [W].
+struct RecentQueries {
+  std::vector<at::Tensor> per_layer;
+  at::Tensor positions;
+};
+
 class StaticCache {
  public:
   /// `capacity[l]` slots for layer l (one value = every layer): skipped layers must hold the
@@ -70,6 +77,33 @@ class StaticCache {
   /// method and for CUDA-graph capture. Slots at and after length(layer) hold stale data.
   const at::Tensor& key_buffer(int64_t layer) const { return keys_[at(layer)]; }
   const at::Tensor& value_buffer(int64_t layer) const { return values_[at(layer)]; }
+  /// Keeps an accumulated-attention score per slot from now on (Needs::attention): float32
+  /// buffers [batch, heads, capacity] that a model's scored step adds into, moved with their
+  /// tokens by every compaction; slots past the valid ones hold 0. Idempotent.
+  void track_attention() {
+    if (!attention_.empty()) return;
+    const auto opts = keys_[0].options().dtype(at::kFloat);
+    for (const auto& k : keys_) attention_.push_back(at::zeros({batch_, heads_, k.size(2)}, opts));
+    att_scratch_ = at::empty({batch_, heads_, scratch_.size(2), 1}, opts);
+  }
+  bool tracks_attention() const { return !attention_.empty(); }
+  /// Whole score buffer of a layer, [batch, heads, capacity] (stable address, like key_buffer).
+  const at::Tensor& attention_buffer(int64_t layer) const {
+    if (attention_.empty()) throw Error("StaticCache: attention is not tracked (call track_attention())");
+    return attention_[at(layer)];
+  }
+  /// Accumulated attention of the valid slots, [batch, heads, length].
+  at::Tensor attention(int64_t layer) const { return attention_buffer(layer).narrow(2, 0, length(layer)); }
+  /// score <- decay * score + step_attention over the valid slots (for callers that compute
+  /// attention themselves; a contract model's scored step does this inside the model).
+  void accumulate_attention(int64_t layer, const at::Tensor& step_attention, double decay) {
+    const at::Tensor valid = attention(layer);
+    if (step_attention.sizes() != valid.sizes())
+      throw Error("StaticCache::accumulate_attention: layer " + std::to_string(layer) + ": expected " +
+                  detail::shape_text(valid) + ", got " + detail::shape_text(step_attention));
+    valid.copy_(at::add(step_attention.to(valid.options()), valid, decay));
+  }
+
   /// Original token position of every valid slot, [batch, heads, length].
   at::Tensor positions(int64_t layer) const {
     write_pending_positions(layer);
@@ -118,20 +152,38 @@ class StaticCache {
   using OnCompacted = std::function<void(int64_t layer, const Selection& selection)>;
 
   /// Compresses every layer with `compressor`, compacting the kept tokens (in selection order)
-  /// to the front of each buffer. Keeps exactly what compressor.compress(view()) keeps.
-  void compress(const Compressor& compressor, const OnCompacted& on_compacted = nullptr) {
+  /// to the front of each buffer; positions and accumulated attention move with their tokens.
+  /// Keeps exactly what compressor.compress(view()) keeps. `queries` feeds policies that score
+  /// with recent queries.
+  void compress(const Compressor& compressor, const OnCompacted& on_compacted = nullptr,
+                const RecentQueries* queries = nullptr) {
     const int64_t n = num_layers();
+    const Needs needs = compressor.needs();
     uncompressed_ = compressor.skip_layers();
     uncompressed_by_ = compressor.spec();
     for (int64_t l = 0; l < n; ++l) {
       const int64_t len = lengths_[at(l)];
       const at::Tensor valid_keys = keys_[at(l)].narrow(2, 0, len);
-      std::optional<Selection> s = compressor.select(LayerView{valid_keys, l, n});
+      LayerView view{valid_keys, l, n};
+      if (needs.values) view.values = values_[at(l)].narrow(2, 0, len);
+      if (needs.attention && tracks_attention()) view.attention = attention(l);
+      if (needs.queries > 0) {
+        view.key_positions = positions(l);
+        if (queries && static_cast<int64_t>(queries->per_layer.size()) == n) {
+          view.queries = queries->per_layer[at(l)];
+          view.query_positions = queries->positions;
+        }
+      }
+      std::optional<Selection> s = compressor.select(view);
       if (!s) continue;
       write_pending_positions(l);
       compact(keys_[at(l)], len, *s, scratch_);
       compact(values_[at(l)], len, *s, scratch_);
       compact(positions_[at(l)].unsqueeze(-1), len, *s, pos_scratch_.unsqueeze(-1));
+      if (tracks_attention()) {
+        compact(attention_[at(l)].unsqueeze(-1), len, *s, att_scratch_);
+        attention_[at(l)].narrow(2, s->kept(), capacity(l) - s->kept()).zero_();  // new tokens start at 0
+      }
       lengths_[at(l)] = s->kept();
       if (on_compacted) on_compacted(l, *s);
     }
@@ -140,9 +192,9 @@ class StaticCache {
 
   /// Compresses if the schedule says so (after every append, or once per `slack` tokens).
   bool maybe_compress(const Compressor& compressor, const Schedule& schedule,
-                      const OnCompacted& on_compacted = nullptr) {
+                      const OnCompacted& on_compacted = nullptr, const RecentQueries* queries = nullptr) {
     if (!schedule.due(since_compression_)) return false;
-    compress(compressor, on_compacted);
+    compress(compressor, on_compacted, queries);
     return true;
   }
 
@@ -150,6 +202,7 @@ class StaticCache {
   void clear() {
     std::fill(lengths_.begin(), lengths_.end(), 0);
     for (auto& p : pending_) p.count = 0;
+    for (auto& a : attention_) a.zero_();
     since_compression_ = 0;
   }
 
@@ -252,7 +305,8 @@ class StaticCache {
   std::vector<at::Tensor> keys_, values_, positions_;
   mutable std::vector<Pending> pending_;
   std::vector<int64_t> lengths_;
-  at::Tensor scratch_, pos_scratch_;
+  std::vector<at::Tensor> attention_;  // empty unless track_attention()
+  at::Tensor scratch_, pos_scratch_, att_scratch_;
   int64_t since_compression_ = 0;
   // The last compressor's skip_layers and spec, so that a full layer's error can say why.
   std::vector<int64_t> uncompressed_;

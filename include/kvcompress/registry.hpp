@@ -2,14 +2,7 @@
 // Method names and spec strings -> compressors. A spec is `name` or `name(key=value, ...)`
 // with numbers, bare words (strategy=keep_low) and lists (skip_layers=[0,1], skip_layers=[]).
 #include <kvcompress/compressor.hpp>
-#include <kvcompress/policies/adaptive_l2.hpp>
-#include <kvcompress/policies/fix_size_l2.hpp>
-#include <kvcompress/policies/h2o_l2.hpp>
-#include <kvcompress/policies/l2.hpp>
-#include <kvcompress/policies/pyramid_kv.hpp>
-#include <kvcompress/policies/recent_only.hpp>
-#include <kvcompress/policies/snapkv_lite.hpp>
-#include <kvcompress/policies/streaming_llm.hpp>
+#include <kvcompress/policies/builtin.hpp>
 
 #include <cctype>
 #include <functional>
@@ -17,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace kvcompress {
@@ -122,22 +116,43 @@ class SpecParser {
 /// Parses `name` / `name(key=value, ...)`; throws kvcompress::Error on malformed text.
 inline ParsedSpec parse_spec(const std::string& spec) { return detail::SpecParser(spec).parse(); }
 
+namespace detail {
+template <class P, class = void>
+struct has_aliases : std::false_type {};
+template <class P>
+struct has_aliases<P, std::void_t<decltype(P::aliases())>> : std::true_type {};
+}  // namespace detail
+
+/// Other names a policy answers to (`Policy::aliases()` when declared).
+template <class Policy>
+std::vector<std::string> aliases_of() {
+  if constexpr (detail::has_aliases<Policy>::value) {
+    return Policy::aliases();
+  } else {
+    return {};
+  }
+}
+
 /// Builds a compressor for `Policy` from parsed arguments: unknown keys are an error that lists
-/// the valid ones; values are type-checked, then range-checked.
+/// the valid ones; values are type-checked, then range-checked. `skip_layers` is the
+/// compressor's (every policy accepts it).
 template <class Policy>
 std::unique_ptr<Compressor> make_policy_compressor(std::map<std::string, params::SpecValue> args) {
   typename Policy::Options options;
+  std::vector<int64_t> skip = default_skip_layers<Policy>();
   params::Assigner assign(Policy::name, args);
   Policy::visit_params(options, assign);
+  assign.int_list("skip_layers", skip);
   if (!args.empty()) {
     params::NameLister names;
     Policy::visit_params(options, names);
+    names.names.emplace_back("skip_layers");
     std::string valid;
     for (const auto& n : names.names) valid += (valid.empty() ? "" : ", ") + n;
     throw Error(std::string(Policy::name) + ": unknown parameter '" + args.begin()->first +
                 "'; valid parameters: " + valid);
   }
-  return std::make_unique<BasicCompressor<Policy>>(std::move(options));
+  return std::make_unique<BasicCompressor<Policy>>(std::move(options), std::move(skip));
 }
 
 /// Name -> factory. Built-in policies are registered on first use; users add their own with
@@ -187,14 +202,15 @@ class Registry {
 
  private:
   Registry() {
-    add(policies::L2::name, make_policy_compressor<policies::L2>, {"l2_compress"});
-    add(policies::FixSizeL2::name, make_policy_compressor<policies::FixSizeL2>);
-    add(policies::StreamingLLM::name, make_policy_compressor<policies::StreamingLLM>);
-    add(policies::H2OL2::name, make_policy_compressor<policies::H2OL2>);
-    add(policies::SnapKVLite::name, make_policy_compressor<policies::SnapKVLite>);
-    add(policies::PyramidKV::name, make_policy_compressor<policies::PyramidKV>);
-    add(policies::AdaptiveL2::name, make_policy_compressor<policies::AdaptiveL2>);
-    add(policies::RecentOnly::name, make_policy_compressor<policies::RecentOnly>);
+#define KVCOMPRESS_REGISTER(Type, fname)                                                         \
+  check_builtin_name(policies::Type::name, #fname);                                             \
+  add(policies::Type::name, make_policy_compressor<policies::Type>, aliases_of<policies::Type>());
+    KVCOMPRESS_BUILTIN_POLICIES(KVCOMPRESS_REGISTER)
+#undef KVCOMPRESS_REGISTER
+  }
+  static void check_builtin_name(const char* name, const char* listed) {
+    if (std::string(name) != listed)
+      throw Error(std::string("kvcompress: built-in policy list names '") + listed + "' for policy '" + name + "'");
   }
   void check_free(const std::string& n) const {
     if (factories_.count(n) || aliases_.count(n))

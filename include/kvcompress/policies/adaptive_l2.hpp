@@ -11,7 +11,6 @@ struct AdaptiveL2Options {
   int64_t hard_limit = 1024;
   double keep_ratio_min = 0.3;
   double keep_ratio_max = 0.9;
-  std::vector<int64_t> skip_layers = {};
 };
 
 namespace policies {
@@ -28,7 +27,6 @@ struct AdaptiveL2 {
     v.integer("hard_limit", o.hard_limit, 0);
     v.real("keep_ratio_min", o.keep_ratio_min, 0.0, 1.0);
     v.real("keep_ratio_max", o.keep_ratio_max, 0.0, 1.0);
-    v.int_list("skip_layers", o.skip_layers, 0);
   }
 
   static std::optional<Selection> select(const Options& o, const LayerView& layer) {

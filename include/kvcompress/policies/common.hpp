@@ -36,5 +36,19 @@ inline Selection sinks_middle_recent(const at::Tensor& keys, int64_t start, int6
   return s;
 }
 
+/// The SnapKV layout shared by snapkv and snapkv_lite: the last `window` tokens are kept, and
+/// the `keep_size - window` best-scored tokens of the prefix before them (`scores(prefix)` gives
+/// [batch, heads, prefix], larger = better). Unchanged within budget.
+template <class Scores>
+std::optional<Selection> prefix_top_plus_window(int64_t seq, int64_t window, int64_t keep_size, Scores&& scores) {
+  if (seq <= keep_size) return std::nullopt;
+  const int64_t prefix = seq - window;
+  if (prefix <= 0) return std::nullopt;
+  const int64_t m = std::min(keep_size - window, prefix);
+  Selection s;
+  if (m > 0) s.keep_indices(top_k_positions(scores(prefix), m, 0, /*largest=*/true));
+  return s.keep_span(prefix, window);
+}
+
 }  // namespace detail
 }  // namespace kvcompress

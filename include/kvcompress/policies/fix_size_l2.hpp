@@ -10,7 +10,6 @@ struct FixSizeL2Options {
   int64_t fix_kv_size = 1024;  ///< tokens kept per layer
   double keep_ratio = 0.0;     ///< share of fix_kv_size reserved for the most recent tokens
   FixSizeStrategy strategy = FixSizeStrategy::keep_low;
-  std::vector<int64_t> skip_layers = {0, 1};
 };
 
 namespace policies {
@@ -18,6 +17,8 @@ namespace policies {
 struct FixSizeL2 {
   using Options = FixSizeL2Options;
   static constexpr const char* name = "fix_size_l2";
+
+  static std::vector<int64_t> default_skip_layers() { return {0, 1}; }
 
   template <class O, class V>
   static void visit_params(O& o, V& v) {
@@ -28,7 +29,6 @@ struct FixSizeL2 {
              {{"keep_low", FixSizeStrategy::keep_low},
               {"keep_high", FixSizeStrategy::keep_high},
               {"random", FixSizeStrategy::random}});
-    v.int_list("skip_layers", o.skip_layers, 0);
   }
 
   static std::optional<Selection> select(const Options& o, const LayerView& layer) {

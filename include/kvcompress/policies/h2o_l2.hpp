@@ -9,7 +9,6 @@ struct H2OL2Options {
   int64_t start_size = 4;
   int64_t heavy_hitter_size = 64;
   int64_t recent_size = 444;
-  std::vector<int64_t> skip_layers = {};
 };
 
 namespace policies {
@@ -23,7 +22,6 @@ struct H2OL2 {
     v.integer("start_size", o.start_size, 0);
     v.integer("heavy_hitter_size", o.heavy_hitter_size, 0);
     v.integer("recent_size", o.recent_size, 1);  // 0 would hit the x[..., -0:] slicing quirk
-    v.int_list("skip_layers", o.skip_layers, 0);
   }
 
   static std::optional<Selection> select(const Options& o, const LayerView& layer) {

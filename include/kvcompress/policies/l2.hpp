@@ -7,7 +7,6 @@ namespace kvcompress {
 struct L2Options {
   double keep_ratio = 1.0;   ///< fraction kept, in (0, 1]; 1 keeps everything
   int64_t prune_after = 1000;  ///< layers of at most this many tokens are left alone
-  std::vector<int64_t> skip_layers = {0, 1};
 };
 
 namespace policies {
@@ -16,11 +15,13 @@ struct L2 {
   using Options = L2Options;
   static constexpr const char* name = "l2";
 
+  static std::vector<int64_t> default_skip_layers() { return {0, 1}; }
+  static std::vector<std::string> aliases() { return {"l2_compress"}; }  // the seed's function name
+
   template <class O, class V>
   static void visit_params(O& o, V& v) {
     v.real("keep_ratio", o.keep_ratio, 0.0, 1.0, /*lo_open=*/true);
     v.integer("prune_after", o.prune_after, 0);
-    v.int_list("skip_layers", o.skip_layers, 0);
   }
 
   static std::optional<Selection> select(const Options& o, const LayerView& layer) {

@@ -12,7 +12,6 @@ struct PyramidKVOptions {
   double layer_decay = 0.9;
   int64_t min_size = 64;
   PyramidProfile profile = PyramidProfile::exponential;
-  std::vector<int64_t> skip_layers = {};
 };
 
 namespace policies {
@@ -31,7 +30,6 @@ struct PyramidKV {
              {{"exponential", PyramidProfile::exponential},
               {"linear", PyramidProfile::linear},
               {"constant", PyramidProfile::constant}});
-    v.int_list("skip_layers", o.skip_layers, 0);
   }
 
   /// Budget of layer `i` of `num_layers`, computed in doubles exactly as the seed writes it.

@@ -6,7 +6,6 @@ namespace kvcompress {
 
 struct RecentOnlyOptions {
   int64_t window_size = 512;
-  std::vector<int64_t> skip_layers = {0, 1};
 };
 
 namespace policies {
@@ -15,10 +14,11 @@ struct RecentOnly {
   using Options = RecentOnlyOptions;
   static constexpr const char* name = "recent_only";
 
+  static std::vector<int64_t> default_skip_layers() { return {0, 1}; }
+
   template <class O, class V>
   static void visit_params(O& o, V& v) {
     v.integer("window_size", o.window_size, 1);  // 0 would hit the x[..., -0:] slicing quirk
-    v.int_list("skip_layers", o.skip_layers, 0);
   }
 
   static std::optional<Selection> select(const Options& o, const LayerView& layer) {

@@ -9,7 +9,6 @@ struct SnapKVLiteOptions {
   int64_t observation_window = 32;
   int64_t keep_size = 512;
   int64_t pooling_kernel = 5;  ///< 0 or 1: no pooling; even kernels are valid (output trimmed)
-  std::vector<int64_t> skip_layers = {};
 };
 
 namespace policies {
@@ -23,19 +22,11 @@ struct SnapKVLite {
     v.integer("observation_window", o.observation_window, 1);  // 0: x[..., -0:] quirk
     v.integer("keep_size", o.keep_size, 0);
     v.integer("pooling_kernel", o.pooling_kernel, 0);
-    v.int_list("skip_layers", o.skip_layers, 0);
   }
 
   static std::optional<Selection> select(const Options& o, const LayerView& layer) {
-    const int64_t seq = layer.seq(), window = o.observation_window;
-    if (seq <= o.keep_size) return std::nullopt;
-    const int64_t prefix = seq - window;
-    if (prefix <= 0) return std::nullopt;
-    const int64_t m = std::min(o.keep_size - window, prefix);
-    Selection s;
-    if (m <= 0) return s.keep_span(prefix, window);
-    s.keep_indices(top_k_positions(scores(o, layer.keys, prefix), m, 0, /*largest=*/true));
-    return s.keep_span(prefix, window);
+    return detail::prefix_top_plus_window(layer.seq(), o.observation_window, o.keep_size,
+                                          [&](int64_t prefix) { return scores(o, layer.keys, prefix); });
   }
 
   /// score_i = (max_j norm_j + 1e-6) - norm_i over the prefix, then the optional average pool.

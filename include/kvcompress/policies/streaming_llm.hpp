@@ -7,7 +7,6 @@ namespace kvcompress {
 struct StreamingLLMOptions {
   int64_t start_size = 4;     ///< sink tokens kept from the start
   int64_t recent_size = 508;  ///< most recent tokens kept
-  std::vector<int64_t> skip_layers = {};
 };
 
 namespace policies {
@@ -20,7 +19,6 @@ struct StreamingLLM {
   static void visit_params(O& o, V& v) {
     v.integer("start_size", o.start_size, 0);
     v.integer("recent_size", o.recent_size, 1);  // 0 would hit the x[..., -0:] slicing quirk
-    v.int_list("skip_layers", o.skip_layers, 0);
   }
 
   static std::optional<Selection> select(const Options& o, const LayerView& layer) {

@@ -32,6 +32,13 @@ class Decoder {
  public:
   Decoder(ContractModel& model, DecoderOptions options) : model_(model), options_(options) {
     if (options.batch < 1) throw Error("decoder: batch must be >= 1, got " + std::to_string(options.batch));
+    if (options.compressor) needs_ = options.compressor->needs();
+    if (needs_.scores() && !model.has_scored())
+      throw Error(options.compressor->spec() + " scores with attention, which model '" + model.info().name +
+                  "' (contract version " + std::to_string(model.info().contract_version) +
+                  ") cannot provide: it has no forward_scored/step_scored. Upgrade the file with "
+                  "examples/python/upgrade_contract.py or re-export it (export_pythia.py, export_small_model.py) "
+                  "to contract version 3");
   }
   virtual ~Decoder() = default;
   Decoder(const Decoder&) = delete;
@@ -99,6 +106,16 @@ class Decoder {
   virtual void compress_now() = 0;
   virtual void clear() = 0;
 
+  /// Recent queries live in a ring of W = needs_.queries slots, token i at slot i % W.
+  int64_t window() const { return needs_.queries; }
+  /// Ring slots of the last min(t, W) of t tokens about to be fed.
+  at::Tensor ring_slots(int64_t t) const {
+    const int64_t n = std::min(t, window());
+    return at::arange(fed_ + t - n, fed_ + t, at::kLong).remainder(std::max<int64_t>(window(), 1));
+  }
+  /// Original positions of the queries the ring holds now, oldest first.
+  at::Tensor ring_positions() const { return at::arange(fed_ - std::min(fed_, window()), fed_, at::kLong); }
+
   at::Tensor positions_for(int64_t t) const {
     // Layer lengths matter only under the cache rule: not gathered per step otherwise.
     const std::vector<int64_t> held = options_.positions == PositionRule::cache ? lengths() : std::vector<int64_t>{};
@@ -114,16 +131,18 @@ class Decoder {
 
   ContractModel& model_;
   DecoderOptions options_;
+  Needs needs_;  // what the compressor scores with besides keys
   int64_t fed_ = 0, since_compression_ = 0;
 };
 
 /// The concatenating cache through the model's `forward`: each step returns a cache one token
 /// longer; each compression replaces it (exactly compressor.compress(cache) under the original
-/// rule, as the course project ran).
+/// rule, as the course project ran). For attention-aware policies it calls `forward_scored` and
+/// keeps, per layer, the accumulated attention and original position of every slot and the
+/// last queries, all moved with their tokens.
 class ConcatDecoder final : public Decoder {
  public:
-  ConcatDecoder(ContractModel& model, DecoderOptions options)
-      : Decoder(model, options), cache_(model.empty_cache(options.batch)) {}
+  ConcatDecoder(ContractModel& model, DecoderOptions options) : Decoder(model, options) { clear(); }
 
   KVCache view() const override { return cache_; }
   std::vector<int64_t> lengths() const override {
@@ -134,32 +153,76 @@ class ConcatDecoder final : public Decoder {
 
  protected:
   at::Tensor run(const at::Tensor& ids, int64_t t) override {
-    auto out = model_.forward(ids, positions_for(t), cache_);
+    if (!needs_.scores()) {
+      auto out = model_.forward(ids, positions_for(t), cache_);
+      cache_ = std::move(out.cache);
+      return out.logits;
+    }
+    auto out = model_.forward_scored(ids, positions_for(t), cache_, needs_.attention, window());
+    const auto long_opts = at::TensorOptions().dtype(at::kLong).device(model_.device());
+    for (size_t l = 0; l < cache_.size(); ++l) {
+      if (needs_.attention) {  // decay * old + new, the formula of the model's step_scored
+        at::Tensor a = out.attention[l];
+        const int64_t past = cache_[l].first.size(2);
+        if (past > 0) a.narrow(2, 0, past).add_(attention_[l], needs_.decay);
+        attention_[l] = a;
+      }
+      if (window() > 0) {
+        at::Tensor q = at::cat({queries_[l], out.queries[l]}, 2);
+        queries_[l] = q.narrow(2, q.size(2) - std::min(q.size(2), window()), std::min(q.size(2), window()));
+        key_positions_[l] = at::cat(
+            {key_positions_[l], at::arange(fed_, fed_ + t, long_opts).expand({options_.batch, model_.info().num_heads, t})},
+            2);
+      }
+    }
     cache_ = std::move(out.cache);
     return out.logits;
   }
 
+  // One loop for both position rules and every policy: select, move the memory (and what is
+  // kept per slot), re-rotate under the cache rule. Under the original rule this is exactly
+  // compressor.compress(cache).
   void compress_now() override {
     const Compressor& c = *options_.compressor;
-    if (options_.positions == PositionRule::original) {
-      cache_ = c.compress(cache_);
-      return;
-    }
     const int64_t n = static_cast<int64_t>(cache_.size());
     for (int64_t l = 0; l < n; ++l) {
-      auto& [keys, values] = cache_[static_cast<size_t>(l)];
-      std::optional<Selection> s = c.select(LayerView{keys, l, n});
+      const size_t i = static_cast<size_t>(l);
+      auto& [keys, values] = cache_[i];
+      LayerView v{keys, l, n};
+      if (needs_.values) v.values = values;
+      if (needs_.attention) v.attention = attention_[i];
+      if (window() > 0) {
+        v.queries = queries_[i];
+        v.query_positions = ring_positions();
+        v.key_positions = key_positions_[i];
+      }
+      std::optional<Selection> s = c.select(v);
       if (!s) continue;
       LayerKV kept = apply_selection(keys, values, *s);
-      rotate_to_slots(kept.first, *s);
-      cache_[static_cast<size_t>(l)] = std::move(kept);
+      if (options_.positions == PositionRule::cache) rotate_to_slots(kept.first, *s);
+      if (needs_.attention) attention_[i] = take_slots(attention_[i], *s);
+      if (window() > 0) key_positions_[i] = take_slots(key_positions_[i], *s);
+      cache_[i] = std::move(kept);
     }
   }
 
-  void clear() override { cache_ = model_.empty_cache(options_.batch); }
+  void clear() override {
+    cache_ = model_.empty_cache(options_.batch);
+    attention_.clear();
+    queries_.clear();
+    key_positions_.clear();
+    const auto& info = model_.info();
+    const auto opts = at::TensorOptions().device(model_.device());
+    for (int64_t l = 0; l < info.num_layers && needs_.scores(); ++l) {
+      attention_.push_back(at::zeros({options_.batch, info.num_heads, 0}, opts.dtype(at::kFloat)));
+      queries_.push_back(at::zeros({options_.batch, info.num_heads, 0, info.head_dim}, opts.dtype(model_.dtype())));
+      key_positions_.push_back(at::zeros({options_.batch, info.num_heads, 0}, opts.dtype(at::kLong)));
+    }
+  }
 
  private:
   KVCache cache_;
+  std::vector<at::Tensor> attention_, queries_, key_positions_;  // per layer, when the policy scores
 };
 
 /// Largest length every layer reaches when `total` tokens arrive (the first `first_chunk` at
@@ -168,7 +231,6 @@ class ConcatDecoder final : public Decoder {
 inline std::vector<int64_t> peak_lengths(const Compressor* compressor, int64_t num_layers, int64_t total,
                                          int64_t first_chunk, const Schedule& schedule) {
   std::vector<int64_t> len(static_cast<size_t>(num_layers), 0), peak(static_cast<size_t>(num_layers), 0);
-  const at::Tensor probe = at::zeros({1, 1, total, 1});  // values do not change selected counts
   int64_t since = 0;
   for (int64_t done = 0; done < total;) {
     const int64_t t = done == 0 ? std::min(first_chunk, total) : 1;
@@ -178,10 +240,8 @@ inline std::vector<int64_t> peak_lengths(const Compressor* compressor, int64_t n
     for (size_t i = 0; i < len.size(); ++i) peak[i] = std::max(peak[i], len[i]);
     if (!compressor || !schedule.due(since)) continue;
     since = 0;
-    for (int64_t i = 0; i < num_layers; ++i) {
-      auto s = compressor->select(LayerView{probe.narrow(2, 0, len[static_cast<size_t>(i)]), i, num_layers});
-      if (s) len[static_cast<size_t>(i)] = s->kept();
-    }
+    for (int64_t i = 0; i < num_layers; ++i)
+      len[static_cast<size_t>(i)] = kept_tokens(*compressor, i, num_layers, len[static_cast<size_t>(i)]);
   }
   return peak;
 }
@@ -213,6 +273,16 @@ class StaticDecoder final : public Decoder {
       key_list_.push_back(cache_.key_buffer(l));
       value_list_.push_back(cache_.value_buffer(l));
     }
+    if (needs_.attention) {
+      cache_.track_attention();
+      for (int64_t l = 0; l < layers; ++l) attention_list_.push_back(cache_.attention_buffer(l));
+    }
+    query_slots_ = at::zeros({window() > 0 ? 1 : 0}, long_opts);
+    for (int64_t l = 0; l < layers && window() > 0; ++l) {
+      query_buffers_.push_back(at::zeros({options.batch, model.info().num_heads, window(), model.info().head_dim},
+                                         at::TensorOptions().dtype(model.dtype()).device(model.device())));
+      query_list_.push_back(query_buffers_.back());
+    }
   }
 
   StaticCache& cache() { return cache_; }
@@ -240,35 +310,52 @@ class StaticDecoder final : public Decoder {
         graph_.replay();
         logits = graph_logits_;
       } else {
-        logits = call(ids_, positions_);
+        logits = call(ids_, positions_, query_slots_);
       }
     } else {
       upload_lengths();
-      logits = call(ids, positions_for(t));
+      logits = call(ids, positions_for(t), window() > 0 ? ring_slots(t).to(model_.device()) : query_slots_);
     }
     cache_.commit_step(t, fed_);
     return logits;
   }
 
   void compress_now() override {
+    RecentQueries recent;
+    if (window() > 0) {  // the ring, oldest first
+      recent.positions = ring_positions();
+      const at::Tensor order = recent.positions.remainder(window()).to(model_.device());
+      for (const auto& q : query_buffers_) recent.per_layer.push_back(q.index_select(2, order));
+    }
+    const RecentQueries* queries = window() > 0 ? &recent : nullptr;
     if (options_.positions == PositionRule::original) {
-      cache_.compress(*options_.compressor);
+      cache_.compress(*options_.compressor, nullptr, queries);
       return;
     }
     cache_.compress(*options_.compressor, [this](int64_t l, const Selection& s) {
       rotate_to_slots(cache_.key_buffer(l).narrow(2, 0, s.kept()), s);
-    });
+    }, queries);
   }
 
   void clear() override { cache_.clear(); }
 
  private:
-  at::Tensor call(const at::Tensor& ids, const at::Tensor& positions) {
-    return model_.step(ids, positions, key_list_, value_list_, lengths_);
+  // The plain step, or the scored one when the policy scores with attention or queries.
+  at::Tensor call(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& query_slots) {
+    if (!needs_.scores()) return model_.step(ids, positions, key_list_, value_list_, lengths_);
+    return model_.step_scored(ids, positions, key_list_, value_list_, lengths_, attention_list_, needs_.decay,
+                              query_list_, query_slots);
   }
 
-  // Records the one-token step on the graph's input buffers.
-  void capture() { graph_logits_ = graph_.capture([this] { return call(ids_, positions_); }); }
+  // Records the one-token step on the graph's input buffers. The capture's warm-up runs execute
+  // the step: harmless for K/V and queries (the same values to the same slots), but each would
+  // add its attention to the accumulated scores, so those are put back afterwards.
+  void capture() {
+    std::vector<at::Tensor> scores;
+    for (size_t i = 0; i < attention_list_.size(); ++i) scores.push_back(attention_list_.get(i).clone());
+    graph_logits_ = graph_.capture([this] { return call(ids_, positions_, query_slots_); });
+    for (size_t i = 0; i < scores.size(); ++i) attention_list_.get(i).copy_(scores[i]);
+  }
 
   // Valid lengths to the device. On CUDA from pinned memory without blocking: the caching host
   // allocator keeps each staging buffer alive until its copy has run, so the host never waits.
@@ -278,6 +365,7 @@ class StaticDecoder final : public Decoder {
   // wait: one fill under the original rule, one pinned copy under the cache rule.
   void upload_step_inputs() {
     upload_lengths();
+    if (window() > 0) copy_from_host(query_slots_, ring_slots(1));
     if (options_.positions == PositionRule::original) {
       positions_.fill_(fed_);
       return;
@@ -293,8 +381,9 @@ class StaticDecoder final : public Decoder {
 
   StaticCache cache_;
   bool use_graph_;
-  at::Tensor ids_, positions_, lengths_, graph_logits_;
-  c10::List<at::Tensor> key_list_, value_list_;
+  at::Tensor ids_, positions_, lengths_, graph_logits_, query_slots_;
+  c10::List<at::Tensor> key_list_, value_list_, attention_list_, query_list_;
+  std::vector<at::Tensor> query_buffers_;  // ring of the last window() queries per layer
   CudaGraph graph_;
 };
 

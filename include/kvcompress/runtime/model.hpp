@@ -1,5 +1,5 @@
 #pragma once
-// A TorchScript model that follows docs/MODEL_CONTRACT.md (versions 1 and 2). Part of
+// A TorchScript model that follows docs/MODEL_CONTRACT.md (versions 1 to 3). Part of
 // kvcompress::runtime: needs <torch/script.h>.
 #include <kvcompress/types.hpp>
 
@@ -26,7 +26,7 @@ struct ModelInfo {
 };
 
 /// Contract versions this runtime reads.
-constexpr int64_t kMinContractVersion = 1, kMaxContractVersion = 2;
+constexpr int64_t kMinContractVersion = 1, kMaxContractVersion = 3;
 
 /// The first line of an exception's message, without LibTorch's backtrace.
 inline std::string first_line(const std::exception& e) {
@@ -41,6 +41,9 @@ class ContractModel {
   struct Step {
     at::Tensor logits;  ///< float32 [B, T, vocab]
     KVCache cache;      ///< per layer, past + new tokens
+    /// forward_scored only: per layer, the attention each slot of `cache` received from the new
+    /// tokens (float32 [B, H, past + T]) and the last queries ([B, H, n, D]); empty if not asked.
+    std::vector<at::Tensor> attention, queries;
   };
 
   /// Loads `path` onto `device` in `dtype`; every failure is a kvcompress::Error naming the file.
@@ -89,6 +92,56 @@ class ContractModel {
 
   /// Whether the model offers the fixed-capacity `step` method.
   bool has_step() const { return module_.find_method("step").has_value(); }
+  /// Whether the model offers contract version 3's forward_scored and step_scored (attention
+  /// per cached slot and recent queries, for attention-aware policies).
+  bool has_scored() const {
+    return module_.find_method("forward_scored").has_value() && module_.find_method("step_scored").has_value();
+  }
+
+  /// The contract's `step_scored`: `step`, plus decay * attention + the new attention into
+  /// `attention_buffers` and the last query_slots.size(0) queries into `query_buffers` at those
+  /// slots (empty lists skip either).
+  at::Tensor step_scored(const at::Tensor& input_ids, const at::Tensor& position_ids,
+                         const c10::List<at::Tensor>& key_buffers, const c10::List<at::Tensor>& value_buffers,
+                         const at::Tensor& lengths, const c10::List<at::Tensor>& attention_buffers, double decay,
+                         const c10::List<at::Tensor>& query_buffers, const at::Tensor& query_slots) {
+    at::IValue out;
+    try {
+      out = module_.get_method("step_scored")({input_ids, position_ids, key_buffers, value_buffers, lengths,
+                                               attention_buffers, decay, query_buffers, query_slots});
+    } catch (const std::exception& e) {
+      throw Error("model step_scored failed: " + first_line(e));
+    }
+    if (!out.isTensor())
+      throw Error("model step_scored must return the logits Tensor (docs/MODEL_CONTRACT.md), got " + out.tagKind());
+    return out.toTensor();
+  }
+
+  /// The contract's `forward_scored`: forward plus, per layer, the attention each slot received
+  /// (when `attention`) and the last min(T, query_window) queries.
+  Step forward_scored(const at::Tensor& input_ids, const at::Tensor& position_ids, const KVCache& past,
+                      bool attention, int64_t query_window) {
+    at::IValue out;
+    try {
+      out = module_.get_method("forward_scored")(
+          {input_ids, position_ids, tensor_list(past, true), tensor_list(past, false), attention, query_window});
+    } catch (const std::exception& e) {
+      throw Error("model forward_scored failed: " + first_line(e));
+    }
+    const char* contract = "model forward_scored must return (logits, keys, values, attention, queries): a Tensor "
+                           "and four lists of Tensors (docs/MODEL_CONTRACT.md)";
+    if (!out.isTuple() || out.toTupleRef().elements().size() != 5) throw Error(contract);
+    const auto& e = out.toTupleRef().elements();
+    if (!e[3].isTensorList() || !e[4].isTensorList()) throw Error(contract);
+    Step step = unpack(e[0], e[1], e[2], contract);
+    for (const auto& t : e[3].toTensorList()) step.attention.push_back(t);
+    for (const auto& t : e[4].toTensorList()) step.queries.push_back(t);
+    const size_t layers = static_cast<size_t>(info_.num_layers);
+    if ((attention && step.attention.size() != layers) || (query_window > 0 && step.queries.size() != layers))
+      throw Error(std::string(contract) + "; got " + std::to_string(step.attention.size()) + " attention and " +
+                  std::to_string(step.queries.size()) + " query tensors for " + std::to_string(layers) + " layers");
+    return step;
+  }
 
   /// The contract's `step`: writes the new tokens into caller-owned buffers; returns logits.
   at::Tensor step(const at::Tensor& input_ids, const at::Tensor& position_ids, const c10::List<at::Tensor>& key_buffers,
@@ -106,16 +159,9 @@ class ContractModel {
 
   /// One call of the contract's forward: ids and positions [B, T] int64 on the model's device.
   Step forward(const at::Tensor& input_ids, const at::Tensor& position_ids, const KVCache& past) {
-    c10::List<at::Tensor> keys, values;
-    keys.reserve(past.size());
-    values.reserve(past.size());
-    for (const auto& [k, v] : past) {
-      keys.push_back(k);
-      values.push_back(v);
-    }
     at::IValue out;
     try {
-      out = module_.forward({input_ids, position_ids, keys, values});
+      out = module_.forward({input_ids, position_ids, tensor_list(past, true), tensor_list(past, false)});
     } catch (const std::exception& e) {
       throw Error("model forward failed: " + first_line(e));
     }
@@ -123,11 +169,24 @@ class ContractModel {
                            "num_layers Tensors (docs/MODEL_CONTRACT.md)";
     if (!out.isTuple()) throw Error(std::string(contract) + ", got " + out.tagKind());
     const auto& elems = out.toTupleRef().elements();
-    if (elems.size() != 3 || !elems[0].isTensor() || !elems[1].isTensorList() || !elems[2].isTensorList())
-      throw Error(contract);
+    if (elems.size() != 3) throw Error(contract);
+    return unpack(elems[0], elems[1], elems[2], contract);
+  }
+
+ private:
+  static c10::List<at::Tensor> tensor_list(const KVCache& kv, bool keys) {
+    c10::List<at::Tensor> out;
+    out.reserve(kv.size());
+    for (const auto& layer : kv) out.push_back(keys ? layer.first : layer.second);
+    return out;
+  }
+
+  // (logits, keys, values) of forward / forward_scored, checked against the contract.
+  Step unpack(const at::IValue& logits, const at::IValue& keys, const at::IValue& values, const char* contract) const {
+    if (!logits.isTensor() || !keys.isTensorList() || !values.isTensorList()) throw Error(contract);
     Step step;
-    step.logits = elems[0].toTensor();
-    auto new_keys = elems[1].toTensorList(), new_values = elems[2].toTensorList();
+    step.logits = logits.toTensor();
+    auto new_keys = keys.toTensorList(), new_values = values.toTensorList();
     if (static_cast<int64_t>(new_keys.size()) != info_.num_layers || new_values.size() != new_keys.size())
       throw Error(std::string(contract) + "; got " + std::to_string(new_keys.size()) + " keys and " +
                   std::to_string(new_values.size()) + " values for " + std::to_string(info_.num_layers) + " layers");
@@ -136,7 +195,6 @@ class ContractModel {
     return step;
   }
 
- private:
   static ModelInfo read_info(const torch::jit::Module& m, const std::string& path) {
     auto get = [&](const char* name) -> at::IValue {
       if (!m.hasattr(name))
