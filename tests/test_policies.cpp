@@ -431,3 +431,23 @@ TEST_P(Policies, AttentionPoliciesNameWhatIsMissingOrMisshapen) {
   // Skipped layers need nothing.
   expect_unchanged(kvc::h2o_compress({in}, {2, 3}, {0})[0], in);
 }
+
+TEST_P(Policies, HugeBudgetsKeepEverythingWithoutOverflow) {
+  // Budgets are summed saturating: "within budget" for any representable value.
+  constexpr int64_t big = std::numeric_limits<int64_t>::max();
+  auto in = mixed(12);
+  const Norms att(2, std::vector<std::vector<double>>(2, std::vector<double>(12, 0.5)));
+  for (const std::string spec : {"h2o(heavy_hitter_size=" + std::to_string(big) + ", recent_size=" + std::to_string(big) + ")",
+                                 "h2o_attention(start_size=" + std::to_string(big) + ", heavy_hitter_size=1, recent_size=" +
+                                     std::to_string(big) + ")",
+                                 "streaming_llm(start_size=4, recent_size=" + std::to_string(big) + ")",
+                                 "h2o_l2(start_size=" + std::to_string(big) + ", heavy_hitter_size=" + std::to_string(big) + ")",
+                                 "tova(cache_size=" + std::to_string(big) + ")",
+                                 "snapkv(observation_window=" + std::to_string(big) + ", keep_size=4)"}) {
+    SCOPED_TRACE(spec);
+    auto c = kvc::make_compressor(spec);
+    kvc::LayerInputs li = with_queries(in, 1, 1.0);
+    li.attention = per_slot(att, dev());
+    expect_unchanged(c->compress({in}, {li})[0], in);
+  }
+}

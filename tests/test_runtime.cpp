@@ -464,6 +464,30 @@ TEST(StaticRuntime, ChunkedScheduleStaysWithinBudgetPlusSlack) {
   }
 }
 
+TEST(StaticRuntime, DeferredAttentionScoresEqualEveryStepScores) {
+  // Under a chunked schedule the fixed-capacity cache scores the queries of a whole chunk at
+  // once; the concatenating cache adds each step's attention inside the model. Same scores,
+  // so the same tokens are kept: per-token NLL and hits agree, with both decays and both rules.
+  const auto tokens = bundled_tokens(150);
+  for (const char* spec : {"h2o(heavy_hitter_size=12, recent_size=30, skip_layers=[0])",
+                           "h2o_attention(start_size=4, heavy_hitter_size=10, recent_size=30, decay_factor=0.9)"}) {
+    for (const auto rule : {rt::PositionRule::original, rt::PositionRule::cache}) {
+      SCOPED_TRACE(std::string(spec) + " positions " + rt::to_string(rule));
+      auto c = kvc::make_compressor(spec);
+      const auto schedule = kvc::Schedule::chunk(8);
+      rt::RunMetrics concat_m, static_m;
+      rt::ConcatDecoder concat(model(), options(c.get(), rule, schedule));
+      auto fixed = rt::make_decoder(model(), options(c.get(), rule, schedule), true, 150, 1);
+      rt::evaluate(concat, tokens, concat_m);
+      rt::evaluate(*fixed, tokens, static_m);
+      for (size_t t = 0; t < 149; ++t)
+        ASSERT_NEAR(static_m.token_nll[t], concat_m.token_nll[t], 1e-5 * std::max(std::abs(concat_m.token_nll[t]), 1.0))
+            << "token " << t;
+      EXPECT_EQ(static_m.hits, concat_m.hits);
+    }
+  }
+}
+
 TEST(StaticRuntime, ChunkedPrefillFillsTheSameCache) {
   const auto prompt = bundled_tokens(23);
   const at::Tensor ids = at::tensor(prompt, at::kLong).unsqueeze(0);

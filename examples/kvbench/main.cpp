@@ -35,6 +35,17 @@ void check_positions_fit_model(const Options& o, const rt::ContractModel& model,
   }
 }
 
+// Attention-aware methods need contract version 3's scored methods: refuse up front, not after
+// the runs before them.
+void check_model_scores_for(const rt::ContractModel& model, const std::vector<Run>& runs) {
+  if (model.has_scored()) return;
+  for (const auto& r : runs)
+    if (r.compressor && r.compressor->needs().scores())
+      fail(r.label + ": " + r.compressor->name() + " scores with attention, which " + model.info().name +
+           " (contract version " + std::to_string(model.info().contract_version) +
+           ") cannot provide: upgrade the file with examples/python/upgrade_contract.py or re-export it");
+}
+
 int run(int argc, char** argv) {
   Options o = parse_args(argc, argv);
   if (o.threads > 0) at::set_num_threads(static_cast<int>(o.threads));
@@ -64,6 +75,7 @@ int run(int argc, char** argv) {
         fail("--window " + std::to_string(window) + " is longer than " + s.source + " (" +
              std::to_string(s.tokens.size()) + " tokens): lower --window or raise --max-tokens");
   check_positions_fit_model(o, model, runs, longest);
+  check_model_scores_for(model, runs);
   for (auto& r : runs)
     if (r.recompute) r.label = "recompute_" + std::to_string(info.max_positions);
   if (o.recompute_reference && window > info.max_positions)

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 
 namespace kvcompress {
@@ -15,6 +16,13 @@ namespace detail {
 inline int64_t py_int(double x) { return static_cast<int64_t>(std::trunc(x)); }
 /// Python's math.ceil of the double-precision value (ceil(0.7 * 10) is 8).
 inline int64_t py_ceil(double x) { return static_cast<int64_t>(std::ceil(x)); }
+
+/// a + b for sizes >= 0, saturating at the largest int64: "seq <= a + b" keeps meaning "within
+/// budget" for any representable budget instead of overflowing.
+inline int64_t budget_sum(int64_t a, int64_t b) {
+  return a > std::numeric_limits<int64_t>::max() - b ? std::numeric_limits<int64_t>::max() : a + b;
+}
+inline int64_t budget_sum(int64_t a, int64_t b, int64_t c) { return budget_sum(budget_sum(a, b), c); }
 
 /// The "sinks + smallest-norm middle + recent window" rule shared by h2o_l2, pyramid_kv and
 /// adaptive_l2: first `start`, then the `min(middle_keep, middle length)` smallest-norm tokens

@@ -31,7 +31,7 @@ struct H2O {
 
   static std::optional<Selection> select(const Options& o, const LayerView& layer) {
     const int64_t seq = layer.seq();
-    if (seq <= o.heavy_hitter_size + o.recent_size) return std::nullopt;
+    if (seq <= detail::budget_sum(o.heavy_hitter_size, o.recent_size)) return std::nullopt;
     const int64_t middle = seq - o.recent_size;
     Selection s;
     s.keep_indices(top_k_positions(layer.attention.narrow(2, 0, middle), o.heavy_hitter_size, 0, /*largest=*/true));

@@ -38,7 +38,7 @@ struct H2OAttention {
 
   static std::optional<Selection> select(const Options& o, const LayerView& layer) {
     const int64_t seq = layer.seq(), start = o.start_size, recent = o.recent_size;
-    if (seq <= start + o.heavy_hitter_size + recent) return std::nullopt;
+    if (seq <= detail::budget_sum(start, o.heavy_hitter_size, recent)) return std::nullopt;
     const int64_t middle_end = seq - recent;
     Selection s;
     s.keep_span(0, start);

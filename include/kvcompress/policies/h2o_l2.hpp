@@ -25,7 +25,7 @@ struct H2OL2 {
   }
 
   static std::optional<Selection> select(const Options& o, const LayerView& layer) {
-    if (layer.seq() <= o.start_size + o.heavy_hitter_size + o.recent_size) return std::nullopt;
+    if (layer.seq() <= detail::budget_sum(o.start_size, o.heavy_hitter_size, o.recent_size)) return std::nullopt;
     return detail::sinks_middle_recent(layer.keys, o.start_size, o.heavy_hitter_size,
                                        o.recent_size, o.recent_size);
   }

@@ -23,7 +23,7 @@ struct StreamingLLM {
 
   static std::optional<Selection> select(const Options& o, const LayerView& layer) {
     const int64_t seq = layer.seq();
-    if (seq <= o.start_size + o.recent_size) return std::nullopt;
+    if (seq <= detail::budget_sum(o.start_size, o.recent_size)) return std::nullopt;
     Selection s;
     return s.keep_span(0, o.start_size).keep_span(seq - o.recent_size, o.recent_size);
   }

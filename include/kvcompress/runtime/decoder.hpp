@@ -13,6 +13,8 @@
 #include <kvcompress/runtime/positions.hpp>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -106,15 +108,10 @@ class Decoder {
   virtual void compress_now() = 0;
   virtual void clear() = 0;
 
-  /// Recent queries live in a ring of W = needs_.queries slots, token i at slot i % W.
+  /// How many recent queries the policy scores with (0 = none).
   int64_t window() const { return needs_.queries; }
-  /// Ring slots of the last min(t, W) of t tokens about to be fed.
-  at::Tensor ring_slots(int64_t t) const {
-    const int64_t n = std::min(t, window());
-    return at::arange(fed_ + t - n, fed_ + t, at::kLong).remainder(std::max<int64_t>(window(), 1));
-  }
-  /// Original positions of the queries the ring holds now, oldest first.
-  at::Tensor ring_positions() const { return at::arange(fed_ - std::min(fed_, window()), fed_, at::kLong); }
+  /// Original positions of the policy's window of queries now, oldest first.
+  at::Tensor window_positions() const { return at::arange(fed_ - std::min(fed_, window()), fed_, at::kLong); }
 
   at::Tensor positions_for(int64_t t) const {
     // Layer lengths matter only under the cache rule: not gathered per step otherwise.
@@ -193,7 +190,7 @@ class ConcatDecoder final : public Decoder {
       if (needs_.attention) v.attention = attention_[i];
       if (window() > 0) {
         v.queries = queries_[i];
-        v.query_positions = ring_positions();
+        v.query_positions = window_positions();
         v.key_positions = key_positions_[i];
       }
       std::optional<Selection> s = c.select(v);
@@ -277,9 +274,15 @@ class StaticDecoder final : public Decoder {
       cache_.track_attention();
       for (int64_t l = 0; l < layers; ++l) attention_list_.push_back(cache_.attention_buffer(l));
     }
-    query_slots_ = at::zeros({window() > 0 ? 1 : 0}, long_opts);
-    for (int64_t l = 0; l < layers && window() > 0; ++l) {
-      query_buffers_.push_back(at::zeros({options.batch, model.info().num_heads, window(), model.info().head_dim},
+    // Under a chunked schedule the accumulated attention is not added inside every step: the
+    // steps only keep their queries (one small write per layer), and the attention of all the
+    // queries since the last compression is computed at once when it is next needed
+    // (flush_attention). The same scores, a fraction of the per-step kernels.
+    deferred_ = needs_.attention && options.schedule.kind == Schedule::chunked && options.schedule.slack > 1;
+    ring_ = std::max(window(), deferred_ ? options.schedule.slack : 0);
+    query_slots_ = at::zeros({ring_ > 0 ? 1 : 0}, long_opts);
+    for (int64_t l = 0; l < layers && ring_ > 0; ++l) {
+      query_buffers_.push_back(at::zeros({options.batch, model.info().num_heads, ring_, model.info().head_dim},
                                          at::TensorOptions().dtype(model.dtype()).device(model.device())));
       query_list_.push_back(query_buffers_.back());
     }
@@ -301,6 +304,9 @@ class StaticDecoder final : public Decoder {
  protected:
   at::Tensor run(const at::Tensor& ids, int64_t t) override {
     cache_.require_room(t);  // before the model writes past the valid slots
+    // Pending queries are scored before the ring would overwrite them, and before a multi-token
+    // step, which adds its attention inside the model.
+    if (deferred_ && (t > 1 || fed_ - flushed_ >= ring_)) flush_attention();
     at::Tensor logits;
     if (t == 1) {
       ids_.copy_(ids);
@@ -314,17 +320,19 @@ class StaticDecoder final : public Decoder {
       }
     } else {
       upload_lengths();
-      logits = call(ids, positions_for(t), window() > 0 ? ring_slots(t).to(model_.device()) : query_slots_);
+      logits = call(ids, positions_for(t), ring_ > 0 ? ring_slots(t).to(model_.device()) : query_slots_, true);
+      if (deferred_) flushed_ = fed_ + t;
     }
     cache_.commit_step(t, fed_);
     return logits;
   }
 
   void compress_now() override {
+    if (deferred_) flush_attention();
     RecentQueries recent;
-    if (window() > 0) {  // the ring, oldest first
-      recent.positions = ring_positions();
-      const at::Tensor order = recent.positions.remainder(window()).to(model_.device());
+    if (window() > 0) {  // the policy's window from the ring, oldest first
+      recent.positions = window_positions();
+      const at::Tensor order = recent.positions.remainder(ring_).to(model_.device());
       for (const auto& q : query_buffers_) recent.per_layer.push_back(q.index_select(2, order));
     }
     const RecentQueries* queries = window() > 0 ? &recent : nullptr;
@@ -337,14 +345,55 @@ class StaticDecoder final : public Decoder {
     }, queries);
   }
 
-  void clear() override { cache_.clear(); }
+  void clear() override {
+    cache_.clear();
+    flushed_ = 0;
+  }
 
  private:
-  // The plain step, or the scored one when the policy scores with attention or queries.
-  at::Tensor call(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& query_slots) {
+  // Ring slots of the last min(t, ring) of t tokens about to be fed: token i at slot i % ring.
+  at::Tensor ring_slots(int64_t t) const {
+    const int64_t n = std::min(t, ring_);
+    return at::arange(fed_ + t - n, fed_ + t, at::kLong).remainder(std::max<int64_t>(ring_, 1));
+  }
+
+  // The plain step, or the scored one when the policy scores with attention or queries (the
+  // accumulated attention inside the model unless it is deferred; `add_attention` forces it).
+  at::Tensor call(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& query_slots,
+                  bool add_attention = false) {
     if (!needs_.scores()) return model_.step(ids, positions, key_list_, value_list_, lengths_);
-    return model_.step_scored(ids, positions, key_list_, value_list_, lengths_, attention_list_, needs_.decay,
-                              query_list_, query_slots);
+    const bool in_model = needs_.attention && (!deferred_ || add_attention);
+    return model_.step_scored(ids, positions, key_list_, value_list_, lengths_,
+                              in_model ? attention_list_ : c10::List<at::Tensor>(), needs_.decay, query_list_,
+                              query_slots);
+  }
+
+  // Adds the attention of the n queries fed since the last flush to the accumulated scores, as
+  // n steps would have: score <- decay^n * score + sum_i decay^(n-1-i) * attention_i, where
+  // query i saw the slots up to its own (nothing was compacted in between). Attention is the
+  // contract's softmax(q k^T / sqrt(head_dim)) in float32.
+  void flush_attention() {
+    const int64_t n = fed_ - flushed_;
+    if (n <= 0) return;
+    const auto dev = model_.device();
+    const at::Tensor order = at::arange(flushed_, fed_, at::kLong).remainder(ring_).to(dev);
+    const at::Tensor weights = at::pow(at::full({n}, needs_.decay, at::kDouble),
+                                       at::arange(n - 1, -1, -1, at::kDouble)).to(at::kFloat).to(dev).view({1, 1, n, 1});
+    const double scale = 1.0 / std::sqrt(static_cast<double>(model_.info().head_dim));
+    const std::vector<int64_t> skip = options_.compressor->skip_layers();
+    for (int64_t l = 0; l < cache_.num_layers(); ++l) {
+      if (std::find(skip.begin(), skip.end(), l) != skip.end()) continue;  // never compressed: no scores needed
+      const int64_t len = cache_.length(l);
+      const at::Tensor q = query_buffers_[static_cast<size_t>(l)].index_select(2, order);
+      at::Tensor scores = at::matmul(q, cache_.key_buffer(l).narrow(2, 0, len).transpose(-1, -2)).to(at::kFloat).mul_(scale);
+      const at::Tensor slot = at::arange(len, at::TensorOptions().dtype(at::kLong).device(dev)).view({1, len});
+      const at::Tensor last = at::arange(len - n, len, at::TensorOptions().dtype(at::kLong).device(dev)).view({n, 1});
+      scores.masked_fill_(slot.gt(last), -std::numeric_limits<double>::infinity());
+      const at::Tensor added = at::softmax(scores, -1).mul_(weights).sum(2);
+      at::Tensor att = cache_.attention(l);
+      att.mul_(std::pow(needs_.decay, static_cast<double>(n))).add_(added);
+    }
+    flushed_ = fed_;
   }
 
   // Records the one-token step on the graph's input buffers. The capture's warm-up runs execute
@@ -365,7 +414,7 @@ class StaticDecoder final : public Decoder {
   // wait: one fill under the original rule, one pinned copy under the cache rule.
   void upload_step_inputs() {
     upload_lengths();
-    if (window() > 0) copy_from_host(query_slots_, ring_slots(1));
+    if (ring_ > 0) copy_from_host(query_slots_, ring_slots(1));
     if (options_.positions == PositionRule::original) {
       positions_.fill_(fed_);
       return;
@@ -383,7 +432,10 @@ class StaticDecoder final : public Decoder {
   bool use_graph_;
   at::Tensor ids_, positions_, lengths_, graph_logits_, query_slots_;
   c10::List<at::Tensor> key_list_, value_list_, attention_list_, query_list_;
-  std::vector<at::Tensor> query_buffers_;  // ring of the last window() queries per layer
+  std::vector<at::Tensor> query_buffers_;  // per layer, a ring of the last ring_ queries
+  int64_t ring_ = 0;                       // its size: the policy's window, or the slack when deferred
+  bool deferred_ = false;                  // accumulated attention computed at flush_attention()
+  int64_t flushed_ = 0;                    // tokens whose attention the scores hold
   CudaGraph graph_;
 };
 

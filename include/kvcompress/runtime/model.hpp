@@ -95,7 +95,8 @@ class ContractModel {
   /// Whether the model offers contract version 3's forward_scored and step_scored (attention
   /// per cached slot and recent queries, for attention-aware policies).
   bool has_scored() const {
-    return module_.find_method("forward_scored").has_value() && module_.find_method("step_scored").has_value();
+    return info_.contract_version >= 3 && module_.find_method("forward_scored").has_value() &&
+           module_.find_method("step_scored").has_value();
   }
 
   /// The contract's `step_scored`: `step`, plus decay * attention + the new attention into
