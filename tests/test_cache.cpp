@@ -190,6 +190,21 @@ TEST_P(Cache, BadUseIsReported) {
   expect_error([] { kvc::Schedule::chunk(0); }, {"slack must be >= 1"});
   expect_error([&] { kvc::StaticCache(3, 1, 1, 1, {4, 4}, opts()); }, {"2 capacities for 3 layers"});
   expect_error([&] { kvc::StaticCache(1, 1, 1, 1, {4}, opts().dtype(at::kInt)); }, {"dtype"});
+  // Counts and positions: negative, overflowing, or of another dtype are refused up front.
+  expect_error([&] { cache.commit_step(-3, 0); }, {"commit_step", "token count must be >= 0", "-3"});
+  expect_error([&] { cache.commit_step(1, -1); }, {"commit_step", "first position", "-1"});
+  expect_error([&] { cache.commit_step(2, std::numeric_limits<int64_t>::max()); }, {"first position"});
+  expect_error([&] { cache.commit_step(std::numeric_limits<int64_t>::max(), 0); }, {"layer 0 is full"});
+  const kvc::LayerKV one = tokens(1);
+  expect_error([&] { cache.append(1, one.first, one.second, -5); }, {"append", "first position", "-5"});
+  expect_error([&] { cache.append(1, one.first.to(at::kDouble), one.second.to(at::kDouble), 0); },
+               {"append", "Double", "the cache Float"});
+  expect_error([&] { kvc::StaticCache(1, 1, 1, 1, {std::numeric_limits<int64_t>::max()}, opts()); },
+               {"cannot allocate", "capacity [9223372036854775807]"});
+  expect_error([&] { kvc::StaticCache(1, 1 << 20, 1 << 20, 1 << 20, {1 << 20}, opts()); },
+               {"more elements than int64 counts"});
+  EXPECT_EQ(cache.length(0), 0);  // nothing was recorded by the refused calls
+  EXPECT_EQ(cache.length(1), 0);
 }
 
 // --- positions: re-rotation of cached keys ------------------------------------------------------

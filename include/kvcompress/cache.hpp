@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -57,15 +58,26 @@ class StaticCache {
       max_cap = std::max(max_cap, c);
     }
     const auto pos_options = options.dtype(at::kLong);
-    for (int64_t c : capacity) {
-      keys_.push_back(at::zeros({batch, heads, c, head_dim}, options));
-      values_.push_back(at::zeros({batch, heads, c, head_dim}, options));
-      positions_.push_back(at::zeros({batch, heads, c}, pos_options));
+    try {
+      for (int64_t c : capacity) {
+        check_elements(batch, heads, c, head_dim);
+        keys_.push_back(at::zeros({batch, heads, c, head_dim}, options));
+        values_.push_back(at::zeros({batch, heads, c, head_dim}, options));
+        positions_.push_back(at::zeros({batch, heads, c}, pos_options));
+      }
+      scratch_ = at::empty({batch, heads, max_cap, head_dim}, options);
+      pos_scratch_ = at::empty({batch, heads, max_cap}, pos_options);
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {  // out of memory, most often (c10::Error or std::bad_alloc)
+      std::string why = e.what();
+      if (auto* c10e = dynamic_cast<const c10::Error*>(&e)) why = c10e->what_without_backtrace();
+      throw Error("StaticCache: cannot allocate buffers of capacity " + params::format_int_list(capacity) +
+                  " (batch " + std::to_string(batch) + ", heads " + std::to_string(heads) + ", head_dim " +
+                  std::to_string(head_dim) + ") on " + options.device().str() + ": " + why.substr(0, why.find('\n')));
     }
     lengths_.assign(static_cast<size_t>(num_layers), 0);
     pending_.assign(static_cast<size_t>(num_layers), Pending{});
-    scratch_ = at::empty({batch, heads, max_cap, head_dim}, options);
-    pos_scratch_ = at::empty({batch, heads, max_cap}, pos_options);
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(keys_.size()); }
@@ -121,12 +133,18 @@ class StaticCache {
   /// Copies T new tokens ([batch, heads, T, head_dim]) with original positions
   /// `first_position .. first_position + T - 1` into the slots after the valid ones.
   void append(int64_t layer, const at::Tensor& keys, const at::Tensor& values, int64_t first_position) {
+    at(layer);
     detail::validate_layer(keys, values, static_cast<size_t>(layer), "StaticCache::append");
     const int64_t t = keys.size(2);
     if (keys.size(0) != batch_ || keys.size(1) != heads_ || keys.size(3) != head_dim_)
       throw Error("StaticCache::append: layer " + std::to_string(layer) + ": expected [" +
                   std::to_string(batch_) + ", " + std::to_string(heads_) + ", T, " +
                   std::to_string(head_dim_) + "], got " + detail::shape_text(keys));
+    if (keys.scalar_type() != keys_[0].scalar_type() || keys.device() != keys_[0].device())
+      throw Error("StaticCache::append: layer " + std::to_string(layer) + ": tokens are " +
+                  std::string(c10::toString(keys.scalar_type())) + " on " + keys.device().str() + ", the cache " +
+                  std::string(c10::toString(keys_[0].scalar_type())) + " on " + keys_[0].device().str());
+    check_positions("StaticCache::append", t, first_position);
     require_room_in(layer, t);
     const int64_t len = lengths_[at(layer)];
     keys_[at(layer)].narrow(2, len, t).copy_(keys);
@@ -143,6 +161,7 @@ class StaticCache {
   /// Records that a model's step wrote T tokens with positions first_position.. into the slots
   /// after the valid ones of every layer (the buffers were filled in place).
   void commit_step(int64_t t, int64_t first_position) {
+    check_positions("StaticCache::commit_step", t, first_position);
     require_room(t);
     for (int64_t l = 0; l < num_layers(); ++l) record(l, first_position, t);
   }
@@ -214,8 +233,26 @@ class StaticCache {
     return static_cast<size_t>(layer);
   }
 
+  // Token counts and positions a step may record: t >= 0 tokens at positions >= 0 that fit in
+  // int64 (first + t - 1 is the last one).
+  static void check_positions(const char* who, int64_t t, int64_t first) {
+    if (t < 0) throw Error(std::string(who) + ": token count must be >= 0, got " + std::to_string(t));
+    if (first < 0 || first > std::numeric_limits<int64_t>::max() - t)
+      throw Error(std::string(who) + ": first position must be in [0, " +
+                  std::to_string(std::numeric_limits<int64_t>::max() - t) + "] for " + std::to_string(t) +
+                  " tokens, got " + std::to_string(first));
+  }
+
+  // batch * heads * capacity * head_dim elements must be countable.
+  static void check_elements(int64_t b, int64_t h, int64_t c, int64_t d) {
+    const int64_t max = std::numeric_limits<int64_t>::max();
+    if (c > max / b / h / d)
+      throw Error("StaticCache: capacity " + std::to_string(c) + " with batch " + std::to_string(b) + ", heads " +
+                  std::to_string(h) + " and head_dim " + std::to_string(d) + " is more elements than int64 counts");
+  }
+
   void require_room_in(int64_t layer, int64_t t) const {
-    if (lengths_[at(layer)] + t <= capacity(layer)) return;
+    if (t <= capacity(layer) - lengths_[at(layer)]) return;
     const bool skipped = std::find(uncompressed_.begin(), uncompressed_.end(), layer) != uncompressed_.end();
     throw Error("StaticCache: layer " + std::to_string(layer) + " is full: " +
                 std::to_string(lengths_[at(layer)]) + " + " + std::to_string(t) +
