@@ -451,3 +451,27 @@ TEST_P(Policies, HugeBudgetsKeepEverythingWithoutOverflow) {
     expect_unchanged(c->compress({in}, {li})[0], in);
   }
 }
+
+TEST(PyramidBudgets, ExtremeValuesSaturateInsteadOfOverflowing) {
+  using P = kvc::policies::PyramidKV;
+  constexpr int64_t big = std::numeric_limits<int64_t>::max();
+  kvc::PyramidKVOptions o;
+  o.base_size = big;  // 2^63 - 1 as a double is 2^63: past int64, so it saturates
+  EXPECT_EQ(P::layer_budget(o, 0, 32), big);
+  EXPECT_EQ(P::layer_budget(o, 1, 32), 8301034833169298432);  // Python: int(9223372036854775807 * 0.9)
+  o.base_size = 512;
+  o.layer_decay = 1e300;  // 512 * 1e300^i overflows double to inf at i = 2
+  EXPECT_EQ(P::layer_budget(o, 1, 32), big);
+  EXPECT_EQ(P::layer_budget(o, 2, 32), big);
+  o.layer_decay = 0.9;
+  o.profile = kvc::PyramidProfile::linear;
+  o.base_size = big;
+  o.min_size = 2;
+  EXPECT_EQ(P::layer_budget(o, 31, 32), 2);  // i * (base - min) would overflow int64
+  EXPECT_GT(P::layer_budget(o, 16, 32), int64_t{1} << 61);
+  // Through the registry on a 3-layer cache: nothing is cut.
+  auto c = kvc::make_compressor("pyramid_kv(base_size=" + std::to_string(big) + ")");
+  kvc::KVCache kv(3, layer_from_norms({{ramp(20, true)}}));
+  const auto out = c->compress(kv);
+  for (size_t l = 0; l < 3; ++l) EXPECT_TRUE(out[l].first.is_same(kv[l].first)) << "layer " << l;
+}

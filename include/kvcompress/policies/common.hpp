@@ -12,10 +12,19 @@
 namespace kvcompress {
 namespace detail {
 
-/// Python's int(x) for a double: truncation toward zero.
-inline int64_t py_int(double x) { return static_cast<int64_t>(std::trunc(x)); }
-/// Python's math.ceil of the double-precision value (ceil(0.7 * 10) is 8).
-inline int64_t py_ceil(double x) { return static_cast<int64_t>(std::ceil(x)); }
+// A double already rounded to an integer, as int64, saturating (a cast out of range is
+// undefined behaviour). Sizes are compared with lengths, so saturating keeps "everything".
+inline int64_t saturate_to_int64(double x) {
+  constexpr double limit = 9223372036854775808.0;  // 2^63
+  if (std::isnan(x)) return 0;
+  if (x >= limit) return std::numeric_limits<int64_t>::max();
+  if (x < -limit) return std::numeric_limits<int64_t>::min();
+  return static_cast<int64_t>(x);
+}
+/// Python's int(x) for a double: truncation toward zero (saturating past int64).
+inline int64_t py_int(double x) { return saturate_to_int64(std::trunc(x)); }
+/// Python's math.ceil of the double-precision value (ceil(0.7 * 10) is 8), saturating.
+inline int64_t py_ceil(double x) { return saturate_to_int64(std::ceil(x)); }
 
 /// a + b for sizes >= 0, saturating at the largest int64: "seq <= a + b" keeps meaning "within
 /// budget" for any representable budget instead of overflowing.

@@ -41,8 +41,9 @@ struct PyramidKV {
                               std::pow(o.layer_decay, static_cast<double>(i)));
         break;
       case PyramidProfile::linear:
+        // i * (base - min) in double: exact wherever the int64 product is, and no overflow.
         size = detail::py_int(static_cast<double>(o.base_size) -
-                              static_cast<double>(i * (o.base_size - o.min_size)) /
+                              static_cast<double>(i) * static_cast<double>(o.base_size - o.min_size) /
                                   static_cast<double>(std::max<int64_t>(num_layers - 1, 1)));
         break;
       case PyramidProfile::constant:
