@@ -428,8 +428,11 @@ TEST_P(Policies, AttentionPoliciesNameWhatIsMissingOrMisshapen) {
   wide_q.queries = at::zeros({2, 2, 1, 5}, at::TensorOptions().device(dev()));
   expect_error([&] { kvc::snapkv_compress({in}, {2, 5}, {}, {wide_q}); }, {"queries must be [2, 2, W >= 1, 4]"});
   expect_error([&] { kvc::h2o_compress({in, in}, {2, 3}, {}, {short_att}); }, {"1 LayerInputs for 2 layers"});
-  // Skipped layers need nothing.
+  // Skipped layers need nothing, nor do empty ones.
   expect_unchanged(kvc::h2o_compress({in}, {2, 3}, {0})[0], in);
+  const at::Tensor empty = in.first.narrow(2, 0, 0);
+  EXPECT_FALSE(kvc::make_compressor("tova(cache_size=4)")->select(kvc::LayerView{empty, 0, 1}).has_value());
+  EXPECT_EQ(kvc::kept_tokens(*kvc::make_compressor("snapkv(keep_size=8)"), 0, 1, 0), 0);
 }
 
 TEST_P(Policies, HugeBudgetsKeepEverythingWithoutOverflow) {

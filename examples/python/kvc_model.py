@@ -311,7 +311,7 @@ class _Layer(nn.Module):
         if want_mass:
             t = q.size(2)
             s = k.size(2)
-            bias = torch.zeros([t, s], dtype=torch.float32, device=x.device)
+            bias = torch.zeros([t, s], dtype=x.dtype, device=x.device)  # SDPA wants q's dtype
             if t > 1:
                 bias = bias.masked_fill(chunk_mask(t, s, past_k.size(2), x.device).logical_not(), float("-inf"))
             o, mass = self.attend_masked_scored(q, k, v, bias)
@@ -505,7 +505,8 @@ class KVCModel(nn.Module):
         """Contract version 3: forward, plus per layer (when `attention`) the attention every
         slot of the returned cache received from the new tokens, summed over them (float32
         [B, H, past + T]), and the last min(T, query_window) queries as the layer used them
-        ([B, H, n, D]). Empty lists for what is not asked for."""
+        ([B, H, n, D]). Empty lists for what is not asked for. A call is one step: its tokens'
+        attention is summed, as the course project scored its prompt."""
         self.check_positions(input_ids, position_ids)
         if len(past_keys) != self.num_layers or len(past_values) != self.num_layers:
             raise RuntimeError("kvc model: got {} past_keys and {} past_values, expected {} each"

@@ -513,6 +513,14 @@ def test_sdpa_matches_portable():
         scored.append((torch.cat([x, y], 1), ab))
     assert (scored[0][0] - scored[1][0]).abs().max().item() < 1e-4
     assert max((p - q).abs().max().item() for p, q in zip(scored[0][1], scored[1][1])) < 1e-5
+    # forward_scored in half precision on CUDA: SDPA takes a mask only in the query's dtype.
+    if torch.cuda.is_available():
+        h = b.to(device="cuda", dtype=torch.float16)
+        pk, pv = km.empty_cache(h, 2)
+        with torch.no_grad():
+            lg, pk, pv, mass, q = h.forward_scored(ids[:, :8].cuda(), pos[:, :8].cuda(), pk, pv, True, 2)
+            lg2, _, _, mass2, _ = h.forward_scored(ids[:, 8:12].cuda(), pos[:, 8:12].cuda(), pk, pv, True, 2)
+        assert mass[0].dtype == torch.float32 and (mass2[0].sum(-1) - 4).abs().max().item() < 1e-2
 
 
 def main():

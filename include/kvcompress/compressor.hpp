@@ -208,6 +208,7 @@ class BasicCompressor final : public Compressor {
 
   std::optional<Selection> select(const LayerView& layer) const override {
     if (std::find(skip_layers_.begin(), skip_layers_.end(), layer.layer) != skip_layers_.end()) return std::nullopt;
+    if (layer.seq() == 0) return std::nullopt;  // nothing to choose from (and no scores to ask for)
     if (needs_.values || needs_.scores()) detail::check_inputs(layer, needs_, Policy::name);
     return Policy::select(options_, layer);
   }

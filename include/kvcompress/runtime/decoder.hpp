@@ -62,7 +62,9 @@ class Decoder {
 
   /// step() over a prompt ([batch, P]) in pieces of `chunk` tokens (0 = all at once); returns
   /// the logits of the last piece. Pieces bound the prefill's transient memory (float32
-  /// logits of every fed position, attention scores); the cache ends up the same.
+  /// logits of every fed position, attention scores); the keys and values end up the same. (A
+  /// step's attention is summed over its tokens and decayed once, so with a decay below 1 the
+  /// accumulated scores depend on the pieces, as they would in the course project's loop.)
   at::Tensor prefill(const at::Tensor& ids, int64_t chunk) {
     if (chunk < 0) throw Error("prefill: chunk must be >= 0, got " + std::to_string(chunk));
     const int64_t p = ids.size(1);
@@ -230,7 +232,7 @@ inline std::vector<int64_t> peak_lengths(const Compressor* compressor, int64_t n
   std::vector<int64_t> len(static_cast<size_t>(num_layers), 0), peak(static_cast<size_t>(num_layers), 0);
   int64_t since = 0;
   for (int64_t done = 0; done < total;) {
-    const int64_t t = done == 0 ? std::min(first_chunk, total) : 1;
+    const int64_t t = done == 0 ? std::max<int64_t>(1, std::min(first_chunk, total)) : 1;
     done += t;
     since += t;
     for (auto& l : len) l += t;
@@ -279,7 +281,11 @@ class StaticDecoder final : public Decoder {
     // queries since the last compression is computed at once when it is next needed
     // (flush_attention). The same scores, a fraction of the per-step kernels.
     deferred_ = needs_.attention && options.schedule.kind == Schedule::chunked && options.schedule.slack > 1;
-    ring_ = std::max(window(), deferred_ ? options.schedule.slack : 0);
+    // Pending queries never outnumber the tokens a layer can hold, so the ring need not be
+    // larger than the largest capacity, whatever the slack.
+    int64_t largest = 0;
+    for (int64_t l = 0; l < layers; ++l) largest = std::max(largest, cache_.capacity(l));
+    ring_ = std::max(window(), deferred_ ? std::min(options.schedule.slack, largest) : 0);
     query_slots_ = at::zeros({ring_ > 0 ? 1 : 0}, long_opts);
     for (int64_t l = 0; l < layers && ring_ > 0; ++l) {
       query_buffers_.push_back(at::zeros({options.batch, model.info().num_heads, ring_, model.info().head_dim},
@@ -288,7 +294,13 @@ class StaticDecoder final : public Decoder {
     }
   }
 
-  StaticCache& cache() { return cache_; }
+  /// The cache, its accumulated attention brought up to date. Compress through the decoder
+  /// (maybe_compress): compacting the cache directly would misplace attention still pending.
+  StaticCache& cache() {
+    if (deferred_) flush_attention();
+    return cache_;
+  }
+  /// The cache as it is; under a chunked schedule its attention may lag the last steps.
   const StaticCache& cache() const { return cache_; }
   KVCache view() const override { return cache_.view(); }
   std::vector<int64_t> lengths() const override { return cache_.lengths(); }
@@ -381,15 +393,23 @@ class StaticDecoder final : public Decoder {
                                        at::arange(n - 1, -1, -1, at::kDouble)).to(at::kFloat).to(dev).view({1, 1, n, 1});
     const double scale = 1.0 / std::sqrt(static_cast<double>(model_.info().head_dim));
     const std::vector<int64_t> skip = options_.compressor->skip_layers();
+    const auto long_opts = at::TensorOptions().dtype(at::kLong).device(dev);
+    constexpr int64_t kBlock = 64;  // queries scored together: bounds the [B, H, block, len] scores
     for (int64_t l = 0; l < cache_.num_layers(); ++l) {
       if (std::find(skip.begin(), skip.end(), l) != skip.end()) continue;  // never compressed: no scores needed
       const int64_t len = cache_.length(l);
-      const at::Tensor q = query_buffers_[static_cast<size_t>(l)].index_select(2, order);
-      at::Tensor scores = at::matmul(q, cache_.key_buffer(l).narrow(2, 0, len).transpose(-1, -2)).to(at::kFloat).mul_(scale);
-      const at::Tensor slot = at::arange(len, at::TensorOptions().dtype(at::kLong).device(dev)).view({1, len});
-      const at::Tensor last = at::arange(len - n, len, at::TensorOptions().dtype(at::kLong).device(dev)).view({n, 1});
-      scores.masked_fill_(slot.gt(last), -std::numeric_limits<double>::infinity());
-      const at::Tensor added = at::softmax(scores, -1).mul_(weights).sum(2);
+      const at::Tensor keys_t = cache_.key_buffer(l).narrow(2, 0, len).transpose(-1, -2);
+      const at::Tensor slot = at::arange(len, long_opts).view({1, len});
+      at::Tensor added;
+      for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+        const int64_t m = std::min(kBlock, n - b0);
+        const at::Tensor q = query_buffers_[static_cast<size_t>(l)].index_select(2, order.narrow(0, b0, m));
+        at::Tensor scores = at::matmul(q, keys_t).to(at::kFloat).mul_(scale);
+        const at::Tensor last = at::arange(len - n + b0, len - n + b0 + m, long_opts).view({m, 1});
+        scores.masked_fill_(slot.gt(last), -std::numeric_limits<double>::infinity());
+        at::Tensor part = at::softmax(scores, -1).mul_(weights.narrow(2, b0, m)).sum(2);
+        added = added.defined() ? added.add_(part) : part;
+      }
       at::Tensor att = cache_.attention(l);
       att.mul_(std::pow(needs_.decay, static_cast<double>(n))).add_(added);
     }
