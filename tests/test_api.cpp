@@ -128,6 +128,22 @@ TEST(Errors, UnknownMethodListsKnownOnes) {
   expect_error([] { kvc::make_compressor("snapkv_heavy"); }, {"unknown method 'snapkv_heavy'", "snapkv_lite", "h2o_l2", "tova"});
 }
 
+TEST(Errors, UnprintableBytesInSpecsAreShownEscapedNeverCut) {
+  const std::string nul_method("snap\0kv", 7);
+  try {
+    kvc::make_compressor(nul_method);
+    ADD_FAILURE() << "expected an error";
+  } catch (const kvc::Error& e) {
+    // The message is one C string: a raw NUL would end it before the list of methods.
+    EXPECT_NE(std::string(e.what()).find("'snap\\x00kv'"), std::string::npos) << e.what();
+  }
+  expect_error([] { kvc::make_compressor("streaming_llm(start_size='4\x01\x7f')"); },
+               {"start_size", "'4\\x01\\x7f'"});
+  expect_error([] { kvc::make_compressor(std::string("streaming_llm('a\tb'=1)")); },
+               {"unknown parameter 'a\\x09b'", "valid parameters"});
+  expect_error([] { kvc::make_compressor(std::string("l2(\x02") ); }, {"bad method spec 'l2(\\x02'"});
+}
+
 TEST(Errors, UnknownParameterListsValidOnes) {
   expect_error([] { kvc::make_compressor("streaming_llm(window=3)"); },
                {"unknown parameter 'window'", "start_size, recent_size, skip_layers"});

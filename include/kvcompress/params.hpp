@@ -20,6 +20,24 @@ namespace params {
 
 inline constexpr int64_t unbounded = std::numeric_limits<int64_t>::max();
 
+/// `text` with every byte that would not print (control bytes, NUL included, and DEL) written as
+/// \xNN, so an error message quoting user input is never cut short or garbled.
+inline std::string printable(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  for (unsigned char c : text) {
+    if (c >= 0x20 && c != 0x7f) {
+      out += static_cast<char>(c);
+    } else {
+      const char* hex = "0123456789abcdef";
+      out += "\\x";
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    }
+  }
+  return out;
+}
+
 /// A value as written in a spec: one word, or a bracketed list of words.
 struct SpecValue {
   bool is_list = false;
@@ -201,7 +219,7 @@ class Assigner {
     return x;
   }
   [[noreturn]] void bad(const char* name, const std::string& wanted, const SpecValue& v) const {
-    throw Error(where_ + ": parameter '" + name + "' expects " + wanted + ", got '" + v.text() + "'");
+    throw Error(where_ + ": parameter '" + name + "' expects " + wanted + ", got '" + printable(v.text()) + "'");
   }
   std::string where_;
   std::map<std::string, SpecValue>& values_;

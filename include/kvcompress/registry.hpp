@@ -105,7 +105,7 @@ class SpecParser {
   bool at_end() const { return pos_ >= s_.size(); }
   char peek() const { return at_end() ? '\0' : s_[pos_]; }
   [[noreturn]] void fail(const std::string& what) const {
-    throw Error("bad method spec '" + s_ + "': " + what + " at position " + std::to_string(pos_));
+    throw Error("bad method spec '" + params::printable(s_) + "': " + what + " at position " + std::to_string(pos_));
   }
   const std::string& s_;
   size_t pos_ = 0;
@@ -149,7 +149,7 @@ std::unique_ptr<Compressor> make_policy_compressor(std::map<std::string, params:
     names.names.emplace_back("skip_layers");
     std::string valid;
     for (const auto& n : names.names) valid += (valid.empty() ? "" : ", ") + n;
-    throw Error(std::string(Policy::name) + ": unknown parameter '" + args.begin()->first +
+    throw Error(std::string(Policy::name) + ": unknown parameter '" + params::printable(args.begin()->first) +
                 "'; valid parameters: " + valid);
   }
   return std::make_unique<BasicCompressor<Policy>>(std::move(options), std::move(skip));
@@ -193,7 +193,7 @@ class Registry {
       if (it == factories_.end()) {
         std::string known;
         for (const auto& kv : factories_) known += (known.empty() ? "" : ", ") + kv.first;
-        throw Error("unknown method '" + parsed.name + "'; known methods: " + known);
+        throw Error("unknown method '" + params::printable(parsed.name) + "'; known methods: " + known);
       }
       factory = it->second;
     }
@@ -214,7 +214,7 @@ class Registry {
   }
   void check_free(const std::string& n) const {
     if (factories_.count(n) || aliases_.count(n))
-      throw Error("register_policy: method name '" + n + "' is already registered");
+      throw Error("register_policy: method name '" + params::printable(n) + "' is already registered");
   }
   mutable std::mutex mutex_;
   std::map<std::string, Factory> factories_;
