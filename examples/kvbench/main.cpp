@@ -38,12 +38,14 @@ void check_positions_fit_model(const Options& o, const rt::ContractModel& model,
 // Attention-aware methods need contract version 3's scored methods: refuse up front, not after
 // the runs before them.
 void check_model_scores_for(const rt::ContractModel& model, const std::vector<Run>& runs) {
-  if (model.has_scored()) return;
-  for (const auto& r : runs)
-    if (r.compressor && r.compressor->needs().scores())
-      fail(r.label + ": " + r.compressor->name() + " scores with attention, which " + model.info().name +
-           " (contract version " + std::to_string(model.info().contract_version) +
-           ") cannot provide: upgrade the file with examples/python/upgrade_contract.py or re-export it");
+  for (const auto& r : runs) {
+    if (!r.compressor) continue;
+    try {
+      rt::Decoder::require_scores_from(model, *r.compressor);
+    } catch (const kvc::Error& e) {
+      fail(r.label + ": " + e.what());
+    }
+  }
 }
 
 int run(int argc, char** argv) {

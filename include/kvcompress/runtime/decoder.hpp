@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -34,13 +35,21 @@ class Decoder {
  public:
   Decoder(ContractModel& model, DecoderOptions options) : model_(model), options_(options) {
     if (options.batch < 1) throw Error("decoder: batch must be >= 1, got " + std::to_string(options.batch));
-    if (options.compressor) needs_ = options.compressor->needs();
-    if (needs_.scores() && !model.has_scored())
-      throw Error(options.compressor->spec() + " scores with attention, which model '" + model.info().name +
-                  "' (contract version " + std::to_string(model.info().contract_version) +
-                  ") cannot provide: it has no forward_scored/step_scored. Upgrade the file with "
-                  "examples/python/upgrade_contract.py or re-export it (export_pythia.py, export_small_model.py) "
-                  "to contract version 3");
+    if (options.compressor) {
+      require_scores_from(model, *options.compressor);
+      needs_ = options.compressor->needs();
+    }
+  }
+
+  /// Throws kvcompress::Error when `compressor` scores with attention and `model` cannot
+  /// provide it (a file older than contract version 3), naming the remedy.
+  static void require_scores_from(const ContractModel& model, const Compressor& compressor) {
+    if (!compressor.needs().scores() || model.has_scored()) return;
+    throw Error(compressor.spec() + " scores with attention, which model '" + model.info().name +
+                "' (contract version " + std::to_string(model.info().contract_version) +
+                ") cannot provide: it has no forward_scored/step_scored. Upgrade the file with "
+                "examples/python/upgrade_contract.py or re-export it (export_pythia.py, export_small_model.py) "
+                "to contract version 3");
   }
   virtual ~Decoder() = default;
   Decoder(const Decoder&) = delete;
@@ -226,10 +235,13 @@ class ConcatDecoder final : public Decoder {
 
 /// Largest length every layer reaches when `total` tokens arrive (the first `first_chunk` at
 /// once, then one by one) and `compressor` runs on `schedule`. Selections depend only on
-/// lengths, so this is exact: it sizes the buffers of a StaticDecoder.
+/// lengths, so this is exact: it sizes the buffers of a StaticDecoder. Each (layer, length) is
+/// asked of the policy once: past its budget a layer cycles through the same few lengths, so a
+/// long text costs a handful of probes per layer instead of one per token.
 inline std::vector<int64_t> peak_lengths(const Compressor* compressor, int64_t num_layers, int64_t total,
                                          int64_t first_chunk, const Schedule& schedule) {
   std::vector<int64_t> len(static_cast<size_t>(num_layers), 0), peak(static_cast<size_t>(num_layers), 0);
+  std::map<std::pair<int64_t, int64_t>, int64_t> kept;  // (layer, length) -> tokens kept
   int64_t since = 0;
   for (int64_t done = 0; done < total;) {
     const int64_t t = done == 0 ? std::max<int64_t>(1, std::min(first_chunk, total)) : 1;
@@ -239,8 +251,12 @@ inline std::vector<int64_t> peak_lengths(const Compressor* compressor, int64_t n
     for (size_t i = 0; i < len.size(); ++i) peak[i] = std::max(peak[i], len[i]);
     if (!compressor || !schedule.due(since)) continue;
     since = 0;
-    for (int64_t i = 0; i < num_layers; ++i)
-      len[static_cast<size_t>(i)] = kept_tokens(*compressor, i, num_layers, len[static_cast<size_t>(i)]);
+    for (int64_t i = 0; i < num_layers; ++i) {
+      int64_t& l = len[static_cast<size_t>(i)];
+      auto it = kept.find({i, l});
+      if (it == kept.end()) it = kept.emplace(std::make_pair(i, l), kept_tokens(*compressor, i, num_layers, l)).first;
+      l = it->second;
+    }
   }
   return peak;
 }
@@ -381,37 +397,33 @@ class StaticDecoder final : public Decoder {
   }
 
   // Adds the attention of the n queries fed since the last flush to the accumulated scores, as
-  // n steps would have: score <- decay^n * score + sum_i decay^(n-1-i) * attention_i, where
-  // query i saw the slots up to its own (nothing was compacted in between). Attention is the
-  // contract's softmax(q k^T / sqrt(head_dim)) in float32.
+  // n steps would have: score <- decay^n * score + sum_i decay^(n-1-i) * attention_i. Nothing
+  // was compacted in between, so each query sees the slots whose tokens are not later than it:
+  // window_attention over the cache's positions, as the window-scoring policies use it.
   void flush_attention() {
     const int64_t n = fed_ - flushed_;
     if (n <= 0) return;
     const auto dev = model_.device();
-    const at::Tensor order = at::arange(flushed_, fed_, at::kLong).remainder(ring_).to(dev);
+    const at::Tensor positions = at::arange(flushed_, fed_, at::kLong);
+    const at::Tensor order = positions.remainder(ring_).to(dev);
     const at::Tensor weights = at::pow(at::full({n}, needs_.decay, at::kDouble),
                                        at::arange(n - 1, -1, -1, at::kDouble)).to(at::kFloat).to(dev).view({1, 1, n, 1});
-    const double scale = 1.0 / std::sqrt(static_cast<double>(model_.info().head_dim));
     const std::vector<int64_t> skip = options_.compressor->skip_layers();
-    const auto long_opts = at::TensorOptions().dtype(at::kLong).device(dev);
     constexpr int64_t kBlock = 64;  // queries scored together: bounds the [B, H, block, len] scores
     for (int64_t l = 0; l < cache_.num_layers(); ++l) {
       if (std::find(skip.begin(), skip.end(), l) != skip.end()) continue;  // never compressed: no scores needed
-      const int64_t len = cache_.length(l);
-      const at::Tensor keys_t = cache_.key_buffer(l).narrow(2, 0, len).transpose(-1, -2);
-      const at::Tensor slot = at::arange(len, long_opts).view({1, len});
+      const at::Tensor keys = cache_.key_buffer(l).narrow(2, 0, cache_.length(l));
+      LayerView view{keys, l, cache_.num_layers()};
+      view.key_positions = cache_.positions(l);
       at::Tensor added;
       for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
         const int64_t m = std::min(kBlock, n - b0);
-        const at::Tensor q = query_buffers_[static_cast<size_t>(l)].index_select(2, order.narrow(0, b0, m));
-        at::Tensor scores = at::matmul(q, keys_t).to(at::kFloat).mul_(scale);
-        const at::Tensor last = at::arange(len - n + b0, len - n + b0 + m, long_opts).view({m, 1});
-        scores.masked_fill_(slot.gt(last), -std::numeric_limits<double>::infinity());
-        at::Tensor part = at::softmax(scores, -1).mul_(weights.narrow(2, b0, m)).sum(2);
+        view.queries = query_buffers_[static_cast<size_t>(l)].index_select(2, order.narrow(0, b0, m));
+        view.query_positions = positions.narrow(0, b0, m);
+        at::Tensor part = window_attention(view).mul_(weights.narrow(2, b0, m)).sum(2);
         added = added.defined() ? added.add_(part) : part;
       }
-      at::Tensor att = cache_.attention(l);
-      att.mul_(std::pow(needs_.decay, static_cast<double>(n))).add_(added);
+      cache_.attention(l).mul_(std::pow(needs_.decay, static_cast<double>(n))).add_(added);
     }
     flushed_ = fed_;
   }
