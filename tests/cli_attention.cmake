@@ -1,6 +1,6 @@
 # Runs kvbench --compare-attention at one budget and checks its rows: every attention-aware
 # method beside its key-norm proxy with the same split of the budget, each kept at the budget,
-# each with a perplexity in range.
+# each with a perplexity in range (the per-head budgets hold twice the slots).
 execute_process(COMMAND ${CMD} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 600)
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "kvbench failed (${rc}):\n${out}\n${err}")
@@ -14,7 +14,10 @@ set(want
     "h2o_32|h2o(heavy_hitter_size=16, recent_size=16, "
     "snapkv_lite_32|snapkv_lite(observation_window=2, keep_size=32, "
     "snapkv_32|snapkv(observation_window=2, keep_size=32, pooling_kernel=5, pooling=avg, "
-    "tova_32|tova(cache_size=32, heads=mean, ")
+    "tova_32|tova(cache_size=32, heads=mean, "
+    # Per-head budgets hold head_cap (2) times the slots, half of them hidden.
+    "adakv_h2o_32|adakv_h2o(heavy_hitter_size=16, recent_size=16, alpha_safeguard=0.2, head_cap=2.0, |64"
+    "adakv_snapkv_32|adakv_snapkv(observation_window=2, keep_size=32, pooling_kernel=5, pooling=avg, alpha_safeguard=0.2, head_cap=2.0, |64")
 string(JSON n LENGTH "${doc}" results)
 list(LENGTH want expected)
 if(NOT n EQUAL expected)
@@ -34,9 +37,13 @@ foreach(row IN LISTS want)
   list(LENGTH parts np)
   if(np GREATER 1)
     list(GET parts 1 prefix)
+    set(want_tokens 32)
+    if(np GREATER 2)
+      list(GET parts 2 want_tokens)
+    endif()
     string(FIND "${spec}" "${prefix}" at)
-    if(NOT at EQUAL 0 OR NOT tokens EQUAL 32)
-      message(FATAL_ERROR "${label}: spec '${spec}' (want it to start '${prefix}'), cache_tokens ${tokens} (want 32)")
+    if(NOT at EQUAL 0 OR NOT tokens EQUAL want_tokens)
+      message(FATAL_ERROR "${label}: spec '${spec}' (want it to start '${prefix}'), cache_tokens ${tokens} (want ${want_tokens})")
     endif()
   endif()
   if(NOT ppl GREATER 1 OR NOT ppl LESS 6144)

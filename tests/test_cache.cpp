@@ -372,3 +372,74 @@ TEST_P(Cache, AttentionScoresMoveWithTheirTokens) {
   expect_error([&] { plain.accumulate_attention(0, at::zeros({kBatch, kHeads, 3}, opts()), 1.0); },
                {"accumulate_attention", "layer 0"});
 }
+
+TEST_P(Cache, HiddenSlotsMoveWithTheirTokens) {
+  // Per-head budgets hide slots; every compaction moves the mask with its tokens, the model's
+  // additive mask (slot_bias) is -inf exactly there, and new slots are visible.
+  at::manual_seed(6);
+  auto score_of = [](const at::Tensor& positions) {
+    const auto sizes = positions.sizes();
+    at::Tensor head = at::arange(sizes[1], positions.options()).view({1, -1, 1});
+    at::Tensor row = at::arange(sizes[0], positions.options()).view({-1, 1, 1});
+    return (positions * 7919 + head * 31 + row * 17).remainder(101).to(at::kFloat).div_(128);
+  };
+  for (const auto schedule : {kvc::Schedule::every(), kvc::Schedule::chunk(5)}) {
+    SCOPED_TRACE(schedule.kind == kvc::Schedule::chunked ? "chunked" : "every step");
+    auto c = kvc::make_compressor("adakv_h2o(heavy_hitter_size=4, recent_size=3, alpha_safeguard=0.25, skip_layers=[0])");
+    kvc::StaticCache cache(kLayers, kBatch, kHeads, kDim, {64}, opts());
+    cache.track_attention();
+    EXPECT_FALSE(cache.tracks_hidden());
+    kvc::KVCache ref(kLayers, {at::empty({kBatch, kHeads, 0, kDim}, opts()), at::empty({kBatch, kHeads, 0, kDim}, opts())});
+    std::vector<at::Tensor> ref_att(kLayers, at::empty({kBatch, kHeads, 0}, opts()));
+    std::vector<at::Tensor> ref_hidden(kLayers, at::empty({kBatch, kHeads, 0}, opts().dtype(at::kBool)));
+    int64_t position = 0, hidden_seen = 0;
+    for (int64_t step = 0; step < 30; ++step) {
+      const int64_t t = step == 0 ? 9 : 1;
+      const at::Tensor pos = at::arange(position, position + t, opts().dtype(at::kLong)).expand({kBatch, kHeads, t});
+      for (int64_t l = 0; l < kLayers; ++l) {
+        auto [k, v] = tokens(t);
+        cache.append(l, k, v, position);
+        cache.accumulate_attention(l, at::cat({at::zeros({kBatch, kHeads, cache.length(l) - t}, opts()), score_of(pos)}, 2), 1.0);
+        ref[l] = {at::cat({ref[l].first, k}, 2), at::cat({ref[l].second, v}, 2)};
+        ref_att[l] = at::cat({ref_att[l], score_of(pos)}, 2);
+        ref_hidden[l] = at::cat({ref_hidden[l], at::zeros({kBatch, kHeads, t}, opts().dtype(at::kBool))}, 2);
+      }
+      position += t;
+      if (!cache.maybe_compress(*c, schedule)) continue;
+      ASSERT_TRUE(cache.tracks_hidden());
+      for (int64_t l = 0; l < kLayers; ++l) {
+        kvc::LayerView v{ref[l].first, l, kLayers, {}, ref_att[l]};
+        v.hidden = ref_hidden[l];
+        std::optional<kvc::Selection> s = c->select(v);
+        if (!s) continue;
+        ref[l] = kvc::apply_selection(ref[l].first, ref[l].second, *s);
+        ref_att[l] = kvc::take_slots(ref_att[l], *s);
+        ref_hidden[l] = s->hidden();
+      }
+      const kvc::KVCache view = cache.view();
+      for (int64_t l = 0; l < kLayers; ++l) {
+        ASSERT_TRUE(at::equal(view[l].first, ref[l].first)) << "step " << step << " layer " << l;
+        ASSERT_TRUE(at::equal(view[l].second, ref[l].second)) << "step " << step << " layer " << l;
+        ASSERT_TRUE(at::equal(cache.hidden(l), ref_hidden[l])) << "step " << step << " layer " << l;
+        ASSERT_TRUE(at::equal(cache.attention(l), score_of(cache.positions(l))));
+        const int64_t len = cache.length(l);
+        const at::Tensor bias = cache.slot_bias_buffer(l);
+        EXPECT_TRUE(at::equal(bias.narrow(2, 0, len).isinf(), ref_hidden[l]));
+        EXPECT_EQ(bias.narrow(2, len, 64 - len).abs().sum().item<double>(), 0.0);
+        hidden_seen += ref_hidden[l].sum().item<int64_t>();
+      }
+    }
+    EXPECT_GT(hidden_seen, 0);
+    EXPECT_EQ(cache.length(1), schedule.kind == kvc::Schedule::chunked ? 14 + 4 : 14);  // 2 * 7 slots (+ slack - 1)
+    // A later span compaction moves the mask with its tokens too.
+    const at::Tensor before = cache.hidden(1);
+    const int64_t len = cache.length(1);
+    cache.compress(*kvc::make_compressor("recent_only(window_size=6, skip_layers=[0])"));
+    EXPECT_TRUE(at::equal(cache.hidden(1), before.narrow(2, len - 6, 6)));
+    cache.clear();
+    EXPECT_EQ(cache.slot_bias_buffer(1).abs().sum().item<double>(), 0.0);
+  }
+  kvc::StaticCache plain(kLayers, kBatch, kHeads, kDim, {8}, opts());
+  expect_error([&] { plain.slot_bias_buffer(0); }, {"hidden slots are not tracked"});
+  EXPECT_EQ(plain.hidden(0).numel(), 0);
+}

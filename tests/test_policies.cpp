@@ -478,3 +478,164 @@ TEST(PyramidBudgets, ExtremeValuesSaturateInsteadOfOverflowing) {
   const auto out = c->compress(kv);
   for (size_t l = 0; l < 3; ++l) EXPECT_TRUE(out[l].first.is_same(kv[l].first)) << "layer " << l;
 }
+
+// --- per-head budgets (AdaKV): hidden slots in a dense cache ------------------------------------
+
+namespace {
+
+// Per (row, head): the kept positions that are visible and those that are hidden.
+struct HeadSplit {
+  std::vector<std::vector<std::vector<int64_t>>> visible, hidden;
+};
+
+HeadSplit split_of(const kvc::Selection& s, int64_t batch, int64_t heads) {
+  const at::Tensor pos = s.positions(batch, heads, at::kCPU).cpu();
+  const at::Tensor hid = s.hidden().cpu();
+  HeadSplit out;
+  out.visible.assign(batch, std::vector<std::vector<int64_t>>(heads));
+  out.hidden.assign(batch, std::vector<std::vector<int64_t>>(heads));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t j = 0; j < pos.size(2); ++j)
+        (hid[b][h][j].item<bool>() ? out.hidden : out.visible)[b][h].push_back(pos[b][h][j].item<int64_t>());
+  return out;
+}
+
+kvc::LayerView adakv_view(const at::Tensor& keys, const at::Tensor& attention, at::Tensor hidden = {}) {
+  kvc::LayerView v{keys, 0, 1, {}, attention};
+  v.hidden = hidden.defined() ? hidden : at::zeros(attention.sizes(), attention.options().dtype(at::kBool));
+  return v;
+}
+
+}  // namespace
+
+TEST_P(Policies, AdaKVGivesBudgetToTheHeadsThatNeedIt) {
+  // One row, two heads, seq 10: h2o with 2 heavy hitters + 2 recent = 4 per head, 8 in all.
+  // Head 0's attention is concentrated on four middle tokens, head 1's spread thin.
+  auto in = layer({{ramp(10, true), ramp(10, false)}});
+  const at::Tensor att = per_slot({{{0.875, 0.75, 0.625, 0.5, 0, 0, 0, 0, 0, 0},
+                                    {0.0625, 0, 0.125, 0, 0, 0.25, 0, 0, 0, 0}}}, dev());
+  auto run = [&](const std::string& extra, at::Tensor hidden = {}) {
+    auto c = kvc::make_compressor("adakv_h2o(heavy_hitter_size=2, recent_size=2" + extra + ")");
+    std::optional<kvc::Selection> s = c->select(adakv_view(in.first, att, hidden));
+    EXPECT_TRUE(s.has_value());
+    EXPECT_TRUE(s->hidden().defined());
+    return split_of(*s, 1, 2);
+  };
+  // No safeguard: the recent windows (always kept) and head 0's four best; every head holds
+  // min(10, 2 * 4) = 8 slots, filled with its next-best tokens, hidden.
+  HeadSplit a = run(", alpha_safeguard=0");
+  EXPECT_EQ(a.visible[0][0], (std::vector<int64_t>{0, 1, 2, 3, 8, 9}));
+  EXPECT_EQ(a.visible[0][1], (std::vector<int64_t>{8, 9}));
+  EXPECT_EQ(a.hidden[0][0], (std::vector<int64_t>{4, 5}));
+  EXPECT_EQ(a.hidden[0][1], (std::vector<int64_t>{0, 1, 2, 3, 4, 5}));
+  // Safeguard 0.75: each head's int(0.75 * 4) = 3 best first (head 1: 8, 9 and 5).
+  HeadSplit b = run(", alpha_safeguard=0.75");
+  EXPECT_EQ(b.visible[0][0], (std::vector<int64_t>{0, 1, 2, 8, 9}));
+  EXPECT_EQ(b.visible[0][1], (std::vector<int64_t>{5, 8, 9}));
+  // Safeguard 1: every head its own 4, which is h2o itself.
+  HeadSplit c = run(", alpha_safeguard=1");
+  EXPECT_EQ(c.visible[0][0], (std::vector<int64_t>{0, 1, 8, 9}));
+  EXPECT_EQ(c.visible[0][1], (std::vector<int64_t>{2, 5, 8, 9}));
+  // head_cap 1.25: no head keeps more than ceil(5) tokens, and 5 slots per head.
+  HeadSplit d = run(", alpha_safeguard=0, head_cap=1.25");
+  EXPECT_EQ(d.visible[0][0], (std::vector<int64_t>{0, 1, 2, 8, 9}));
+  EXPECT_TRUE(d.hidden[0][0].empty());
+  EXPECT_EQ(d.visible[0][1], (std::vector<int64_t>{5, 8, 9}));
+  EXPECT_EQ(d.hidden[0][1], (std::vector<int64_t>{0, 2}));
+  // A slot hidden before stays evicted, however high its score: head 0's position 0.
+  at::Tensor was = at::zeros({1, 2, 10}, at::TensorOptions().dtype(at::kBool).device(dev()));
+  was.select(1, 0).select(1, 0).fill_(true);
+  HeadSplit e = run(", alpha_safeguard=0", was);
+  EXPECT_EQ(e.visible[0][0], (std::vector<int64_t>{1, 2, 3, 8, 9}));
+  EXPECT_EQ(e.visible[0][1], (std::vector<int64_t>{5, 8, 9}));
+  // Sizes depend on lengths only: what a fixed-capacity cache allocates.
+  auto c8 = kvc::make_compressor("adakv_h2o(heavy_hitter_size=2, recent_size=2)");
+  EXPECT_EQ(kvc::kept_tokens(*c8, 0, 1, 10), 8);
+  EXPECT_EQ(kvc::kept_tokens(*c8, 0, 1, 4), 4);
+  EXPECT_EQ(kvc::kept_tokens(*kvc::make_compressor("adakv_h2o(heavy_hitter_size=2, recent_size=2, head_cap=100)"), 0, 1, 10), 10);
+}
+
+TEST_P(Policies, AdaKVKeepsTheLayersBudgetAndWithFullSafeguardEqualsItsPolicy) {
+  // Random scores, 2 rows x 4 heads x 40 slots: for every safeguard the visible tokens number
+  // heads * B per row, each head keeps at least int(alpha * B) and at most its slots; with
+  // alpha 1 every head keeps exactly what the wrapped policy keeps.
+  at::manual_seed(11);
+  const int64_t b = 2, h = 4, seq = 40;
+  const at::Tensor keys = at::randn({b, h, seq, 4}, at::TensorOptions().device(dev()));
+  const at::Tensor att = at::rand({b, h, seq}, at::TensorOptions().device(dev()));
+  kvc::LayerInputs li;
+  li.attention = att;
+  li.queries = at::randn({b, h, 4, 4}, at::TensorOptions().device(dev()));
+  struct Case { std::string wrapped, base; int64_t per_head; };
+  for (const Case& k : {Case{"adakv_h2o(heavy_hitter_size=6, recent_size=4", "h2o(heavy_hitter_size=6, recent_size=4)", 10},
+                        Case{"adakv_snapkv(observation_window=4, keep_size=12, pooling_kernel=3",
+                             "snapkv(observation_window=4, keep_size=12, pooling_kernel=3)", 12}}) {
+    for (const double alpha : {0.0, 0.2, 0.5, 1.0}) {
+      SCOPED_TRACE(k.wrapped + " alpha " + std::to_string(alpha));
+      auto c = kvc::make_compressor(k.wrapped + ", alpha_safeguard=" + std::to_string(alpha) + ")");
+      kvc::LayerView v = adakv_view(keys, att);
+      v.queries = li.queries;
+      v.query_positions = at::arange(seq - 4, seq, at::kLong);
+      v.key_positions = at::arange(seq, at::TensorOptions().dtype(at::kLong).device(dev())).expand({b, h, seq});
+      std::optional<kvc::Selection> s = c->select(v);
+      ASSERT_TRUE(s.has_value());
+      EXPECT_EQ(s->kept(), 2 * k.per_head);
+      const at::Tensor pos = s->positions(b, h, dev());
+      EXPECT_TRUE(pos.diff(1, -1).gt(0).all().item<bool>()) << "positions ascending and distinct";
+      const at::Tensor visible = s->hidden().logical_not().sum(-1).cpu();  // [b, h]
+      for (int64_t r = 0; r < b; ++r) {
+        EXPECT_EQ(visible[r].sum().item<int64_t>(), h * k.per_head);
+        EXPECT_GE(visible[r].min().item<int64_t>(), static_cast<int64_t>(alpha * k.per_head));
+      }
+      if (alpha == 1.0) {
+        std::optional<kvc::Selection> base = kvc::make_compressor(k.base)->select(v);
+        ASSERT_TRUE(base.has_value());
+        const HeadSplit got = split_of(*s, b, h);
+        const at::Tensor want = base->positions(b, h, dev()).cpu();
+        for (int64_t r = 0; r < b; ++r)
+          for (int64_t j = 0; j < h; ++j) {
+            std::vector<int64_t> w(want[r][j].data_ptr<int64_t>(), want[r][j].data_ptr<int64_t>() + want.size(2));
+            EXPECT_EQ(got.visible[r][j], w) << "row " << r << " head " << j;
+          }
+      }
+    }
+  }
+}
+
+TEST_P(Policies, AdaKVIsRefusedWhereHiddenSlotsCannotBeKept) {
+  auto in = mixed(12);
+  auto c = kvc::make_compressor("adakv_h2o(heavy_hitter_size=2, recent_size=2)");
+  EXPECT_TRUE(c->needs().hides);
+  EXPECT_EQ(c->spec(), "adakv_h2o(heavy_hitter_size=2, recent_size=2, alpha_safeguard=0.2, head_cap=2.0, skip_layers=[])");
+  expect_error([&] { c->compress({in}, {with_attention(Norms(2, std::vector<std::vector<double>>(2, std::vector<double>(12, 0))), dev())}); },
+               {"adakv_h2o(", "hiding slots", "StaticCache"});
+  // select() without the hidden mask: named.
+  kvc::LayerView v{in.first, 0, 1, {}, at::zeros({2, 2, 12}, at::TensorOptions().device(dev()))};
+  expect_error([&] { c->select(v); }, {"adakv_h2o: layer 0", "the slots it hid before", "not provided"});
+  v.hidden = at::zeros({2, 2, 12}, at::TensorOptions().device(dev()));
+  expect_error([&] { c->select(v); }, {"hidden must be bool"});
+  expect_error([] { kvc::make_compressor("adakv_snapkv(head_cap=0.5)"); }, {"adakv_snapkv", "head_cap", "[1.0, "});
+  expect_error([] { kvc::make_compressor("adakv_snapkv(alpha_safeguard=1.5)"); }, {"alpha_safeguard"});
+}
+
+namespace {
+// A user's policy that hides a slot without declaring Needs::hides.
+struct SneakyHider {
+  struct Options {};
+  static constexpr const char* name = "sneaky_hider";
+  template <class O, class V>
+  static void visit_params(O&, V&) {}
+  static std::optional<kvc::Selection> select(const Options&, const kvc::LayerView& layer) {
+    kvc::Selection s;
+    s.keep_span(0, 2);
+    return s.hide(at::zeros({layer.keys.size(0), layer.keys.size(1), 2}, at::kBool));
+  }
+};
+}  // namespace
+
+TEST(PerHeadBudgets, APolicyMustDeclareThatItHides) {
+  auto in = layer_from_norms({{ramp(6, true)}});
+  kvc::BasicCompressor<SneakyHider> c;
+  expect_error([&] { c.select(kvc::LayerView{in.first, 0, 1}); }, {"sneaky_hider", "does not declare Needs::hides"});
+}

@@ -68,6 +68,8 @@ const std::vector<std::string> kEveryPolicy = {
     "snapkv(observation_window=8, keep_size=40, pooling_kernel=3, skip_layers=[0,1])",
     "tova(cache_size=40, skip_layers=[])",
     "tova(cache_size=40, heads=per_head, skip_layers=[0,1])",
+    "adakv_snapkv(observation_window=8, keep_size=40, pooling_kernel=3, skip_layers=[0,1])",
+    "adakv_h2o(heavy_hitter_size=12, recent_size=30, alpha_safeguard=0.5, head_cap=1.5, skip_layers=[])",
 };
 
 rt::DecoderOptions options(const kvc::Compressor* c, rt::PositionRule rule = rt::PositionRule::original,
@@ -123,7 +125,8 @@ TEST(Runtime, ModelFollowsTheContract) {
   const auto& info = model().info();
   EXPECT_EQ(info.name, "pg19-neox-tiny");
   EXPECT_EQ(info.num_layers, 6);
-  EXPECT_EQ(info.contract_version, 3);
+  EXPECT_EQ(info.contract_version, 4);
+  EXPECT_TRUE(model().has_slot_bias());
   EXPECT_TRUE(model().has_scored());
   EXPECT_TRUE(info.per_layer_positions());
   EXPECT_GE(info.max_positions, 2048);
@@ -390,10 +393,10 @@ TEST(Runtime, BadModelFilesAreReported) {
   expect_error([&] { rt::ContractModel::load(plain_path, at::kCPU, at::kFloat); },
                "missing attribute 'kvc_contract_version'");
   torch::jit::Module future = torch::jit::load(kModel);
-  future.setattr("kvc_contract_version", 4);
-  const std::string future_path = testing::TempDir() + "kvc_v4.pt";
+  future.setattr("kvc_contract_version", 5);
+  const std::string future_path = testing::TempDir() + "kvc_v5.pt";
   future.save(future_path);
-  expect_error([&] { rt::ContractModel::load(future_path, at::kCPU, at::kFloat); }, "reads versions 1 to 3");
+  expect_error([&] { rt::ContractModel::load(future_path, at::kCPU, at::kFloat); }, "reads versions 1 to 4");
   expect_error([] { rt::SentencePieceBPE("garbage"); }, "tokenizer model");
 }
 
@@ -421,11 +424,12 @@ TEST(Runtime, AForwardThatBreaksTheContractIsReported) {
 TEST(Runtime, ScoredForwardBreakingTheContractIsReported) {
   torch::jit::Module broken = with_contract_attributes("BrokenScored");
   broken.define("def forward(self, ids, pos, k: List[Tensor], v: List[Tensor]):\n  return ids\n"
-                "def forward_scored(self, ids, pos, k: List[Tensor], v: List[Tensor], a: bool, w: int):\n"
+                "def forward_scored(self, ids, pos, k: List[Tensor], v: List[Tensor], a: bool, w: int, "
+                "b: List[Tensor]):\n"
                 "  return ids, k, v\n"
                 "def step(self, ids, pos, k: List[Tensor], v: List[Tensor], n):\n  return ids\n"
                 "def step_scored(self, ids, pos, k: List[Tensor], v: List[Tensor], n, a: List[Tensor], d: float, "
-                "q: List[Tensor], s):\n  return ids\n");
+                "q: List[Tensor], s, b: List[Tensor]):\n  return ids\n");
   const std::string path = testing::TempDir() + "kvc_broken_scored.pt";
   broken.save(path);
   rt::ContractModel bad = rt::ContractModel::load(path, at::kCPU, at::kFloat);
@@ -433,6 +437,48 @@ TEST(Runtime, ScoredForwardBreakingTheContractIsReported) {
   auto tova = kvc::make_compressor("tova(cache_size=4)");
   rt::ConcatDecoder d(bad, options(tova.get()));
   expect_error([&] { d.step(at::zeros({1, 1}, at::kLong)); }, "must return (logits, keys, values, attention, queries)");
+}
+
+// With the full safeguard a per-head budget keeps, in every head, what its policy keeps; the
+// rest of its slots are hidden. If the model's attention saw them, the logits would differ.
+TEST(Runtime, HiddenSlotsAreInvisibleToTheModel) {
+  const auto tokens = bundled_tokens(150);
+  const std::pair<const char*, const char*> pairs[] = {
+      {"adakv_h2o(heavy_hitter_size=12, recent_size=30, alpha_safeguard=1)", "h2o(heavy_hitter_size=12, recent_size=30)"},
+      // Without pooling: pooling runs over the slots as stored, where a hidden slot is a
+      // neighbour without votes (the plain policy's neighbours are its kept tokens).
+      {"adakv_snapkv(observation_window=8, keep_size=40, pooling_kernel=1, alpha_safeguard=1, skip_layers=[])",
+       "snapkv(observation_window=8, keep_size=40, pooling_kernel=1, skip_layers=[])"}};
+  for (const auto& [wrapped, base] : pairs) {
+    for (bool fixed : {false, true}) {
+      SCOPED_TRACE(std::string(wrapped) + (fixed ? " fixed-capacity" : " concatenating"));
+      auto a = kvc::make_compressor(wrapped), b = kvc::make_compressor(base);
+      rt::RunMetrics ma, mb;
+      const kvc::KVCache ca = fixed ? evaluate_static(a.get(), tokens, ma) : evaluate_concat(a.get(), tokens, ma);
+      const kvc::KVCache cb = fixed ? evaluate_static(b.get(), tokens, mb) : evaluate_concat(b.get(), tokens, mb);
+      for (size_t t = 0; t < 149; ++t)
+        ASSERT_NEAR(ma.token_nll[t], mb.token_nll[t], 1e-4 * std::max(std::abs(mb.token_nll[t]), 1.0)) << "token " << t;
+      EXPECT_EQ(ma.hits, mb.hits);
+      EXPECT_EQ(ca.back().first.size(2), 2 * cb.back().first.size(2));  // head_cap 2: twice the slots, half hidden
+    }
+  }
+}
+
+TEST(Runtime, PerHeadBudgetsNeedContractVersionFour) {
+  torch::jit::Module m = torch::jit::load(kModel);
+  m.setattr("kvc_contract_version", 3);
+  const std::string path = testing::TempDir() + "kvc_v3.pt";
+  m.save(path);
+  rt::ContractModel v3 = rt::ContractModel::load(path, at::kCPU, at::kFloat);
+  EXPECT_TRUE(v3.has_scored());
+  EXPECT_FALSE(v3.has_slot_bias());
+  auto ada = kvc::make_compressor("adakv_snapkv");
+  for (const char* fragment : {"adakv_snapkv(", "hides slots per head", "(contract version 3)", "upgrade_contract.py",
+                               "to contract version 4"})
+    expect_error([&] { rt::ConcatDecoder(v3, options(ada.get())); }, fragment);
+  expect_error([&] { rt::StaticDecoder(v3, options(ada.get()), {8}); }, "cannot mask");
+  auto snap = kvc::make_compressor("snapkv");
+  rt::ConcatDecoder fine(v3, options(snap.get()));
 }
 
 // --- the fixed-capacity runtime (model `step`, kvcompress::StaticCache) -------------------------

@@ -46,7 +46,8 @@ the cache) for the full cache and each method, as the course project did.
   --compare-all         the course project's set of seven methods at each budget
   --compare-attention   the attention-aware methods beside their key-norm proxies at each budget:
                         h2o_l2 | h2o_attention (same split) | h2o, snapkv_lite | snapkv (same
-                        window), tova, and streaming_llm as the score-free reference
+                        window), tova, per-head budgets adakv_h2o and adakv_snapkv, and
+                        streaming_llm as the score-free reference
   --budgets LIST        budgets for --compare-all / --compare-attention (default 512,1024)
   --skip-layers LIST    layers left uncompressed, applied to every method whose spec does
                         not set skip_layers itself (default 0,1 with positions original, as
@@ -239,6 +240,10 @@ inline std::vector<std::pair<std::string, std::string>> compare_attention_method
       {"snapkv_lite" + tag, "snapkv_lite(" + snap_split + ")"},
       {"snapkv" + tag, "snapkv(" + snap_split + ")"},
       {"tova" + tag, "tova(cache_size=" + s(b) + ")"},
+      // Per-head budgets over the same policies (b visible tokens per head on average; twice
+      // the slots held, the rest hidden).
+      {"adakv_h2o" + tag, "adakv_h2o(heavy_hitter_size=" + s(b / 2) + ", recent_size=" + s(b - b / 2) + ")"},
+      {"adakv_snapkv" + tag, "adakv_snapkv(" + snap_split + ")"},
   };
 }
 

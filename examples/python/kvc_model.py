@@ -29,7 +29,9 @@ from torch import Tensor, nn
 # 2: position_ids may be per layer, [num_layers, B, T].
 # 3: forward_scored / step_scored also surface what attention-aware policies score with: the
 #    attention each cached slot receives and the most recent queries.
-CONTRACT_VERSION = 3
+# 4: forward_scored / step_scored take slot_bias, per layer an additive mask over the cached
+#    slots per head (per-head budgets hide evicted slots in a dense cache).
+CONTRACT_VERSION = 4
 CONFIG_FILE = "kvc/config.json"
 TOKENIZER_FILE = "kvc/tokenizer.model"
 ATTENTION_KINDS = ("portable", "sdpa")
@@ -297,24 +299,37 @@ class _Layer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor,
                 past_v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        y, k, v, _, _ = self.forward_scored(x, cos, sin, past_k, past_v, False)
+        y, k, v, _, _ = self.forward_scored(x, cos, sin, past_k, past_v, False, torch.empty([0]))
         return y, k, v
 
     def forward_scored(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor,
-                       want_mass: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       want_mass: bool, slot_bias: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """forward, also returning the queries and (when want_mass) the attention each of the
-        past + new slots received from the new tokens, summed over them (else empty)."""
+        past + new slots received from the new tokens, summed over them (else empty).
+        slot_bias [B, H, past] is added to the attention scores of the past slots (0 = visible,
+        -inf = hidden from that head); an empty tensor = none."""
         self.check_past(x, past_k, past_v)
+        has_bias = slot_bias.numel() > 0
+        if has_bias and slot_bias.size() != past_k.size()[:3]:
+            raise RuntimeError("kvc model: layer {} slot_bias {} must be [B, H, P] like its cache {}"
+                               .format(self.layer_index, slot_bias.size(), past_k.size()))
         q, k, v, carry = self.project(x, cos, sin)
         k = torch.cat((past_k, k), dim=2)
         v = torch.cat((past_v, v), dim=2)
-        if want_mass:
+        if want_mass or has_bias:
             t = q.size(2)
             s = k.size(2)
             bias = torch.zeros([t, s], dtype=x.dtype, device=x.device)  # SDPA wants q's dtype
             if t > 1:
                 bias = bias.masked_fill(chunk_mask(t, s, past_k.size(2), x.device).logical_not(), float("-inf"))
-            o, mass = self.attend_masked_scored(q, k, v, bias)
+            if has_bias:
+                new = torch.zeros([x.size(0), self.num_heads, t], dtype=x.dtype, device=x.device)
+                bias = bias + torch.cat((slot_bias.to(x.dtype), new), dim=2).unsqueeze(2)
+            if want_mass:
+                o, mass = self.attend_masked_scored(q, k, v, bias)
+            else:
+                o = self.attend_masked(q, k, v, bias)
+                mass = torch.empty([0], device=x.device)
         else:
             o = self.attend(q, k, v, past_k.size(2))
             mass = torch.empty([0], device=x.device)
@@ -495,22 +510,29 @@ class KVCModel(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, past_keys: List[Tensor],
                 past_values: List[Tensor]) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-        logits, keys, values, _, _ = self.forward_scored(input_ids, position_ids, past_keys, past_values, False, 0)
+        empty: List[Tensor] = []
+        logits, keys, values, _, _ = self.forward_scored(input_ids, position_ids, past_keys, past_values, False, 0,
+                                                         empty)
         return logits, keys, values
 
     @torch.jit.export
     def forward_scored(self, input_ids: Tensor, position_ids: Tensor, past_keys: List[Tensor],
-                       past_values: List[Tensor], attention: bool, query_window: int
+                       past_values: List[Tensor], attention: bool, query_window: int, slot_bias: List[Tensor]
                        ) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
         """Contract version 3: forward, plus per layer (when `attention`) the attention every
         slot of the returned cache received from the new tokens, summed over them (float32
         [B, H, past + T]), and the last min(T, query_window) queries as the layer used them
         ([B, H, n, D]). Empty lists for what is not asked for. A call is one step: its tokens'
-        attention is summed, as the course project scored its prompt."""
+        attention is summed, as the course project scored its prompt. Version 4: slot_bias, per
+        layer [B, H, past] added to the attention scores of the past slots (0 = visible, -inf =
+        hidden from that head; the new tokens are visible); an empty list = none."""
         self.check_positions(input_ids, position_ids)
         if len(past_keys) != self.num_layers or len(past_values) != self.num_layers:
             raise RuntimeError("kvc model: got {} past_keys and {} past_values, expected {} each"
                                .format(len(past_keys), len(past_values), self.num_layers))
+        if len(slot_bias) != 0 and len(slot_bias) != self.num_layers:
+            raise RuntimeError("kvc model: got {} slot_bias tensors, expected {} (or none)"
+                               .format(len(slot_bias), self.num_layers))
         x = self.embed_in(input_ids)
         cos, sin = self.rotation(position_ids, x.dtype)
         new_keys: List[Tensor] = []
@@ -520,11 +542,13 @@ class KVCModel(nn.Module):
         per_layer = position_ids.dim() == 3
         t = input_ids.size(1)
         keep = min(t, query_window)
+        no_bias = torch.empty([0], device=x.device)
         for i, layer in enumerate(self.layers):
+            sb = slot_bias[i] if len(slot_bias) > 0 else no_bias
             if per_layer:
-                x, k, v, q, mass = layer.forward_scored(x, cos[i], sin[i], past_keys[i], past_values[i], attention)
+                x, k, v, q, mass = layer.forward_scored(x, cos[i], sin[i], past_keys[i], past_values[i], attention, sb)
             else:
-                x, k, v, q, mass = layer.forward_scored(x, cos, sin, past_keys[i], past_values[i], attention)
+                x, k, v, q, mass = layer.forward_scored(x, cos, sin, past_keys[i], past_values[i], attention, sb)
             new_keys.append(k)
             new_values.append(v)
             if attention:
@@ -544,12 +568,12 @@ class KVCModel(nn.Module):
         up to itself. Returns float32 logits [B, T, vocab]; the caller advances its lengths."""
         empty: List[Tensor] = []
         return self.step_scored(input_ids, position_ids, key_buffers, value_buffers, lengths, empty, 1.0, empty,
-                                lengths[:0])
+                                lengths[:0], empty)
 
     @torch.jit.export
     def step_scored(self, input_ids: Tensor, position_ids: Tensor, key_buffers: List[Tensor],
                     value_buffers: List[Tensor], lengths: Tensor, attention_buffers: List[Tensor], decay: float,
-                    query_buffers: List[Tensor], query_slots: Tensor) -> Tensor:
+                    query_buffers: List[Tensor], query_slots: Tensor, slot_bias: List[Tensor]) -> Tensor:
         """Contract version 3: step, plus what attention-aware policies score with, written into
         caller-owned buffers (still capturable in a CUDA graph):
           attention_buffers[i] float32 [B, H, C_i]: becomes decay * itself + the attention each
@@ -557,16 +581,22 @@ class KVCModel(nn.Module):
             slots past the valid ones keep what they hold times decay: the caller keeps them 0);
           query_buffers[i] [B, H, W, D]: the last n = query_slots.size(0) new queries written at
             slots query_slots (int64 [n] on the device; a ring of the W most recent queries).
-        Empty lists skip either; with both empty this is `step` exactly."""
+        Empty lists skip either; with both empty this is `step` exactly. Version 4: slot_bias[i]
+        [B, H, C_i] in the model's dtype, added to every query's attention scores over layer i's
+        slots (0 = visible, -inf = hidden from that head, as a per-head budget leaves evicted
+        tokens in a dense cache); an empty list = none."""
         if len(key_buffers) != self.num_layers or len(value_buffers) != self.num_layers:
             raise RuntimeError("kvc model: got {} key and {} value buffers, expected {} each"
                                .format(len(key_buffers), len(value_buffers), self.num_layers))
         want_mass = len(attention_buffers) > 0
         want_queries = len(query_buffers) > 0
+        want_bias = len(slot_bias) > 0
         if (want_mass and len(attention_buffers) != self.num_layers) or (
-                want_queries and len(query_buffers) != self.num_layers):
-            raise RuntimeError("kvc model: got {} attention and {} query buffers, expected {} each (or none)"
-                               .format(len(attention_buffers), len(query_buffers), self.num_layers))
+                want_queries and len(query_buffers) != self.num_layers) or (
+                want_bias and len(slot_bias) != self.num_layers):
+            raise RuntimeError("kvc model: got {} attention, {} query and {} slot_bias buffers, expected {} each "
+                               "(or none)".format(len(attention_buffers), len(query_buffers), len(slot_bias),
+                                                  self.num_layers))
         self.check_positions(input_ids, position_ids)
         x = self.embed_in(input_ids)
         cos, sin = self.rotation(position_ids, x.dtype)
@@ -586,12 +616,13 @@ class KVCModel(nn.Module):
         n = query_slots.size(0)
         for i, layer in enumerate(self.layers):
             kb = key_buffers[i]
+            b = bias[i, :, :kb.size(2)]
+            if want_bias:
+                b = b.unsqueeze(0).unsqueeze(0) + slot_bias[i].unsqueeze(2)  # [B, H, T, C_i]
             if per_layer:
-                x, q, mass = layer.step(x, cos[i], sin[i], kb, value_buffers[i], slots[i], bias[i, :, :kb.size(2)],
-                                        want_mass)
+                x, q, mass = layer.step(x, cos[i], sin[i], kb, value_buffers[i], slots[i], b, want_mass)
             else:
-                x, q, mass = layer.step(x, cos, sin, kb, value_buffers[i], slots[i], bias[i, :, :kb.size(2)],
-                                        want_mass)
+                x, q, mass = layer.step(x, cos, sin, kb, value_buffers[i], slots[i], b, want_mass)
             if want_mass:
                 ab = attention_buffers[i]
                 torch.add(mass, ab, alpha=decay, out=ab)

@@ -107,7 +107,7 @@ def naive_decode(model, tokens, positions, visible):
 def test_scripts_and_exposes_contract_attributes():
     m = tiny_model()
     s = torch.jit.script(m)
-    expect = dict(kvc_contract_version=3, model_name="tiny-test", num_layers=3, num_heads=4, head_dim=16,
+    expect = dict(kvc_contract_version=4, model_name="tiny-test", num_layers=3, num_heads=4, head_dim=16,
                   hidden_size=64, vocab_size=97, rotary_ndims=4, rotary_base=10000.0, max_positions=2048,
                   bos_token_id=1, eos_token_id=2)
     for k, v in expect.items():
@@ -189,19 +189,19 @@ def test_scored_methods_report_attention_and_queries():
     pos = torch.arange(T).expand(B, T)
     with torch.no_grad():
         full = s(ids, pos, *km.empty_cache(s, B))
-        lg, fk, fv, mass, queries = s.forward_scored(ids, pos, *km.empty_cache(s, B), True, W)
+        lg, fk, fv, mass, queries = s.forward_scored(ids, pos, *km.empty_cache(s, B), True, W, [])
         assert torch.equal(lg, full[0]) and all(torch.equal(a, b) for a, b in zip(fk, full[1]))
         assert len(mass) == 3 and all(x.shape == (B, 4, T) and x.dtype == torch.float32 for x in mass)
         assert all((x.sum(-1) - T).abs().max().item() < 1e-4 for x in mass)
         assert all(q.shape == (B, 4, W, 16) for q in queries)
-        _, _, _, none_mass, none_q = s.forward_scored(ids, pos, *km.empty_cache(s, B), False, 0)
+        _, _, _, none_mass, none_q = s.forward_scored(ids, pos, *km.empty_cache(s, B), False, 0, [])
         assert none_mass == [] and none_q == []
 
         pk, pv = km.empty_cache(s, B)
         summed = [torch.zeros(B, 4, T) for _ in range(3)]
         steps = []
         for t in range(T):
-            _, pk, pv, mt, qt = s.forward_scored(ids[:, t:t + 1], pos[:, t:t + 1], pk, pv, True, W)
+            _, pk, pv, mt, qt = s.forward_scored(ids[:, t:t + 1], pos[:, t:t + 1], pk, pv, True, W, [])
             steps.append((mt, qt))
             for i in range(3):
                 summed[i][:, :, :t + 1] += mt[i]
@@ -220,12 +220,12 @@ def test_scored_methods_report_attention_and_queries():
             lengths = torch.full((3,), t, dtype=torch.long)
             plain = s.step(ids[:, t:t + 1], pos[:, t:t + 1], kb, vb, lengths)
             scored = s.step_scored(ids[:, t:t + 1], pos[:, t:t + 1], kb2, vb2, lengths, [], 1.0, [],
-                                   lengths[:0])
+                                   lengths[:0], [])
             assert torch.equal(plain, scored)
         for t in range(T):
             lengths = torch.full((3,), t, dtype=torch.long)
             s.step_scored(ids[:, t:t + 1], pos[:, t:t + 1], kb2, vb2, lengths, ab, decay, qb,
-                          torch.tensor([t % W]))
+                          torch.tensor([t % W]), [])
         for i in range(3):
             want = torch.zeros(B, 4, T)
             for t in range(T):
@@ -236,6 +236,49 @@ def test_scored_methods_report_attention_and_queries():
             ring = torch.cat([steps[t][1][i] for t in range(T - W, T)], 2)
             order = [t % W for t in range(T - W, T)]
             assert (qb[i][:, :, order] - ring).abs().max().item() < 1e-5
+
+
+def test_slot_bias_hides_slots_per_head():
+    """Contract version 4. A slot hidden from every head (slot_bias -inf) is as if it were not
+    in the cache, in forward_scored and step_scored alike; hidden from one head, only that head's
+    attention misses it."""
+    m = tiny_model(8)
+    s = torch.jit.script(m)
+    B, P, C = 2, 7, 10
+    ids = torch.randint(0, 97, (B, P + 1))
+    pos = torch.arange(P + 1).expand(B, P + 1)
+    hide = 3
+    with torch.no_grad():
+        _, pk, pv = s(ids[:, :P], pos[:, :P], *km.empty_cache(s, B))
+        keep = [i for i in range(P) if i != hide]
+        want, _, _ = s(ids[:, P:], pos[:, P:], [k[:, :, keep] for k in pk], [v[:, :, keep] for v in pv])
+        bias = [torch.zeros(B, 4, P) for _ in range(3)]
+        for b in bias:
+            b[:, :, hide] = float("-inf")
+        got, _, _, mass, _ = s.forward_scored(ids[:, P:], pos[:, P:], pk, pv, True, 0, bias)
+        assert (got - want).abs().max().item() < 1e-5
+        assert all((x[:, :, hide] == 0).all() for x in mass)
+        kb = [torch.zeros(B, 4, C, 16) for _ in range(3)]
+        vb = [torch.zeros(B, 4, C, 16) for _ in range(3)]
+        for i in range(3):
+            kb[i][:, :, :P] = pk[i]
+            vb[i][:, :, :P] = pv[i]
+        step_bias = [torch.zeros(B, 4, C) for _ in range(3)]
+        for b in step_bias:
+            b[:, :, hide] = float("-inf")
+        lengths = torch.full((3,), P, dtype=torch.long)
+        got = s.step_scored(ids[:, P:], pos[:, P:], kb, vb, lengths, [], 1.0, [], lengths[:0], step_bias)
+        assert (got - want).abs().max().item() < 1e-5
+        one = [torch.zeros(B, 4, P) for _ in range(3)]
+        for b in one:
+            b[:, 0, hide] = float("-inf")
+        _, _, _, mass, _ = s.forward_scored(ids[:, P:], pos[:, P:], pk, pv, True, 0, one)
+        assert all((x[:, 0, hide] == 0).all() and (x[:, 1:, hide] > 0).all() for x in mass)
+        try:
+            s.forward_scored(ids[:, P:], pos[:, P:], pk, pv, True, 0, [torch.zeros(B, 4, P + 1)] * 3)
+            raise AssertionError("a misshapen slot_bias was accepted")
+        except torch.jit.Error as e:  # the scripted model's RuntimeError
+            assert "slot_bias" in str(e)
 
 
 def test_lm_logits_matches_forward():
@@ -506,8 +549,8 @@ def test_sdpa_matches_portable():
         ab = [torch.zeros(2, 4, 16) for _ in range(3)]
         lengths = torch.zeros(3, dtype=torch.long)
         with torch.no_grad():
-            x = model.step_scored(ids[:, :8], pos[:, :8], kb, vb, lengths, ab, 0.9, [], lengths[:0])
-            y = model.step_scored(ids[:, 8:9], pos[:, 8:9], kb, vb, lengths + 8, ab, 0.9, [], lengths[:0])
+            x = model.step_scored(ids[:, :8], pos[:, :8], kb, vb, lengths, ab, 0.9, [], lengths[:0], [])
+            y = model.step_scored(ids[:, 8:9], pos[:, 8:9], kb, vb, lengths + 8, ab, 0.9, [], lengths[:0], [])
             plain = model.step(ids[:, 8:9], pos[:, 8:9], [k.clone() for k in kb], [v.clone() for v in vb], lengths + 8)
         assert torch.equal(y, plain)  # the scored step's logits are the plain step's
         scored.append((torch.cat([x, y], 1), ab))
@@ -518,8 +561,8 @@ def test_sdpa_matches_portable():
         h = b.to(device="cuda", dtype=torch.float16)
         pk, pv = km.empty_cache(h, 2)
         with torch.no_grad():
-            lg, pk, pv, mass, q = h.forward_scored(ids[:, :8].cuda(), pos[:, :8].cuda(), pk, pv, True, 2)
-            lg2, _, _, mass2, _ = h.forward_scored(ids[:, 8:12].cuda(), pos[:, 8:12].cuda(), pk, pv, True, 2)
+            lg, pk, pv, mass, q = h.forward_scored(ids[:, :8].cuda(), pos[:, :8].cuda(), pk, pv, True, 2, [])
+            lg2, _, _, mass2, _ = h.forward_scored(ids[:, 8:12].cuda(), pos[:, 8:12].cuda(), pk, pv, True, 2, [])
         assert mass[0].dtype == torch.float32 and (mass2[0].sum(-1) - 4).abs().max().item() < 1e-2
 
 

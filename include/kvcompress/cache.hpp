@@ -116,6 +116,28 @@ class StaticCache {
     valid.copy_(at::add(step_attention.to(valid.options()), valid, decay));
   }
 
+  /// Keeps which slots are hidden from attention from now on (per-head budgets, Needs::hides;
+  /// compress() starts it for such a policy): buffers [batch, heads, capacity] in the cache's
+  /// dtype, 0 where a head may attend and -inf where its budget evicted the token, moved with
+  /// their tokens by every compaction; new slots are visible. Idempotent.
+  void track_hidden() {
+    if (!slot_bias_.empty()) return;
+    for (const auto& k : keys_) slot_bias_.push_back(at::zeros({batch_, heads_, k.size(2)}, k.options()));
+    bias_scratch_ = at::empty({batch_, heads_, scratch_.size(2), 1}, keys_[0].options());
+  }
+  bool tracks_hidden() const { return !slot_bias_.empty(); }
+  /// Whole additive attention mask of a layer, [batch, heads, capacity] (stable address): what
+  /// a model's step adds to its attention scores (contract version 4's slot_bias).
+  const at::Tensor& slot_bias_buffer(int64_t layer) const {
+    if (slot_bias_.empty()) throw Error("StaticCache: hidden slots are not tracked (call track_hidden())");
+    return slot_bias_[at(layer)];
+  }
+  /// Which valid slots are hidden, bool [batch, heads, length] (all false when not tracked).
+  at::Tensor hidden(int64_t layer) const {
+    if (slot_bias_.empty()) return at::zeros({batch_, heads_, length(layer)}, keys_[0].options().dtype(at::kBool));
+    return slot_bias_[at(layer)].narrow(2, 0, length(layer)).lt(0);
+  }
+
   /// Original token position of every valid slot, [batch, heads, length].
   at::Tensor positions(int64_t layer) const {
     write_pending_positions(layer);
@@ -171,13 +193,14 @@ class StaticCache {
   using OnCompacted = std::function<void(int64_t layer, const Selection& selection)>;
 
   /// Compresses every layer with `compressor`, compacting the kept tokens (in selection order)
-  /// to the front of each buffer; positions and accumulated attention move with their tokens.
-  /// Keeps exactly what compressor.compress(view()) keeps. `queries` feeds policies that score
-  /// with recent queries.
+  /// to the front of each buffer; positions, accumulated attention and hidden slots move with
+  /// their tokens. Keeps exactly what compressor.compress(view()) keeps. `queries` feeds
+  /// policies that score with recent queries.
   void compress(const Compressor& compressor, const OnCompacted& on_compacted = nullptr,
                 const RecentQueries* queries = nullptr) {
     const int64_t n = num_layers();
     const Needs needs = compressor.needs();
+    if (needs.hides) track_hidden();
     uncompressed_ = compressor.skip_layers();
     uncompressed_by_ = compressor.spec();
     for (int64_t l = 0; l < n; ++l) {
@@ -193,6 +216,7 @@ class StaticCache {
           view.query_positions = queries->positions;
         }
       }
+      if (needs.hides) view.hidden = hidden(l);
       std::optional<Selection> s = compressor.select(view);
       if (!s) continue;
       write_pending_positions(l);
@@ -202,6 +226,15 @@ class StaticCache {
       if (tracks_attention()) {
         compact(attention_[at(l)].unsqueeze(-1), len, *s, att_scratch_);
         attention_[at(l)].narrow(2, s->kept(), capacity(l) - s->kept()).zero_();  // new tokens start at 0
+      }
+      if (tracks_hidden()) {
+        const at::Tensor& bias = slot_bias_[at(l)];
+        if (s->hidden().defined()) {
+          bias.narrow(2, 0, s->kept()).zero_().masked_fill_(s->hidden(), -std::numeric_limits<double>::infinity());
+        } else {
+          compact(bias.unsqueeze(-1), len, *s, bias_scratch_);
+        }
+        bias.narrow(2, s->kept(), capacity(l) - s->kept()).zero_();  // new tokens are visible
       }
       lengths_[at(l)] = s->kept();
       if (on_compacted) on_compacted(l, *s);
@@ -222,6 +255,7 @@ class StaticCache {
     std::fill(lengths_.begin(), lengths_.end(), 0);
     for (auto& p : pending_) p.count = 0;
     for (auto& a : attention_) a.zero_();
+    for (auto& b : slot_bias_) b.zero_();
     since_compression_ = 0;
   }
 
@@ -343,7 +377,8 @@ class StaticCache {
   mutable std::vector<Pending> pending_;
   std::vector<int64_t> lengths_;
   std::vector<at::Tensor> attention_;  // empty unless track_attention()
-  at::Tensor scratch_, pos_scratch_, att_scratch_;
+  std::vector<at::Tensor> slot_bias_;  // empty unless track_hidden()
+  at::Tensor scratch_, pos_scratch_, att_scratch_, bias_scratch_;
   int64_t since_compression_ = 0;
   // The last compressor's skip_layers and spec, so that a full layer's error can say why.
   std::vector<int64_t> uncompressed_;

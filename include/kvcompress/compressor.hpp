@@ -24,7 +24,8 @@ struct LayerInputs {
 class Compressor {
  public:
   virtual ~Compressor() = default;
-  /// Returns the compressed cache; the input is never modified. Unchanged layers are returned
+  /// Returns the compressed cache; the input is never modified. A policy that hides slots
+  /// (Needs::hides) is refused: only a cache that keeps them hidden can hold its result. Unchanged layers are returned
   /// as the same tensors; compressed layers are new tensors. A policy that needs scores gets
   /// them from `inputs` (one entry per layer).
   virtual KVCache compress(const KVCache& kv, const std::vector<LayerInputs>& inputs = {}) const = 0;
@@ -70,6 +71,7 @@ inline std::string needs_text(const Needs& n) {
   if (n.queries > 0)
     add("the last " + std::to_string(n.queries) +
         " queries with their positions (LayerView::queries, query_positions, key_positions)");
+  if (n.hides) add("the slots it hid before (LayerView::hidden)");
   return s;
 }
 
@@ -118,6 +120,27 @@ inline void check_inputs(const LayerView& v, const Needs& n, const std::string& 
     per_slot(v.key_positions, "key_positions");
     if (v.key_positions.scalar_type() != at::kLong) throw Error(where + "key_positions must be int64");
   }
+  if (n.hides) {
+    if (!v.hidden.defined()) missing("the hidden slots");
+    per_slot(v.hidden, "hidden");
+    if (v.hidden.scalar_type() != at::kBool) throw Error(where + "hidden must be bool");
+  }
+}
+
+// A policy's selection is one the compressor can stand behind: hidden slots only from a policy
+// that declares them, shaped like the kept slots.
+inline void check_hidden(const Selection& s, const LayerView& v, const Needs& n, const std::string& who) {
+  const at::Tensor& m = s.hidden();
+  if (!m.defined()) return;
+  const std::string where = who + ": layer " + std::to_string(v.layer) + ": ";
+  if (!n.hides)
+    throw Error(where + "the selection hides slots (Selection::hide) but the policy does not declare "
+                        "Needs::hides, so no cache would keep them hidden");
+  if (m.scalar_type() != at::kBool || m.dim() != 3 || m.size(0) != v.keys.size(0) || m.size(1) != v.keys.size(1) ||
+      m.size(2) != s.kept())
+    throw Error(where + "the hidden mask must be bool [" + std::to_string(v.keys.size(0)) + ", " +
+                std::to_string(v.keys.size(1)) + ", " + std::to_string(s.kept()) + "] (one flag per kept slot), got " +
+                shape_text(m));
 }
 
 // LayerView of layer i of `kv` with whatever `inputs` holds for it; positions default to those
@@ -209,12 +232,18 @@ class BasicCompressor final : public Compressor {
   std::optional<Selection> select(const LayerView& layer) const override {
     if (std::find(skip_layers_.begin(), skip_layers_.end(), layer.layer) != skip_layers_.end()) return std::nullopt;
     if (layer.seq() == 0) return std::nullopt;  // nothing to choose from (and no scores to ask for)
-    if (needs_.values || needs_.scores()) detail::check_inputs(layer, needs_, Policy::name);
-    return Policy::select(options_, layer);
+    if (needs_.values || needs_.scores() || needs_.hides) detail::check_inputs(layer, needs_, Policy::name);
+    std::optional<Selection> s = Policy::select(options_, layer);
+    if (s) detail::check_hidden(*s, layer, needs_, Policy::name);
+    return s;
   }
 
   KVCache compress(const KVCache& kv, const std::vector<LayerInputs>& inputs = {}) const override {
     detail::validate_cache(kv, name());
+    if (needs_.hides)
+      throw Error(spec() + " gives heads different budgets by hiding slots, which a plain K/V copy cannot "
+                           "express: compress a kvcompress::StaticCache (it keeps the hidden slots and "
+                           "slot_bias for the model's attention) or run it through the kvcompress runtime");
     if (!inputs.empty() && inputs.size() != kv.size())
       throw Error(name() + ": " + std::to_string(inputs.size()) + " LayerInputs for " + std::to_string(kv.size()) +
                   " layers");
@@ -253,6 +282,7 @@ inline int64_t kept_tokens(const Compressor& compressor, int64_t layer, int64_t 
     v.query_positions = at::full({1}, seq - 1, at::kLong);
     v.key_positions = at::arange(seq, at::kLong).view({1, 1, seq});
   }
+  if (needs.hides) v.hidden = at::zeros({1, 1, seq}, at::kBool);
   std::optional<Selection> s = compressor.select(v);
   return s ? s->kept() : seq;
 }

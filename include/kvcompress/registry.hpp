@@ -206,6 +206,7 @@ class Registry {
   check_builtin_name(policies::Type::name, #fname);                                             \
   add(policies::Type::name, make_policy_compressor<policies::Type>, aliases_of<policies::Type>());
     KVCOMPRESS_BUILTIN_POLICIES(KVCOMPRESS_REGISTER)
+    KVCOMPRESS_BUILTIN_HIDING_POLICIES(KVCOMPRESS_REGISTER)
 #undef KVCOMPRESS_REGISTER
   }
   static void check_builtin_name(const char* name, const char* listed) {

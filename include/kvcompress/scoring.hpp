@@ -20,6 +20,14 @@ inline at::Tensor key_norms(const at::Tensor& keys, int64_t start, int64_t lengt
   return at::norm(k, 2, {-1});
 }
 
+/// What a scoring policy ranks one layer's slots by, for wrappers that choose the tokens
+/// themselves (per-head budgets, policies/adakv.hpp): larger = keep, +inf = a slot the policy
+/// always keeps (sinks, its recent window). The policy keeps `per_head` slots per head.
+struct HeadScores {
+  at::Tensor scores;  ///< floating point [batch, heads, seq]
+  int64_t per_head;   ///< slots the policy keeps in every head, < seq
+};
+
 /// Chooses `k` positions per (row, head) from `scores` ([batch, heads, n], covering positions
 /// offset .. offset + n - 1): the `k` smallest (or largest) scores, then re-sorted ascending by
 /// position. A stable sort makes ties keep the earlier position, as a stable argsort would.
@@ -38,14 +46,15 @@ inline at::Tensor top_k_positions_shared_by_heads(const at::Tensor& scores, int6
 
 /// What the last W queries attend to: softmax(q k^T / sqrt(head_dim)) over the slots, each
 /// query seeing only the slots whose original position is at most its own (so a query never
-/// sees a token that came after it). float32 (float64 for float64 caches) [batch, heads, W, seq].
-/// Needs layer.queries, query_positions and key_positions.
+/// sees a token that came after it) nor a hidden slot (LayerView::hidden). float32 (float64 for
+/// float64 caches) [batch, heads, W, seq]. Needs layer.queries, query_positions and key_positions.
 inline at::Tensor window_attention(const LayerView& layer) {
   const at::ScalarType dtype = score_dtype(layer.keys.scalar_type());
   const at::Tensor q = layer.queries.to(dtype), k = layer.keys.to(dtype);
   at::Tensor scores = at::matmul(q, k.transpose(-1, -2)).div_(std::sqrt(static_cast<double>(k.size(-1))));
   const at::Tensor query_pos = layer.query_positions.to(layer.keys.device()).view({1, 1, -1, 1});
-  const at::Tensor hidden = layer.key_positions.unsqueeze(2).gt(query_pos);
+  at::Tensor hidden = layer.key_positions.unsqueeze(2).gt(query_pos);
+  if (layer.hidden.defined()) hidden = hidden.logical_or(layer.hidden.unsqueeze(2));
   scores.masked_fill_(hidden, -std::numeric_limits<double>::infinity());
   at::Tensor probs = at::softmax(scores, -1);
   return probs.masked_fill_(probs.isnan(), 0.0);  // a query that sees no slot attends to nothing

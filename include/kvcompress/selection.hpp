@@ -9,7 +9,8 @@ namespace kvcompress {
 /// An ordered list of parts, each either a contiguous span of positions shared by every
 /// (batch row, head) -- sinks, a recent window -- or a per-(row, head) index tensor
 /// [batch, heads, k] of int64 positions, ascending, chosen by scores. Every (row, head) keeps
-/// the same count. Policies build selections; `apply_selection` (apply.hpp) moves the memory.
+/// the same count; a per-head budget hides some of them from attention (`hide`). Policies build
+/// selections; `apply_selection` (apply.hpp) moves the memory.
 class Selection {
  public:
   struct Part {
@@ -32,6 +33,17 @@ class Selection {
   }
 
   const std::vector<Part>& parts() const { return parts_; }
+
+  /// Marks kept slots as hidden: `mask` bool [batch, heads, kept()] in selection order, true =
+  /// the token stays in memory (every head keeps the same count) but is evicted from that head's
+  /// attention. How a per-head budget (policies/adakv.hpp) gives heads different counts in a
+  /// dense cache; only a cache that keeps the mask can apply such a selection.
+  Selection& hide(at::Tensor mask) {
+    hidden_ = std::move(mask);
+    return *this;
+  }
+  /// The hidden mask, or an undefined tensor when every kept slot is visible.
+  const at::Tensor& hidden() const { return hidden_; }
 
   /// Tokens kept per (row, head).
   int64_t kept() const {
@@ -68,6 +80,7 @@ class Selection {
 
  private:
   std::vector<Part> parts_;
+  at::Tensor hidden_;
 };
 
 }  // namespace kvcompress

@@ -42,6 +42,9 @@ struct LayerView {
   at::Tensor queries = {};
   at::Tensor query_positions = {};  ///< int64 [W]: original positions of those queries
   at::Tensor key_positions = {};    ///< int64 [batch, heads, seq]: original position of every slot
+  /// bool [batch, heads, seq]: slots an earlier compression evicted from one head's budget but
+  /// left in memory (per-head budgets, Selection::hide); attention never reaches them.
+  at::Tensor hidden = {};
   int64_t seq() const { return keys.size(2); }
 };
 
@@ -55,6 +58,9 @@ struct Needs {
   /// The last `queries` queries of the layer, their positions and the slots' positions
   /// (SnapKV's observation window, TOVA's last query); 0 = none.
   int64_t queries = 0;
+  /// The policy hides slots per head (Selection::hide): the caller keeps which slots are hidden,
+  /// shows them to the policy (LayerView::hidden) and masks them out of attention.
+  bool hides = false;
   bool scores() const { return attention || queries > 0; }
 };
 

@@ -1,6 +1,7 @@
 #pragma once
 // The one list of built-in policies. The registry (registry.hpp) and the functional API
 // (functional.hpp) are derived from it: a new built-in policy is its file plus one line here.
+#include <kvcompress/policies/adakv.hpp>
 #include <kvcompress/policies/adaptive_l2.hpp>
 #include <kvcompress/policies/fix_size_l2.hpp>
 #include <kvcompress/policies/h2o.hpp>
@@ -30,3 +31,10 @@
   X(H2O, h2o)                          \
   X(SnapKV, snapkv)                    \
   X(TOVA, tova)
+
+/// Built-in policies that hide slots per head (Needs::hides): in the registry like the others,
+/// but with no `<name>_compress` function, since a plain K/V copy cannot say which slots a head
+/// no longer sees (StaticCache and the runtime keep that).
+#define KVCOMPRESS_BUILTIN_HIDING_POLICIES(X) \
+  X(AdaKVSnapKV, adakv_snapkv)                \
+  X(AdaKVH2O, adakv_h2o)

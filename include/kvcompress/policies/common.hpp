@@ -67,5 +67,19 @@ std::optional<Selection> prefix_top_plus_window(int64_t seq, int64_t window, int
   return s.keep_span(prefix, window);
 }
 
+/// prefix_top_plus_window's choice as scores (HeadScores): the prefix's scores, +inf for the
+/// window; std::nullopt where it keeps the layer unchanged.
+template <class Scores>
+std::optional<HeadScores> prefix_scores_plus_window(int64_t seq, int64_t window, int64_t keep_size,
+                                                    Scores&& scores) {
+  if (seq <= keep_size) return std::nullopt;
+  const int64_t prefix = seq - window;
+  if (prefix <= 0) return std::nullopt;
+  const at::Tensor s = scores(prefix);
+  const at::Tensor forced =
+      at::full({s.size(0), s.size(1), window}, std::numeric_limits<double>::infinity(), s.options());
+  return HeadScores{at::cat({s, forced}, 2), std::max<int64_t>(0, std::min(keep_size - window, prefix)) + window};
+}
+
 }  // namespace detail
 }  // namespace kvcompress

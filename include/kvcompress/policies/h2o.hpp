@@ -37,6 +37,16 @@ struct H2O {
     s.keep_indices(top_k_positions(layer.attention.narrow(2, 0, middle), o.heavy_hitter_size, 0, /*largest=*/true));
     return s.keep_span(middle, o.recent_size);
   }
+
+  /// select()'s ranking, for per-head budgets (AdaKV<H2O>): the accumulated attention, +inf
+  /// for the recent window.
+  static std::optional<HeadScores> head_scores(const Options& o, const LayerView& layer) {
+    const int64_t seq = layer.seq();
+    if (seq <= detail::budget_sum(o.heavy_hitter_size, o.recent_size)) return std::nullopt;
+    at::Tensor s = layer.attention.clone();
+    s.narrow(2, seq - o.recent_size, o.recent_size).fill_(std::numeric_limits<double>::infinity());
+    return HeadScores{s, o.heavy_hitter_size + o.recent_size};
+  }
 };
 
 }  // namespace policies

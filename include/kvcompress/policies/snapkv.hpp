@@ -42,6 +42,12 @@ struct SnapKV {
                                           [&](int64_t prefix) { return votes(o, layer, prefix); });
   }
 
+  /// select()'s ranking, for per-head budgets (AdaKV<SnapKV>).
+  static std::optional<HeadScores> head_scores(const Options& o, const LayerView& layer) {
+    return detail::prefix_scores_plus_window(layer.seq(), o.observation_window, o.keep_size,
+                                             [&](int64_t prefix) { return votes(o, layer, prefix); });
+  }
+
   /// The window's attention to each prefix slot, summed over its queries, then pooled (as the
   /// SnapKV code: stride 1, padding kernel / 2, average pools counting the padding).
   static at::Tensor votes(const Options& o, const LayerView& layer, int64_t prefix) {

@@ -39,6 +39,15 @@ struct TOVA {
                                                : top_k_positions(last, o.cache_size, 0, /*largest=*/true));
     return s;
   }
+
+  /// select()'s ranking, for per-head budgets (AdaKV<TOVA>): the last query's attention (with
+  /// heads=mean its sum over heads, the same in every head).
+  static std::optional<HeadScores> head_scores(const Options& o, const LayerView& layer) {
+    if (layer.seq() <= o.cache_size) return std::nullopt;
+    at::Tensor last = window_attention(layer).select(2, -1);
+    if (o.heads == TOVAHeads::mean) last = last.sum(1, /*keepdim=*/true).expand_as(last).contiguous();
+    return HeadScores{last, o.cache_size};
+  }
 };
 
 }  // namespace policies

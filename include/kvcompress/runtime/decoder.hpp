@@ -39,17 +39,24 @@ class Decoder {
       require_scores_from(model, *options.compressor);
       needs_ = options.compressor->needs();
     }
+    scored_ = needs_.scores() || needs_.hides;
   }
 
   /// Throws kvcompress::Error when `compressor` scores with attention and `model` cannot
-  /// provide it (a file older than contract version 3), naming the remedy.
+  /// provide it (a file older than contract version 3), or hides slots per head and `model`
+  /// cannot mask them (older than version 4), naming the remedy.
   static void require_scores_from(const ContractModel& model, const Compressor& compressor) {
-    if (!compressor.needs().scores() || model.has_scored()) return;
-    throw Error(compressor.spec() + " scores with attention, which model '" + model.info().name +
-                "' (contract version " + std::to_string(model.info().contract_version) +
-                ") cannot provide: it has no forward_scored/step_scored. Upgrade the file with "
-                "examples/python/upgrade_contract.py or re-export it (export_pythia.py, export_small_model.py) "
-                "to contract version 3");
+    const Needs needs = compressor.needs();
+    const std::string remedy = "Upgrade the file with examples/python/upgrade_contract.py or re-export it "
+                               "(export_pythia.py, export_small_model.py) to contract version ";
+    const std::string which = "model '" + model.info().name + "' (contract version " +
+                              std::to_string(model.info().contract_version) + ")";
+    if (needs.scores() && !model.has_scored())
+      throw Error(compressor.spec() + " scores with attention, which " + which +
+                  " cannot provide: it has no forward_scored/step_scored. " + remedy + "3 or later");
+    if (needs.hides && !model.has_slot_bias())
+      throw Error(compressor.spec() + " hides slots per head, which " + which +
+                  " cannot mask: its scored methods take no slot_bias. " + remedy + "4");
   }
   virtual ~Decoder() = default;
   Decoder(const Decoder&) = delete;
@@ -139,7 +146,8 @@ class Decoder {
 
   ContractModel& model_;
   DecoderOptions options_;
-  Needs needs_;  // what the compressor scores with besides keys
+  Needs needs_;          // what the compressor scores with besides keys
+  bool scored_ = false;  // the model's scored methods run (scores or hidden slots)
   int64_t fed_ = 0, since_compression_ = 0;
 };
 
@@ -161,14 +169,19 @@ class ConcatDecoder final : public Decoder {
 
  protected:
   at::Tensor run(const at::Tensor& ids, int64_t t) override {
-    if (!needs_.scores()) {
+    if (!scored_) {
       auto out = model_.forward(ids, positions_for(t), cache_);
       cache_ = std::move(out.cache);
       return out.logits;
     }
-    auto out = model_.forward_scored(ids, positions_for(t), cache_, needs_.attention, window());
+    c10::List<at::Tensor> bias;
+    for (const auto& b : slot_bias_) bias.push_back(b);
+    auto out = model_.forward_scored(ids, positions_for(t), cache_, needs_.attention, window(), bias);
     const auto long_opts = at::TensorOptions().dtype(at::kLong).device(model_.device());
     for (size_t l = 0; l < cache_.size(); ++l) {
+      if (needs_.hides)  // the new tokens are visible
+        slot_bias_[l] = at::cat({slot_bias_[l], at::zeros({options_.batch, model_.info().num_heads, t},
+                                                          slot_bias_[l].options())}, 2);
       if (needs_.attention) {  // decay * old + new, the formula of the model's step_scored
         at::Tensor a = out.attention[l];
         const int64_t past = cache_[l].first.size(2);
@@ -204,12 +217,18 @@ class ConcatDecoder final : public Decoder {
         v.query_positions = window_positions();
         v.key_positions = key_positions_[i];
       }
+      if (needs_.hides) v.hidden = slot_bias_[i].lt(0);
       std::optional<Selection> s = c.select(v);
       if (!s) continue;
       LayerKV kept = apply_selection(keys, values, *s);
       if (options_.positions == PositionRule::cache) rotate_to_slots(kept.first, *s);
       if (needs_.attention) attention_[i] = take_slots(attention_[i], *s);
       if (window() > 0) key_positions_[i] = take_slots(key_positions_[i], *s);
+      if (needs_.hides)
+        slot_bias_[i] = s->hidden().defined()
+                            ? at::zeros(s->hidden().sizes(), slot_bias_[i].options())
+                                  .masked_fill_(s->hidden(), -std::numeric_limits<double>::infinity())
+                            : take_slots(slot_bias_[i], *s);
       cache_[i] = std::move(kept);
     }
   }
@@ -219,8 +238,11 @@ class ConcatDecoder final : public Decoder {
     attention_.clear();
     queries_.clear();
     key_positions_.clear();
+    slot_bias_.clear();
     const auto& info = model_.info();
     const auto opts = at::TensorOptions().device(model_.device());
+    for (int64_t l = 0; l < info.num_layers && needs_.hides; ++l)
+      slot_bias_.push_back(at::zeros({options_.batch, info.num_heads, 0}, opts.dtype(model_.dtype())));
     for (int64_t l = 0; l < info.num_layers && needs_.scores(); ++l) {
       attention_.push_back(at::zeros({options_.batch, info.num_heads, 0}, opts.dtype(at::kFloat)));
       queries_.push_back(at::zeros({options_.batch, info.num_heads, 0, info.head_dim}, opts.dtype(model_.dtype())));
@@ -231,6 +253,7 @@ class ConcatDecoder final : public Decoder {
  private:
   KVCache cache_;
   std::vector<at::Tensor> attention_, queries_, key_positions_;  // per layer, when the policy scores
+  std::vector<at::Tensor> slot_bias_;  // per layer, when the policy hides slots: 0 visible, -inf hidden
 };
 
 /// Largest length every layer reaches when `total` tokens arrive (the first `first_chunk` at
@@ -291,6 +314,10 @@ class StaticDecoder final : public Decoder {
     if (needs_.attention) {
       cache_.track_attention();
       for (int64_t l = 0; l < layers; ++l) attention_list_.push_back(cache_.attention_buffer(l));
+    }
+    if (needs_.hides) {  // compaction rewrites the masks in place: a captured graph reads them
+      cache_.track_hidden();
+      for (int64_t l = 0; l < layers; ++l) bias_list_.push_back(cache_.slot_bias_buffer(l));
     }
     // Under a chunked schedule the accumulated attention is not added inside every step: the
     // steps only keep their queries (one small write per layer), and the attention of all the
@@ -389,11 +416,11 @@ class StaticDecoder final : public Decoder {
   // accumulated attention inside the model unless it is deferred; `add_attention` forces it).
   at::Tensor call(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& query_slots,
                   bool add_attention = false) {
-    if (!needs_.scores()) return model_.step(ids, positions, key_list_, value_list_, lengths_);
+    if (!scored_) return model_.step(ids, positions, key_list_, value_list_, lengths_);
     const bool in_model = needs_.attention && (!deferred_ || add_attention);
     return model_.step_scored(ids, positions, key_list_, value_list_, lengths_,
                               in_model ? attention_list_ : c10::List<at::Tensor>(), needs_.decay, query_list_,
-                              query_slots);
+                              query_slots, bias_list_);
   }
 
   // Adds the attention of the n queries fed since the last flush to the accumulated scores, as
@@ -415,6 +442,7 @@ class StaticDecoder final : public Decoder {
       const at::Tensor keys = cache_.key_buffer(l).narrow(2, 0, cache_.length(l));
       LayerView view{keys, l, cache_.num_layers()};
       view.key_positions = cache_.positions(l);
+      if (cache_.tracks_hidden()) view.hidden = cache_.hidden(l);  // masked as the model masks them
       at::Tensor added;
       for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
         const int64_t m = std::min(kBlock, n - b0);
@@ -463,7 +491,7 @@ class StaticDecoder final : public Decoder {
   StaticCache cache_;
   bool use_graph_;
   at::Tensor ids_, positions_, lengths_, graph_logits_, query_slots_;
-  c10::List<at::Tensor> key_list_, value_list_, attention_list_, query_list_;
+  c10::List<at::Tensor> key_list_, value_list_, attention_list_, query_list_, bias_list_;
   std::vector<at::Tensor> query_buffers_;  // per layer, a ring of the last ring_ queries
   int64_t ring_ = 0;                       // its size: the policy's window, or the slack when deferred
   bool deferred_ = false;                  // accumulated attention computed at flush_attention()

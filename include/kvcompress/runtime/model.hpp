@@ -1,5 +1,5 @@
 #pragma once
-// A TorchScript model that follows docs/MODEL_CONTRACT.md (versions 1 to 3). Part of
+// A TorchScript model that follows docs/MODEL_CONTRACT.md (versions 1 to 4). Part of
 // kvcompress::runtime: needs <torch/script.h>.
 #include <kvcompress/types.hpp>
 
@@ -26,7 +26,7 @@ struct ModelInfo {
 };
 
 /// Contract versions this runtime reads.
-constexpr int64_t kMinContractVersion = 1, kMaxContractVersion = 3;
+constexpr int64_t kMinContractVersion = 1, kMaxContractVersion = 4;
 
 /// The first line of an exception's message, without LibTorch's backtrace.
 inline std::string first_line(const std::exception& e) {
@@ -99,17 +99,25 @@ class ContractModel {
            module_.find_method("step_scored").has_value();
   }
 
+  /// Whether the scored methods take version 4's slot_bias (slots hidden per head, for
+  /// per-head budgets).
+  bool has_slot_bias() const { return info_.contract_version >= 4 && has_scored(); }
+
   /// The contract's `step_scored`: `step`, plus decay * attention + the new attention into
   /// `attention_buffers` and the last query_slots.size(0) queries into `query_buffers` at those
-  /// slots (empty lists skip either).
+  /// slots (empty lists skip either); `slot_bias` (version 4; empty = none) per layer
+  /// [B, H, C_i] added to the attention scores over the slots.
   at::Tensor step_scored(const at::Tensor& input_ids, const at::Tensor& position_ids,
                          const c10::List<at::Tensor>& key_buffers, const c10::List<at::Tensor>& value_buffers,
                          const at::Tensor& lengths, const c10::List<at::Tensor>& attention_buffers, double decay,
-                         const c10::List<at::Tensor>& query_buffers, const at::Tensor& query_slots) {
+                         const c10::List<at::Tensor>& query_buffers, const at::Tensor& query_slots,
+                         const c10::List<at::Tensor>& slot_bias = c10::List<at::Tensor>()) {
+    std::vector<at::IValue> args{input_ids, position_ids, key_buffers, value_buffers, lengths,
+                                 attention_buffers, decay, query_buffers, query_slots};
+    add_slot_bias(args, slot_bias, "step_scored");
     at::IValue out;
     try {
-      out = module_.get_method("step_scored")({input_ids, position_ids, key_buffers, value_buffers, lengths,
-                                               attention_buffers, decay, query_buffers, query_slots});
+      out = module_.get_method("step_scored")(std::move(args));
     } catch (const std::exception& e) {
       throw Error("model step_scored failed: " + first_line(e));
     }
@@ -119,13 +127,17 @@ class ContractModel {
   }
 
   /// The contract's `forward_scored`: forward plus, per layer, the attention each slot received
-  /// (when `attention`) and the last min(T, query_window) queries.
+  /// (when `attention`) and the last min(T, query_window) queries; `slot_bias` (version 4;
+  /// empty = none) per layer [B, H, past] added to the attention scores over the past slots.
   Step forward_scored(const at::Tensor& input_ids, const at::Tensor& position_ids, const KVCache& past,
-                      bool attention, int64_t query_window) {
+                      bool attention, int64_t query_window,
+                      const c10::List<at::Tensor>& slot_bias = c10::List<at::Tensor>()) {
+    std::vector<at::IValue> args{input_ids, position_ids, tensor_list(past, true), tensor_list(past, false),
+                                 attention, query_window};
+    add_slot_bias(args, slot_bias, "forward_scored");
     at::IValue out;
     try {
-      out = module_.get_method("forward_scored")(
-          {input_ids, position_ids, tensor_list(past, true), tensor_list(past, false), attention, query_window});
+      out = module_.get_method("forward_scored")(std::move(args));
     } catch (const std::exception& e) {
       throw Error("model forward_scored failed: " + first_line(e));
     }
@@ -175,6 +187,18 @@ class ContractModel {
   }
 
  private:
+  // Version 4's last argument; older files have none, and cannot hide slots.
+  void add_slot_bias(std::vector<at::IValue>& args, const c10::List<at::Tensor>& slot_bias, const char* method) const {
+    if (info_.contract_version >= 4) {
+      args.emplace_back(slot_bias);
+      return;
+    }
+    if (!slot_bias.empty())
+      throw Error(std::string("model ") + method + ": slots hidden per head (slot_bias) need contract version 4; '" +
+                  info_.name + "' is version " + std::to_string(info_.contract_version) +
+                  " -- upgrade it with examples/python/upgrade_contract.py");
+  }
+
   static c10::List<at::Tensor> tensor_list(const KVCache& kv, bool keys) {
     c10::List<at::Tensor> out;
     out.reserve(kv.size());
