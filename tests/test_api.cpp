@@ -217,3 +217,56 @@ TEST(Errors, BadTensors) {
 TEST(Errors, EmptyCacheIsFine) {
   EXPECT_TRUE(kvc::make_compressor("l2")->compress({}).empty());
 }
+
+// Every parameter of every registered method at every extreme value: refused with
+// kvcompress::Error naming the parameter, or accepted and then compressing a cache (with the
+// score inputs it needs) into kept positions inside the layer -- never another exception.
+TEST(Errors, EveryParameterAtItsExtremes) {
+  const std::vector<std::string> extremes = {"9223372036854775807", "-9223372036854775808", "9223372036854775808",
+                                             "-1", "0", "1", "1e308", "-1e308", "1e-308", "nan", "inf", "-inf",
+                                             "0.5", "[9223372036854775807]", "[-1]", "[]"};
+  int accepted = 0, refused = 0;
+  for (const std::string& method : kvc::list_methods()) {
+    const kvc::ParsedSpec canonical = kvc::parse_spec(kvc::make_compressor(method)->spec());
+    for (const auto& arg : canonical.args) {
+      for (const std::string& value : extremes) {
+        const std::string spec = method + "(" + arg.first + "=" + value + ")";
+        SCOPED_TRACE(spec);
+        std::unique_ptr<kvc::Compressor> c;
+        try {
+          c = kvc::make_compressor(spec);
+        } catch (const kvc::Error& e) {
+          ++refused;
+          EXPECT_NE(std::string(e.what()).find(arg.first), std::string::npos) << e.what();
+          continue;
+        }
+        ++accepted;
+        kvc::StaticCache cache(3, 1, 2, 4, {20}, at::TensorOptions().dtype(at::kFloat));
+        cache.track_attention();
+        kvc::RecentQueries recent;
+        for (int64_t l = 0; l < 3; ++l) {
+          cache.append(l, at::randn({1, 2, 20, 4}), at::randn({1, 2, 20, 4}), 0);
+          cache.accumulate_attention(l, at::rand({1, 2, 20}), 1.0);
+          recent.per_layer.push_back(at::randn({1, 2, 2, 4}));
+        }
+        recent.positions = at::arange(18, 20, at::kLong);
+        try {
+          cache.compress(*c, nullptr, &recent);
+        } catch (const std::exception& e) {
+          ADD_FAILURE() << "accepted, then compress failed: " << e.what();
+          continue;
+        }
+        for (int64_t l = 0; l < 3; ++l) {
+          EXPECT_LE(cache.length(l), 20);
+          const at::Tensor p = cache.positions(l);
+          if (p.numel() > 0) {
+            EXPECT_GE(p.min().item<int64_t>(), 0);
+            EXPECT_LT(p.max().item<int64_t>(), 20);
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(accepted, 50);
+  EXPECT_GT(refused, 200);
+}

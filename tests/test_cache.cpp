@@ -207,6 +207,57 @@ TEST_P(Cache, BadUseIsReported) {
   EXPECT_EQ(cache.length(1), 0);
 }
 
+TEST_P(Cache, EveryEntryPointRefusesExtremeArguments) {
+  constexpr int64_t big = std::numeric_limits<int64_t>::max(), small = std::numeric_limits<int64_t>::min();
+  kvc::StaticCache cache(2, kBatch, kHeads, kDim, {4, 6}, opts());
+  cache.track_attention();
+  cache.track_hidden();
+  for (const int64_t layer : {int64_t{-1}, int64_t{2}, big, small}) {
+    SCOPED_TRACE(layer);
+    const std::vector<std::string> want = {"layer " + std::to_string(layer) + " out of range [0, 2)"};
+    auto check = [&](auto&& fn) {
+      try {
+        fn();
+        ADD_FAILURE() << "accepted layer " << layer;
+      } catch (const kvc::Error& e) {
+        EXPECT_NE(std::string(e.what()).find(want[0]), std::string::npos) << e.what();
+      }
+    };
+    check([&] { cache.capacity(layer); });
+    check([&] { cache.length(layer); });
+    check([&] { cache.key_buffer(layer); });
+    check([&] { cache.value_buffer(layer); });
+    check([&] { cache.positions(layer); });
+    check([&] { cache.attention_buffer(layer); });
+    check([&] { cache.attention(layer); });
+    check([&] { cache.accumulate_attention(layer, at::zeros({kBatch, kHeads, 0}, opts()), 1.0); });
+    check([&] { cache.slot_bias_buffer(layer); });
+    check([&] { cache.hidden(layer); });
+    const kvc::LayerKV one = tokens(1);
+    check([&] { cache.append(layer, one.first, one.second, 0); });
+  }
+  const kvc::LayerKV one = tokens(1);
+  expect_error([&] { cache.append(0, one.first, one.second, big); }, {"append", "first position"});
+  expect_error([&] { cache.append(0, one.first, one.second, small); }, {"append", "first position"});
+  expect_error([&] { cache.commit_step(small, 0); }, {"token count must be >= 0"});
+  expect_error([&] { cache.commit_step(1, small); }, {"first position"});
+  expect_error([&] { cache.require_room(big); }, {"layer 0 is full"});
+  cache.commit_step(0, big);  // nothing, at the last position there is
+  for (const int64_t bad : {int64_t{0}, int64_t{-1}, small}) {
+    expect_error([&] { kvc::StaticCache(bad, 1, 1, 1, {4}, opts()); }, {"must be >= 1"});
+    expect_error([&] { kvc::StaticCache(1, bad, 1, 1, {4}, opts()); }, {"must be >= 1"});
+    expect_error([&] { kvc::StaticCache(1, 1, bad, 1, {4}, opts()); }, {"must be >= 1"});
+    expect_error([&] { kvc::StaticCache(1, 1, 1, bad, {4}, opts()); }, {"must be >= 1"});
+    expect_error([&] { kvc::StaticCache(1, 1, 1, 1, {bad}, opts()); }, {"capacity must be >= 1"});
+  }
+  expect_error([&] { kvc::StaticCache(big, 1, 1, 1, {4, 4}, opts()); }, {"2 capacities for 9223372036854775807 layers"});
+  expect_error([&] { kvc::StaticCache(1, big, big, big, {big}, opts()); }, {"more elements than int64 counts"});
+  expect_error([&] { kvc::StaticCache(2, 1, 1, 1, {}, opts()); }, {"0 capacities for 2 layers"});
+  expect_error([&] { cache.accumulate_attention(0, at::zeros({kBatch, kHeads, 1}, opts()), 1.0); },
+               {"accumulate_attention", "expected [2, 3, 0]"});
+  EXPECT_EQ(cache.length(0), 0);
+}
+
 // --- positions: re-rotation of cached keys ------------------------------------------------------
 
 TEST_P(Cache, RerotationComposesAndInverts) {
@@ -312,14 +363,18 @@ TEST_P(Cache, AFullSkippedLayerSaysItIsSkipped) {
 // arrives), so after any compaction slot j's score must be score(positions[j]): a score never
 // belongs to another token. Checked for a shared choice (h2o_attention), per-head choices (h2o,
 // out-of-order gathers) and both schedules, against the functional API fed the same scores.
+namespace {
+// An attention score for a token: distinct per (row, head, position), not monotone in position.
+at::Tensor score_of(const at::Tensor& positions) {
+  const auto sizes = positions.sizes();
+  at::Tensor head = at::arange(sizes[1], positions.options()).view({1, -1, 1});
+  at::Tensor row = at::arange(sizes[0], positions.options()).view({-1, 1, 1});
+  return (positions * 7919 + head * 31 + row * 17).remainder(101).to(at::kFloat).div_(128);
+}
+}  // namespace
+
 TEST_P(Cache, AttentionScoresMoveWithTheirTokens) {
   at::manual_seed(5);
-  auto score_of = [](const at::Tensor& positions) {  // distinct per (row, head, position), not monotone
-    const auto sizes = positions.sizes();
-    at::Tensor head = at::arange(sizes[1], positions.options()).view({1, -1, 1});
-    at::Tensor row = at::arange(sizes[0], positions.options()).view({-1, 1, 1});
-    return (positions * 7919 + head * 31 + row * 17).remainder(101).to(at::kFloat).div_(128);
-  };
   for (const char* spec : {"h2o_attention(start_size=2, heavy_hitter_size=5, recent_size=4, skip_layers=[0])",
                            "h2o(heavy_hitter_size=6, recent_size=5, skip_layers=[0])"}) {
     for (const auto schedule : {kvc::Schedule::every(), kvc::Schedule::chunk(5)}) {
@@ -377,12 +432,6 @@ TEST_P(Cache, HiddenSlotsMoveWithTheirTokens) {
   // Per-head budgets hide slots; every compaction moves the mask with its tokens, the model's
   // additive mask (slot_bias) is -inf exactly there, and new slots are visible.
   at::manual_seed(6);
-  auto score_of = [](const at::Tensor& positions) {
-    const auto sizes = positions.sizes();
-    at::Tensor head = at::arange(sizes[1], positions.options()).view({1, -1, 1});
-    at::Tensor row = at::arange(sizes[0], positions.options()).view({-1, 1, 1});
-    return (positions * 7919 + head * 31 + row * 17).remainder(101).to(at::kFloat).div_(128);
-  };
   for (const auto schedule : {kvc::Schedule::every(), kvc::Schedule::chunk(5)}) {
     SCOPED_TRACE(schedule.kind == kvc::Schedule::chunked ? "chunked" : "every step");
     auto c = kvc::make_compressor("adakv_h2o(heavy_hitter_size=4, recent_size=3, alpha_safeguard=0.25, skip_layers=[0])");

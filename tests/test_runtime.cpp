@@ -383,6 +383,9 @@ TEST(Runtime, TokenizerMatchesSentencePiece) {
 TEST(Runtime, BadModelFilesAreReported) {
   expect_error([] { rt::ContractModel::load("/nonexistent/model.pt", at::kCPU, at::kFloat); },
                "model file not found");
+  // A name with control bytes (NUL included) is quoted escaped, never cut.
+  expect_error([] { rt::ContractModel::load(std::string("/nonexistent/a") + '\x01' + "b" + '\0' + "c.pt", at::kCPU, at::kFloat); },
+               "/nonexistent/a\\x01b\\x00c.pt");
   const std::string corrupt = testing::TempDir() + "kvc_corrupt.pt";
   std::ofstream(corrupt) << "this is not a zip archive";
   expect_error([&] { rt::ContractModel::load(corrupt, at::kCPU, at::kFloat); }, "cannot load model");

@@ -170,7 +170,8 @@ int main(int argc, char** argv) {
   try {
     return kvbench::run(argc, argv);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "kvbench: error: %s\n", kvcompress::runtime::first_line(e).c_str());
+    // One line, every unprintable byte of a quoted path or spec escaped (never cut at a NUL).
+    std::fprintf(stderr, "kvbench: error: %s\n", kvcompress::params::printable(kvcompress::runtime::first_line(e)).c_str());
     return 2;
   }
 }

@@ -174,8 +174,8 @@ class ConcatDecoder final : public Decoder {
       cache_ = std::move(out.cache);
       return out.logits;
     }
-    c10::List<at::Tensor> bias;
-    for (const auto& b : slot_bias_) bias.push_back(b);
+    c10::List<at::Tensor> bias;  // none until a compression has hidden something: no masked attention
+    for (size_t l = 0; l < slot_bias_.size() && hidden_present_; ++l) bias.push_back(slot_bias_[l]);
     auto out = model_.forward_scored(ids, positions_for(t), cache_, needs_.attention, window(), bias);
     const auto long_opts = at::TensorOptions().dtype(at::kLong).device(model_.device());
     for (size_t l = 0; l < cache_.size(); ++l) {
@@ -220,6 +220,7 @@ class ConcatDecoder final : public Decoder {
       if (needs_.hides) v.hidden = slot_bias_[i].lt(0);
       std::optional<Selection> s = c.select(v);
       if (!s) continue;
+      hidden_present_ |= s->hidden().defined();
       LayerKV kept = apply_selection(keys, values, *s);
       if (options_.positions == PositionRule::cache) rotate_to_slots(kept.first, *s);
       if (needs_.attention) attention_[i] = take_slots(attention_[i], *s);
@@ -239,6 +240,7 @@ class ConcatDecoder final : public Decoder {
     queries_.clear();
     key_positions_.clear();
     slot_bias_.clear();
+    hidden_present_ = false;
     const auto& info = model_.info();
     const auto opts = at::TensorOptions().device(model_.device());
     for (int64_t l = 0; l < info.num_layers && needs_.hides; ++l)
@@ -254,6 +256,7 @@ class ConcatDecoder final : public Decoder {
   KVCache cache_;
   std::vector<at::Tensor> attention_, queries_, key_positions_;  // per layer, when the policy scores
   std::vector<at::Tensor> slot_bias_;  // per layer, when the policy hides slots: 0 visible, -inf hidden
+  bool hidden_present_ = false;        // some slot is hidden (the masks are not all 0)
 };
 
 /// Largest length every layer reaches when `total` tokens arrive (the first `first_chunk` at
@@ -375,7 +378,9 @@ class StaticDecoder final : public Decoder {
       }
     } else {
       upload_lengths();
-      logits = call(ids, positions_for(t), ring_ > 0 ? ring_slots(t).to(model_.device()) : query_slots_, true);
+      // A prompt's mask over every slot is [B, H, T, C]: passed only once slots are hidden.
+      logits = call(ids, positions_for(t), ring_ > 0 ? ring_slots(t).to(model_.device()) : query_slots_, true,
+                    hidden_present_);
       if (deferred_) flushed_ = fed_ + t;
     }
     cache_.commit_step(t, fed_);
@@ -384,6 +389,7 @@ class StaticDecoder final : public Decoder {
 
   void compress_now() override {
     if (deferred_) flush_attention();
+    hidden_present_ |= needs_.hides;
     RecentQueries recent;
     if (window() > 0) {  // the policy's window from the ring, oldest first
       recent.positions = window_positions();
@@ -403,6 +409,7 @@ class StaticDecoder final : public Decoder {
   void clear() override {
     cache_.clear();
     flushed_ = 0;
+    hidden_present_ = false;
   }
 
  private:
@@ -412,15 +419,16 @@ class StaticDecoder final : public Decoder {
     return at::arange(fed_ + t - n, fed_ + t, at::kLong).remainder(std::max<int64_t>(ring_, 1));
   }
 
-  // The plain step, or the scored one when the policy scores with attention or queries (the
-  // accumulated attention inside the model unless it is deferred; `add_attention` forces it).
+  // The plain step, or the scored one when the policy scores with attention or queries or hides
+  // slots (the accumulated attention inside the model unless it is deferred; `add_attention`
+  // forces it; `with_bias` false leaves out the masks of hidden slots, when there are none).
   at::Tensor call(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& query_slots,
-                  bool add_attention = false) {
+                  bool add_attention = false, bool with_bias = true) {
     if (!scored_) return model_.step(ids, positions, key_list_, value_list_, lengths_);
     const bool in_model = needs_.attention && (!deferred_ || add_attention);
     return model_.step_scored(ids, positions, key_list_, value_list_, lengths_,
                               in_model ? attention_list_ : c10::List<at::Tensor>(), needs_.decay, query_list_,
-                              query_slots, bias_list_);
+                              query_slots, with_bias ? bias_list_ : c10::List<at::Tensor>());
   }
 
   // Adds the attention of the n queries fed since the last flush to the accumulated scores, as
@@ -431,8 +439,9 @@ class StaticDecoder final : public Decoder {
     const int64_t n = fed_ - flushed_;
     if (n <= 0) return;
     const auto dev = model_.device();
-    const at::Tensor positions = at::arange(flushed_, fed_, at::kLong);
-    const at::Tensor order = positions.remainder(ring_).to(dev);
+    // On the device: a host tensor would cost a synchronising copy in every layer.
+    const at::Tensor positions = at::arange(flushed_, fed_, at::TensorOptions().dtype(at::kLong).device(dev));
+    const at::Tensor order = positions.remainder(ring_);
     const at::Tensor weights = at::pow(at::full({n}, needs_.decay, at::kDouble),
                                        at::arange(n - 1, -1, -1, at::kDouble)).to(at::kFloat).to(dev).view({1, 1, n, 1});
     const std::vector<int64_t> skip = options_.compressor->skip_layers();
@@ -495,6 +504,7 @@ class StaticDecoder final : public Decoder {
   std::vector<at::Tensor> query_buffers_;  // per layer, a ring of the last ring_ queries
   int64_t ring_ = 0;                       // its size: the policy's window, or the slack when deferred
   bool deferred_ = false;                  // accumulated attention computed at flush_attention()
+  bool hidden_present_ = false;            // a compression may have hidden slots since the reset
   int64_t flushed_ = 0;                    // tokens whose attention the scores hold
   CudaGraph graph_;
 };

@@ -1,6 +1,7 @@
 #pragma once
 // A TorchScript model that follows docs/MODEL_CONTRACT.md (versions 1 to 4). Part of
 // kvcompress::runtime: needs <torch/script.h>.
+#include <kvcompress/params.hpp>
 #include <kvcompress/types.hpp>
 
 #include <torch/script.h>
@@ -46,13 +47,14 @@ class ContractModel {
     std::vector<at::Tensor> attention, queries;
   };
 
-  /// Loads `path` onto `device` in `dtype`; every failure is a kvcompress::Error naming the file.
-  static ContractModel load(const std::string& path, at::Device device, at::ScalarType dtype) {
-    if (!std::ifstream(path).good()) throw Error("model file not found or unreadable: " + path);
+  /// Loads `file` onto `device` in `dtype`; every failure is a kvcompress::Error naming the file.
+  static ContractModel load(const std::string& file, at::Device device, at::ScalarType dtype) {
+    const std::string path = params::printable(file);  // as messages quote it
+    if (!std::ifstream(file).good()) throw Error("model file not found or unreadable: " + path);
     ContractModel m;
     torch::jit::ExtraFilesMap extra{{"kvc/config.json", ""}, {"kvc/tokenizer.model", ""}};
     try {
-      m.module_ = torch::jit::load(path, at::Device(at::kCPU), extra);
+      m.module_ = torch::jit::load(file, at::Device(at::kCPU), extra);
     } catch (const std::exception& e) {
       throw Error("cannot load model " + path + " (not a TorchScript file, corrupt, or saved by a newer "
                   "PyTorch): " + first_line(e));
