@@ -27,9 +27,10 @@ Evaluates a contract TorchScript model token by token (feed token t, score token
 the cache) for the full cache and each method, as the course project did.
 
   --model FILE          contract model (default: the bundled data/pg19-neox-tiny.pt)
-  --text FILE           raw text, tokenized with the model's SentencePiece tokenizer (repeatable;
-                        whole bundled books: data/books/*.txt)
-  --tokens FILE         pre-tokenized ids (examples/python/tokenize_text.py) (repeatable)
+  --text FILE           UTF-8 text, tokenized with the tokenizer the model embeds (SentencePiece,
+                        or a Pythia export's tokenizer.json) (repeatable; whole bundled books:
+                        data/books/*.txt)
+  --tokens FILE         token ids (kvtok --encode, or examples/python/tokenize_text.py) (repeatable)
                         default input: the bundled eval excerpts (data/eval_text or data/eval_tokens)
   --samples N           number of inputs to evaluate, one sample each (default: every input
                         given; 2 of the bundled excerpts)
@@ -76,6 +77,7 @@ the cache) for the full cache and each method, as the course project did.
   --no-jit-optimize     off also with --cuda-graph
   --json FILE           write results as JSON
   --csv FILE            write results as CSV
+  --save-tokens DIR     write each sample's token ids, as evaluated, to DIR/<input stem>.ids
   --quiet               no progress bar
   --list-methods        print the registered methods and exit
   --help
@@ -130,7 +132,7 @@ struct Options {
   int64_t slack = 64, batch = 1, prefill_chunk = 0;
   bool cuda_graph = false, eval = true, skip_layers_given = false;
   std::vector<int64_t> budgets = {512, 1024}, skip_layers = {0, 1};
-  std::string json, csv;
+  std::string json, csv, save_tokens;
 
   bool static_cache() const { return !schedule.empty() || cuda_graph; }
   rt::PositionRule rule() const { return positions == "cache" ? rt::PositionRule::cache : rt::PositionRule::original; }
@@ -183,6 +185,7 @@ inline Options parse_args(int argc, char** argv) {
     else if (a == "--threads") o.threads = parse_count(a, value(i), 1);
     else if (a == "--json") o.json = value(i);
     else if (a == "--csv") o.csv = value(i);
+    else if (a == "--save-tokens") o.save_tokens = value(i);
     else if (a == "--quiet") o.quiet = true;
     else if (a == "--jit-optimize") o.jit_optimize = 1;
     else if (a == "--no-jit-optimize") o.jit_optimize = 0;

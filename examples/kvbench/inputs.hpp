@@ -1,10 +1,11 @@
 #pragma once
-// kvbench's inputs: texts (tokenized with the model's SentencePiece tokenizer) or token-id
-// files, the bundled defaults, and their checks against the model.
+// kvbench's inputs: texts (tokenized with the tokenizer the model embeds) or token-id files
+// (runtime/token_file.hpp), the bundled defaults, and their checks against the model.
 #include "cli.hpp"
 
 #include <kvcompress/runtime/model.hpp>
-#include <kvcompress/runtime/sentencepiece_bpe.hpp>
+#include <kvcompress/runtime/token_file.hpp>
+#include <kvcompress/runtime/tokenizer.hpp>
 
 #include <filesystem>
 #include <fstream>
@@ -20,32 +21,13 @@ inline std::string read_file(const std::string& path, const char* what) {
   return ss.str();
 }
 
-// Token-ids file: "# kvcompress-tokens v1 ..." then whitespace-separated decimal ids.
-inline std::vector<int64_t> read_token_file(const std::string& path) {
-  const std::string text = read_file(path, "token");
-  std::istringstream in(text);
-  std::string header;
-  std::getline(in, header);
-  if (header.rfind("# kvcompress-tokens v1", 0) != 0)
-    fail("token file " + path + " does not start with '# kvcompress-tokens v1' (make it with "
-         "examples/python/tokenize_text.py)");
-  std::vector<int64_t> ids;
-  std::string word;
-  while (in >> word) {
-    int64_t id = 0;
-    if (!kvc::params::parse_int(word, id))
-      fail("token file " + path + ": '" + word + "' is not a token id (entry " + std::to_string(ids.size()) + ")");
-    ids.push_back(id);
-  }
-  return ids;
-}
-
-inline std::vector<int64_t> tokenize_text(const std::string& path, const std::string& spm_model) {
+inline std::vector<int64_t> tokenize_text(const std::string& path, const rt::Tokenizer& tokenizer) {
   const std::string text = read_file(path, "text");
-  if (spm_model.empty())
-    fail("the model has no SentencePiece tokenizer; pre-tokenize " + path +
-         " with examples/python/tokenize_text.py and pass --tokens");
-  return rt::SentencePieceBPE(spm_model).encode(text);
+  try {
+    return tokenizer.encode(text);
+  } catch (const kvc::Error& e) {
+    fail(std::string(e.what()) + " (in " + kvc::params::printable(path) + ")");
+  }
 }
 
 inline std::vector<std::string> sorted_files(const std::string& dir, const std::string& ext) {
@@ -65,7 +47,7 @@ struct Sample {
 inline std::vector<Sample> load_samples(Options& o, const rt::ContractModel& model) {
   const bool bundled = o.texts.empty() && o.token_files.empty();
   if (bundled) {
-    const bool use_text = !model.tokenizer_model().empty();
+    const bool use_text = model.has_tokenizer();
     if (use_text) o.texts = sorted_files(std::string(KVC_DATA_DIR) + "/eval_text", ".txt");
     else o.token_files = sorted_files(std::string(KVC_DATA_DIR) + "/eval_tokens", ".ids");
     if (o.texts.empty() && o.token_files.empty())
@@ -77,16 +59,28 @@ inline std::vector<Sample> load_samples(Options& o, const rt::ContractModel& mod
   if (static_cast<int64_t>(inputs.size()) < o.samples)
     fail("--samples " + std::to_string(o.samples) + " but only " + std::to_string(inputs.size()) +
          " input file(s)");
+  std::unique_ptr<rt::Tokenizer> tokenizer;  // the model's; an error names the remedies when it has none
+  if (!o.texts.empty()) tokenizer = model.tokenizer();
+  if (!o.save_tokens.empty() && !std::filesystem::is_directory(o.save_tokens))
+    fail("--save-tokens " + kvc::params::printable(o.save_tokens) + " is not a directory");
   std::vector<Sample> samples;
   for (int64_t s = 0; s < o.samples; ++s) {
     const std::string& path = inputs[static_cast<size_t>(s)];
-    std::vector<int64_t> ids = o.texts.empty() ? read_token_file(path) : tokenize_text(path, model.tokenizer_model());
+    std::vector<int64_t> ids = tokenizer ? tokenize_text(path, *tokenizer) : rt::read_token_file(path);
     if (o.max_tokens > 0 && static_cast<int64_t>(ids.size()) > o.max_tokens) ids.resize(static_cast<size_t>(o.max_tokens));
     if (ids.size() < 2) fail("input " + path + " has fewer than 2 tokens");
     for (size_t i = 0; i < ids.size(); ++i)
       if (ids[i] < 0 || ids[i] >= model.info().vocab_size)
         fail("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) + " of " + path +
              " is outside the model's vocabulary [0, " + std::to_string(model.info().vocab_size) + ")");
+    if (!o.save_tokens.empty()) {  // exactly the ids this run evaluates
+      const std::string out = o.save_tokens + "/" + std::filesystem::path(path).stem().string() + ".ids";
+      std::ofstream f(out);
+      rt::write_token_file(f, ids, tokenizer ? tokenizer->vocab_size() : model.info().vocab_size,
+                           tokenizer ? tokenizer->kind() : "from-token-file");
+      f.close();
+      if (!f) fail("--save-tokens: cannot write " + kvc::params::printable(out));
+    }
     samples.push_back({path, std::move(ids)});
   }
   return samples;

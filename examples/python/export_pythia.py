@@ -18,6 +18,11 @@ and exits with status 1 when either is above the bound (TOL: 1e-3 for float32, 5
 float16/bfloat16; S = max(1, largest |logit| of the reference)). The cached keys are compared
 too, since the contract caches keys exactly as Hugging Face does (rotated).
 
+The checkpoint's tokenizer.json (for --random-init the bundled Pythia one,
+data/tokenizers/gpt-neox-20b/tokenizer.json; or --tokenizer FILE) is embedded as
+kvc/tokenizer.json, so `kvbench --text`, `kvgen` and `kvtok` read and write text with the
+export directly; --no-tokenizer leaves it out.
+
 --fuse-layers exports the same function with fewer kernels per decode step (kvc_model.
 fuse_layers: LayerNorm scales folded into the weights, QKV + MLP-up and attention-out +
 MLP-down each one matrix product); the check then also measures what that rounding costs.
@@ -30,6 +35,8 @@ by a PyTorch that LibTorch can read.
 """
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import time
@@ -76,6 +83,11 @@ def parse_args(argv):
                          "products per layer merged into two; same function up to rounding, fewer GPU kernels "
                          "per decode step (parallel-residual models only)")
     ap.add_argument("--name", help="model_name attribute (default: from --model / --random-init)")
+    tok = ap.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", metavar="TOKENIZER_JSON",
+                     help="the tokenizer.json to embed as kvc/tokenizer.json (default: the checkpoint's own; "
+                          "with --random-init the bundled Pythia tokenizer, data/tokenizers/gpt-neox-20b)")
+    tok.add_argument("--no-tokenizer", action="store_true", help="embed no tokenizer (text then needs kvtok)")
     args = ap.parse_args(argv)
     if args.check_tokens < 0 or args.decode_steps < 0:
         fail(__file__, "--check-tokens and --decode-steps must be >= 0")
@@ -255,6 +267,40 @@ def check(args, hf, loaded, km, torch, vocab):
     return d_prefill <= bound and d_decode <= bound
 
 
+def tokenizer_json_for(args, vocab_size):
+    """The bytes of the tokenizer.json to embed, or None with --no-tokenizer; checked to be a
+    BPE tokenizer.json whose ids fit the model's vocabulary."""
+    if args.no_tokenizer:
+        return None
+    path = args.tokenizer
+    if path is None and args.random_init:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "data", "tokenizers",
+                            "gpt-neox-20b", "tokenizer.json")
+    elif path is None and os.path.isdir(args.model):
+        path = os.path.join(args.model, "tokenizer.json")
+        if not os.path.isfile(path):
+            fail(__file__, "%s has no tokenizer.json: pass --tokenizer FILE or --no-tokenizer" % args.model)
+    elif path is None:
+        try:
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(args.model, "tokenizer.json")
+        except Exception as e:  # noqa: BLE001
+            fail(__file__, "cannot get %s's tokenizer.json (%s): pass --tokenizer FILE or --no-tokenizer"
+                 % (args.model, str(e).splitlines()[0] if str(e) else type(e).__name__))
+    try:
+        raw = open(path, "rb").read()
+        spec = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError) as e:
+        fail(__file__, "--tokenizer %s: not a readable tokenizer.json (%s)" % (path, e))
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
+        fail(__file__, "--tokenizer %s: not a Hugging Face BPE tokenizer.json" % path)
+    ids = list(model["vocab"].values()) + [t.get("id", -1) for t in spec.get("added_tokens", [])]
+    if max(ids) >= vocab_size:
+        fail(__file__, "--tokenizer %s: ids up to %d do not fit the model's vocabulary of %d" % (path, max(ids), vocab_size))
+    return raw
+
+
 def main(argv=None):
     args = parse_args(argv)
     # PyTorch >= 2.9 warns on every torch.jit call; the contract is TorchScript by design.
@@ -278,6 +324,7 @@ def main(argv=None):
     print("loaded %s (%s, %s on %s) in %.0f s: %d layers, hidden %d, heads %d, rotary %d of %d dims, vocab %d"
           % (source, args.dtype, "transformers " + tf_version, args.device, time.time() - t0, cfg.num_layers,
              cfg.hidden_size, cfg.num_heads, cfg.rotary_ndims, cfg.head_dim, cfg.vocab_size))
+    tokenizer_json = tokenizer_json_for(args, cfg.vocab_size)  # before the slow part
 
     # Build the contract module around the Hugging Face tensors (no second copy where
     # PyTorch can adopt tensors: load_state_dict(assign=True), PyTorch >= 2.1).
@@ -301,13 +348,15 @@ def main(argv=None):
         fail(__file__, "torch.jit.script failed%s: %s" % (hint, str(e).splitlines()[0]))
     # Saved from CPU storage so the file loads anywhere without map_location.
     scripted = scripted.to("cpu")
-    extra = {"source": source, "transformers_version": tf_version, "torch_version": torch.__version__,
-             "tokenizer_name": "gpt-neox-20b"}
-    km.save_contract_model(scripted, args.out, extra)
+    extra = {"source": source, "transformers_version": tf_version, "torch_version": torch.__version__}
+    if tokenizer_json is not None:
+        extra["tokenizer_sha256"] = hashlib.sha256(tokenizer_json).hexdigest()
+    km.save_contract_model(scripted, args.out, extra, tokenizer_json=tokenizer_json)
     del scripted, model
     size = os.path.getsize(args.out)
-    print("saved %s: %.1f MiB, attention %s, dtype %s%s" % (args.out, size / 2 ** 20, args.attention, args.dtype,
-                                                          ", fused layers" if args.fuse_layers else ""))
+    print("saved %s: %.1f MiB, attention %s, dtype %s%s, %s" % (
+        args.out, size / 2 ** 20, args.attention, args.dtype, ", fused layers" if args.fuse_layers else "",
+        "tokenizer.json embedded" if tokenizer_json is not None else "no tokenizer"))
 
     if args.check_tokens == 0:
         return

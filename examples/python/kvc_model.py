@@ -13,7 +13,7 @@ Public helpers:
   KVCModel               the module (script it with torch.jit.script)
   lm_logits(model, ids)  full causal forward for training (not part of the contract)
   load_hf_state_dict     Hugging Face GPTNeoXForCausalLM weights -> KVCModel
-  save_contract_model    script + save with kvc/config.json (+ kvc/tokenizer.model)
+  save_contract_model    script + save with kvc/config.json (+ kvc/tokenizer.model or .json)
   load_contract_model    load a contract file with its extra files
 """
 
@@ -33,7 +33,8 @@ from torch import Tensor, nn
 #    slots per head (per-head budgets hide evicted slots in a dense cache).
 CONTRACT_VERSION = 4
 CONFIG_FILE = "kvc/config.json"
-TOKENIZER_FILE = "kvc/tokenizer.model"
+TOKENIZER_FILE = "kvc/tokenizer.model"       # a SentencePiece model
+TOKENIZER_JSON_FILE = "kvc/tokenizer.json"    # a Hugging Face tokenizer.json (Pythia exports)
 ATTENTION_KINDS = ("portable", "sdpa")
 
 
@@ -746,30 +747,37 @@ def contract_config(model, extra: Optional[Dict] = None) -> Dict:
 
 
 def save_contract_model(model, path: str, config: Optional[Dict] = None,
-                        tokenizer_bytes: Optional[bytes] = None):
-    """Script (if needed) and save model to path with kvc/config.json and, when given,
-    kvc/tokenizer.model. config holds extra keys for config.json (e.g. "source").
+                        tokenizer_bytes: Optional[bytes] = None, tokenizer_json: Optional[bytes] = None):
+    """Script (if needed) and save model to path with kvc/config.json and, when given, its
+    tokenizer: a SentencePiece model as kvc/tokenizer.model or a Hugging Face tokenizer.json as
+    kvc/tokenizer.json (one of them). config holds extra keys for config.json (e.g. "source").
     Returns the scripted module."""
+    if tokenizer_bytes is not None and tokenizer_json is not None:
+        raise ValueError("embed one tokenizer: a SentencePiece model or a tokenizer.json, not both")
     scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model.eval())
     extra = dict(config or {})
-    extra["tokenizer"] = TOKENIZER_FILE if tokenizer_bytes is not None else extra.get("tokenizer")
+    extra["tokenizer"] = (TOKENIZER_FILE if tokenizer_bytes is not None else
+                          TOKENIZER_JSON_FILE if tokenizer_json is not None else extra.get("tokenizer"))
     cfg = contract_config(model, extra)
     files = {CONFIG_FILE: json.dumps(cfg, indent=2, sort_keys=True) + "\n"}
     if tokenizer_bytes is not None:
         files[TOKENIZER_FILE] = bytes(tokenizer_bytes)
+    if tokenizer_json is not None:
+        files[TOKENIZER_JSON_FILE] = bytes(tokenizer_json)
     torch.jit.save(scripted, path, _extra_files=files)
     return scripted
 
 
 def load_contract_model(path: str, device: str = "cpu"):
-    """(module, config dict, tokenizer bytes or None) from a contract file."""
-    files = {CONFIG_FILE: "", TOKENIZER_FILE: ""}
+    """(module, config dict, tokenizer bytes or None) from a contract file: the embedded
+    kvc/tokenizer.json, else kvc/tokenizer.model."""
+    files = {CONFIG_FILE: "", TOKENIZER_FILE: "", TOKENIZER_JSON_FILE: ""}
     module = torch.jit.load(path, map_location=device, _extra_files=files)
     raw = files[CONFIG_FILE]
     if not raw:
         raise ValueError("%s has no %s: not a kvcompress contract model" % (path, CONFIG_FILE))
     cfg = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-    tok = files[TOKENIZER_FILE]
+    tok = files[TOKENIZER_JSON_FILE] or files[TOKENIZER_FILE]
     if isinstance(tok, str):
         tok = tok.encode("latin-1")  # older torch hands back str; keep the raw bytes
     return module, cfg, (tok if tok else None)

@@ -491,6 +491,16 @@ def test_save_reload_with_extra_files():
         km.save_contract_model(m, path)
         _, cfg, tok3 = km.load_contract_model(path)
         assert tok3 is None and cfg["tokenizer"] is None
+        # A tokenizer.json goes to kvc/tokenizer.json; one tokenizer per file.
+        js = b'{"model": {"type": "BPE"}}'
+        km.save_contract_model(m, path, tokenizer_json=js)
+        _, cfg, tok4 = km.load_contract_model(path)
+        assert tok4 == js and cfg["tokenizer"] == "kvc/tokenizer.json"
+        try:
+            km.save_contract_model(m, path, tokenizer_bytes=tok, tokenizer_json=js)
+            raise AssertionError("no error for two tokenizers")
+        except ValueError as e:
+            assert "one tokenizer" in str(e)
 
 
 def test_hf_state_dict_mapping():

@@ -2,6 +2,7 @@
 // A TorchScript model that follows docs/MODEL_CONTRACT.md (versions 1 to 4). Part of
 // kvcompress::runtime: needs <torch/script.h>.
 #include <kvcompress/params.hpp>
+#include <kvcompress/runtime/tokenizer.hpp>
 #include <kvcompress/types.hpp>
 
 #include <torch/script.h>
@@ -52,7 +53,7 @@ class ContractModel {
     const std::string path = params::printable(file);  // as messages quote it
     if (!std::ifstream(file).good()) throw Error("model file not found or unreadable: " + path);
     ContractModel m;
-    torch::jit::ExtraFilesMap extra{{"kvc/config.json", ""}, {"kvc/tokenizer.model", ""}};
+    torch::jit::ExtraFilesMap extra{{"kvc/config.json", ""}, {"kvc/tokenizer.json", ""}, {"kvc/tokenizer.model", ""}};
     try {
       m.module_ = torch::jit::load(file, at::Device(at::kCPU), extra);
     } catch (const std::exception& e) {
@@ -61,6 +62,8 @@ class ContractModel {
     }
     m.config_json_ = extra["kvc/config.json"];
     m.tokenizer_model_ = extra["kvc/tokenizer.model"];
+    m.tokenizer_json_ = extra["kvc/tokenizer.json"];
+    m.path_ = path;
     m.info_ = read_info(m.module_, path);
     if (!m.module_.find_method("forward"))
       throw Error("model " + path + " has no forward method (see docs/MODEL_CONTRACT.md)");
@@ -77,7 +80,20 @@ class ContractModel {
   }
 
   const ModelInfo& info() const { return info_; }
+  /// The embedded tokenizer's bytes, if any: a SentencePiece model (kvc/tokenizer.model) or a
+  /// Hugging Face tokenizer.json (kvc/tokenizer.json).
   const std::string& tokenizer_model() const { return tokenizer_model_; }
+  const std::string& tokenizer_json() const { return tokenizer_json_; }
+  bool has_tokenizer() const { return !tokenizer_json_.empty() || !tokenizer_model_.empty(); }
+  /// The embedded tokenizer (the tokenizer.json when a file has both); an Error naming the
+  /// remedies when the file embeds none.
+  std::unique_ptr<Tokenizer> tokenizer() const {
+    if (!tokenizer_json_.empty()) return tokenizer_from_bytes(tokenizer_json_, path_ + ":kvc/tokenizer.json");
+    if (!tokenizer_model_.empty()) return tokenizer_from_bytes(tokenizer_model_, path_ + ":kvc/tokenizer.model");
+    throw Error("model " + path_ + " embeds no tokenizer (neither kvc/tokenizer.json nor kvc/tokenizer.model): "
+                "give token ids (kvbench --tokens; make them with kvtok), or re-export the model with "
+                "examples/python/export_pythia.py, which embeds the checkpoint's tokenizer.json");
+  }
   const std::string& config_json() const { return config_json_; }
   at::Device device() const { return device_; }
   at::ScalarType dtype() const { return dtype_; }
@@ -260,7 +276,7 @@ class ContractModel {
 
   torch::jit::Module module_;
   ModelInfo info_;
-  std::string config_json_, tokenizer_model_;
+  std::string config_json_, tokenizer_model_, tokenizer_json_, path_;
   at::Device device_ = at::kCPU;
   at::ScalarType dtype_ = at::kFloat;
 };

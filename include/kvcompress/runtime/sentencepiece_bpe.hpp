@@ -3,9 +3,12 @@
 // byte fallback), written against the .model protobuf directly. Debian's libsentencepiece
 // cannot share a process with LibTorch (both register protobuf descriptors; it crashes at load),
 // and the GPU image has no C++ SentencePiece at all. Other tokenizer settings are refused with a
-// clear error: pre-tokenize such text with examples/python/tokenize_text.py.
+// clear error: pre-tokenize such text with examples/python/tokenize_text.py, or use kvtok.
+// One of the runtime's two tokenizers (tokenizer.hpp); header-only.
+#include <kvcompress/runtime/tokenizer.hpp>
 #include <kvcompress/types.hpp>
 
+#include <cctype>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -17,7 +20,7 @@
 namespace kvcompress {
 namespace runtime {
 
-class SentencePieceBPE {
+class SentencePieceBPE final : public Tokenizer {
  public:
   /// Parses a serialized ModelProto (the bytes of a .model file).
   explicit SentencePieceBPE(const std::string& model_bytes) {
@@ -38,9 +41,11 @@ class SentencePieceBPE {
     if (has_user_defined_) fail("user-defined symbols are not supported");
   }
 
-  int64_t vocab_size() const { return static_cast<int64_t>(scores_.size()); }
+  int64_t vocab_size() const override { return static_cast<int64_t>(scores_.size()); }
+  std::string kind() const override { return "sentencepiece-bpe"; }
 
-  std::vector<int64_t> encode(const std::string& text) const {
+  std::vector<int64_t> encode(const std::string& text) const override {
+    utf8::require_valid(text, "text");
     std::string norm;
     norm.reserve(text.size() + 3);
     if (add_dummy_prefix_ && !text.empty()) norm += kSpace;
@@ -97,6 +102,31 @@ class SentencePieceBPE {
       }
     }
     return ids;
+  }
+
+  /// As SentencePiece decodes: the space mark is a space, byte pieces are their byte, control
+  /// pieces are empty, <unk> is " \u2047 ", and the dummy prefix's leading space is dropped.
+  std::string decode_bytes(const std::vector<int64_t>& ids) const override {
+    std::string out;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const int64_t id = ids[i];
+      if (id < 0 || id >= vocab_size())
+        throw Error("token id " + std::to_string(id) + " (entry " + std::to_string(i) +
+                    ") is not in the tokenizer's vocabulary of " + std::to_string(vocab_size()));
+      const std::string& piece = piece_of_[static_cast<size_t>(id)];
+      switch (type_of_[static_cast<size_t>(id)]) {
+        case 2: out += " \xe2\x81\x87 "; break;                                  // UNKNOWN
+        case 3: break;                                                            // CONTROL
+        case 6: out += static_cast<char>(std::stoi(piece.substr(3, 2), nullptr, 16)); break;  // BYTE <0xNN>
+        default:
+          for (size_t at = 0; at < piece.size();) {
+            if (escape_whitespaces_ && piece.compare(at, 3, kSpace) == 0) { out += ' '; at += 3; }
+            else out += piece[at++];
+          }
+      }
+    }
+    if (add_dummy_prefix_ && !out.empty() && out[0] == ' ') out.erase(0, 1);
+    return out;
   }
 
  private:
@@ -170,7 +200,13 @@ class SentencePieceBPE {
       else r.skip(wire);
     }
     const int id = static_cast<int>(scores_.size());
+    if (type == 6 && !(piece.size() == 6 && piece.compare(0, 3, "<0x") == 0 && piece[5] == '>' &&
+                       std::isxdigit(static_cast<unsigned char>(piece[3])) &&
+                       std::isxdigit(static_cast<unsigned char>(piece[4]))))
+      fail("byte piece " + std::to_string(id) + " is not of the form <0xNN>");
     scores_.push_back(score);
+    piece_of_.push_back(piece);
+    type_of_.push_back(type);
     // NORMAL, USER_DEFINED and UNUSED pieces take part in merges; UNKNOWN, CONTROL and BYTE
     // pieces are only looked up by name.
     if (type == 1 || type == 4 || type == 5) pieces_.emplace(piece, id);
@@ -202,6 +238,8 @@ class SentencePieceBPE {
 
   std::unordered_map<std::string, int> pieces_, reserved_;
   std::vector<float> scores_;
+  std::vector<std::string> piece_of_;
+  std::vector<int> type_of_;
   int unk_id_ = -1;
   bool has_user_defined_ = false;
   std::string normalizer_ = "nmt_nfkc";  // protobuf defaults
