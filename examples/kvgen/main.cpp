@@ -239,8 +239,8 @@ int run(int argc, char** argv) {
   const int64_t elem = static_cast<int64_t>(c10::elementSize(dtype));
   for (int64_t len : lengths) bytes += 2 * len * model.info().num_heads * model.info().head_dim * elem;
   const auto [lo, hi] = std::minmax_element(lengths.begin(), lengths.end());
-  std::fprintf(stderr, "\n%lld prompt tokens, %lld new: first token after %.3f s, then %.1f tokens/s "
-               "(%s on %s/%s, host clock, printing included)\n",
+  std::fprintf(stderr, "\n%lld prompt tokens, %lld new: first token after %.3f s (the prefill and this "
+               "process's one-time start-up), then %.1f tokens/s (%s on %s/%s, host clock, printing included)\n",
                (long long)p, (long long)made, first_s,
                made > 1 ? static_cast<double>(made - 1) / std::max(total_s - first_s, 1e-9) : 0.0,
                compressor ? compressor->spec().c_str() : "full cache", device.str().c_str(), o.dtype.c_str());

@@ -1,0 +1,12 @@
+# The committed tokenizer.json is the file its PROVENANCE.txt names: same size and sha256.
+file(READ ${PROVENANCE} text)
+string(REGEX MATCH "sha256: +([0-9a-f]+)" _ "${text}")
+set(expected ${CMAKE_MATCH_1})
+string(REGEX MATCH "bytes: +([0-9]+)" _ "${text}")
+set(expected_size ${CMAKE_MATCH_1})
+file(SHA256 ${FILE} actual)
+file(SIZE ${FILE} size)
+if(NOT actual STREQUAL expected OR NOT size EQUAL expected_size)
+  message(FATAL_ERROR "${FILE}: sha256 ${actual}, ${size} bytes; PROVENANCE.txt says ${expected}, ${expected_size} bytes")
+endif()
+message(STATUS "ok: ${FILE} is the file PROVENANCE.txt names (sha256 ${actual})")
