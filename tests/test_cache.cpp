@@ -68,6 +68,97 @@ TEST_P(Cache, EveryStepKeepsExactlyWhatTheFunctionalApiKeeps) {
   }
 }
 
+namespace {
+
+// A user's policy (as in examples/example_policy_types.cpp): the first `head` tokens and every
+// `stride`-th after them, as ascending spans.
+struct Strided {
+  struct Options {
+    int64_t head = 3, stride = 3;
+  };
+  static constexpr const char* name = "test_strided";
+  template <class O, class V>
+  static void visit_params(O& o, V& v) {
+    v.integer("head", o.head, 0);
+    v.integer("stride", o.stride, 1);
+  }
+  static std::optional<kvc::Selection> select(const Options& o, const kvc::LayerView& layer) {
+    if (layer.seq() <= 12) return std::nullopt;
+    kvc::Selection s;
+    s.keep_span(0, o.head);
+    for (int64_t t = layer.seq() - 1; t >= o.head && s.kept() < 12; t -= o.stride) s.keep_span(t, 1);
+    return s;  // the strided part newest first: spans out of order
+  }
+};
+
+// Another: the newest 6 tokens first, then the oldest 4 (two spans in decreasing order).
+struct NewestThenOldest {
+  struct Options {};
+  static constexpr const char* name = "test_newest_then_oldest";
+  template <class O, class V>
+  static void visit_params(O&, V&) {}
+  static std::optional<kvc::Selection> select(const Options&, const kvc::LayerView& layer) {
+    if (layer.seq() <= 10) return std::nullopt;
+    kvc::Selection s;
+    s.keep_span(layer.seq() - 6, 6);
+    s.keep_span(0, 4);
+    return s;
+  }
+};
+
+}  // namespace
+
+TEST_P(Cache, HalfPrecisionAndUserPoliciesKeepExactlyWhatTheFunctionalApiKeeps) {
+  // float16 and bfloat16 caches (README's example runs float16 on CUDA), every built-in policy
+  // that scores keys and two user-written ones whose spans come out of order (the gather path
+  // of the compaction): the cache after each step is bitwise the functional API's.
+  std::vector<std::unique_ptr<kvc::Compressor>> compressors;
+  for (const auto& spec : kSpecs) compressors.push_back(kvc::make_compressor(spec));
+  compressors.push_back(std::make_unique<kvc::BasicCompressor<Strided>>(Strided::Options{}, std::vector<int64_t>{0}));
+  compressors.push_back(std::make_unique<kvc::BasicCompressor<NewestThenOldest>>(NewestThenOldest::Options{},
+                                                                                 std::vector<int64_t>{0}));
+  for (const auto dtype : {at::kHalf, at::kBFloat16}) {
+    const auto o = opts().dtype(dtype);
+    for (const auto& c : compressors) {
+      SCOPED_TRACE(c->spec() + " " + std::string(c10::toString(dtype)));
+      at::manual_seed(5);
+      kvc::StaticCache cache(kLayers, kBatch, kHeads, kDim, {64}, o);
+      kvc::KVCache reference(kLayers, {at::empty({kBatch, kHeads, 0, kDim}, o), at::empty({kBatch, kHeads, 0, kDim}, o)});
+      int64_t position = 0;
+      for (int64_t step = 0; step < 30; ++step) {
+        const int64_t t = step == 0 ? 9 : 1;
+        for (int64_t l = 0; l < kLayers; ++l) {
+          const at::Tensor k = at::randn({kBatch, kHeads, t, kDim}, o), v = at::randn({kBatch, kHeads, t, kDim}, o);
+          cache.append(l, k, v, position);
+          reference[l] = {at::cat({reference[l].first, k}, 2), at::cat({reference[l].second, v}, 2)};
+        }
+        position += t;
+        reference = c->compress(reference);
+        cache.maybe_compress(*c, kvc::Schedule::every());
+        const kvc::KVCache view = cache.view();
+        for (int64_t l = 0; l < kLayers; ++l) {
+          ASSERT_EQ(view[l].first.scalar_type(), dtype);
+          ASSERT_TRUE(at::equal(view[l].first, reference[l].first)) << "step " << step << " layer " << l;
+          ASSERT_TRUE(at::equal(view[l].second, reference[l].second)) << "step " << step << " layer " << l;
+        }
+      }
+      EXPECT_EQ(cache.length(0), 38);  // the skipped layer
+      EXPECT_LT(cache.length(2), 17);
+    }
+  }
+  // The out-of-order policy really compressed, newest first: slot 0 holds the token 6 back.
+  kvc::BasicCompressor<NewestThenOldest> c({}, {});
+  kvc::StaticCache cache(1, 1, 1, kDim, {16}, opts());
+  const at::Tensor k = at::arange(12 * kDim, opts()).view({1, 1, 12, kDim}), v = k + 1000;
+  cache.append(0, k, v, 0);
+  cache.compress(c);
+  ASSERT_EQ(cache.length(0), 10);
+  EXPECT_TRUE(at::equal(cache.view()[0].first.narrow(2, 0, 6), k.narrow(2, 6, 6)));
+  EXPECT_TRUE(at::equal(cache.view()[0].first.narrow(2, 6, 4), k.narrow(2, 0, 4)));
+  EXPECT_TRUE(at::equal(cache.view()[0].second.narrow(2, 6, 4), v.narrow(2, 0, 4)));
+  EXPECT_TRUE(at::equal(cache.positions(0).view(-1), at::tensor({6, 7, 8, 9, 10, 11, 0, 1, 2, 3}, opts().dtype(at::kLong))));
+}
+
 TEST_P(Cache, ChunkedScheduleCompactsFromAnyState) {
   at::manual_seed(4);
   const int64_t slack = 5;

@@ -2,6 +2,8 @@
 // runs on CPU and, where available, on CUDA.
 #include "test_support.hpp"
 
+#include <set>
+
 using namespace kvtest;
 namespace kvc = kvcompress;
 
@@ -86,7 +88,14 @@ TEST_P(Policies, L2BoundaryRules) {
   expect_unchanged(kvc::l2_compress({in}, {0.99, 0}, {})[0], in);  // ceil(7.92) = 8 = seq
   expect_kept(kvc::l2_compress({in}, {0.5, 7}, {})[0], in,         // seq = prune_after + 1
               {{span(0, 4), span(4, 4)}, {span(4, 4), span(0, 4)}});
-  expect_unchanged(kvc::l2_compress({in})[0], in);                  // defaults: keep_ratio 1
+  // The default keep_ratio is 1 (keep everything), shown on a layer that neither the default
+  // prune_after (1000) nor the default skip_layers ([0,1]) would leave alone.
+  kvc::L2Options defaults;
+  EXPECT_EQ(defaults.keep_ratio, 1.0);
+  defaults.prune_after = 0;
+  expect_unchanged(kvc::l2_compress({in}, defaults, {})[0], in);
+  defaults.keep_ratio = 0.5;  // the same call with any other ratio compresses
+  EXPECT_EQ(kvc::l2_compress({in}, defaults, {})[0].first.size(2), 4);
 }
 
 // --- fix_size_l2 --------------------------------------------------------------------------------
@@ -292,10 +301,15 @@ TEST_P(Policies, InputIsNeverModifiedAndLayersMayDiffer) {
   EXPECT_FALSE(out[0].first.data_ptr() == a.first.data_ptr());
 }
 
-TEST_P(Policies, EveryPolicyKeepsTheSameCountForEveryRowAndHead) {
+TEST_P(Policies, EveryPolicyKeepsItsBudgetOfDistinctOriginalTokensInEveryRowAndHead) {
+  // Norms 1..64 differ within each (row, head), so a kept key names its source position. Each
+  // rule keeps 20 here (l2: ceil(64 * 0.3); pyramid_kv layer 0: base; adaptive_l2: seq > hard
+  // limit -> target), every (row, head) 20 distinct tokens whose keys and values are the
+  // originals'.
   auto in = layer_from_norms({{ramp(64, true), ramp(64, false), ramp(64, true)},
                               {ramp(64, false), ramp(64, true), ramp(64, false)}},
                              8, at::kFloat, dev());
+  const at::Tensor keys = in.first.cpu(), values = in.second.cpu();
   for (const auto& spec : {"l2(keep_ratio=0.3, prune_after=0, skip_layers=[])",
                            "fix_size_l2(fix_kv_size=20, keep_ratio=0.5, skip_layers=[])",
                            "streaming_llm(start_size=4, recent_size=16)",
@@ -306,8 +320,20 @@ TEST_P(Policies, EveryPolicyKeepsTheSameCountForEveryRowAndHead) {
                            "recent_only(window_size=20, skip_layers=[])"}) {
     SCOPED_TRACE(spec);
     auto out = kvc::make_compressor(spec)->compress({in});
-    EXPECT_LE(out[0].first.size(2), 20);
-    EXPECT_GT(out[0].first.size(2), 0);
+    ASSERT_EQ(out[0].first.size(2), 20);
+    const at::Tensor k = out[0].first.cpu(), v = out[0].second.cpu();
+    for (int64_t b = 0; b < 2; ++b)
+      for (int64_t h = 0; h < 3; ++h) {
+        std::set<int64_t> seen;
+        for (int64_t j = 0; j < 20; ++j) {
+          // The source position: the one input key equal to this kept key.
+          const at::Tensor same = (keys[b][h] == k[b][h][j]).all(-1).nonzero();
+          ASSERT_EQ(same.size(0), 1) << "row " << b << " head " << h << " slot " << j;
+          const int64_t t = same[0][0].item<int64_t>();
+          EXPECT_TRUE(seen.insert(t).second) << "position " << t << " kept twice";
+          EXPECT_TRUE(at::equal(v[b][h][j], values[b][h][t]));
+        }
+      }
   }
 }
 
@@ -413,6 +439,41 @@ TEST_P(Policies, SnapKVKeepsThePrefixTheWindowVotesForAndTheWindow) {
                                                                 li.query_positions, li.key_positions});
   EXPECT_EQ(probs.select(-1, 0).abs().sum().item<double>(), 0.0);
   EXPECT_NEAR(probs.sum(-1).min().item<double>(), 1.0, 1e-6);
+}
+
+TEST_P(Policies, ExactTiesKeepTheEarlierPositionsInEveryScoringPolicy) {
+  // All 16 keys have norm 1, every slot the same attention, every query the same logits: each
+  // score ties, and the documented rule (docs/ALGORITHMS.md: ties keep the earlier position)
+  // decides every choice. Places kept by rule (sinks, recent, windows) are as usual.
+  const int64_t seq = 16;
+  auto in = layer_from_norms({{std::vector<double>(seq, 1.0), std::vector<double>(seq, 1.0)}}, 4, at::kFloat, dev());
+  kvc::LayerInputs inputs = with_queries(in, 4, 2.0);
+  inputs.attention = at::full({1, 2, seq}, 0.25, at::TensorOptions().device(dev()));
+  const auto upto = [](int64_t a, int64_t b) {  // [a, b)
+    std::vector<int64_t> v;
+    for (int64_t i = a; i < b; ++i) v.push_back(i);
+    return v;
+  };
+  const std::vector<std::pair<std::string, std::vector<int64_t>>> cases = {
+      {"l2(keep_ratio=0.5, prune_after=0, skip_layers=[])", upto(0, 8)},
+      {"fix_size_l2(fix_kv_size=6, keep_ratio=0.5, strategy=keep_low, skip_layers=[])", join({upto(0, 3), upto(13, 16)})},
+      {"fix_size_l2(fix_kv_size=6, keep_ratio=0.5, strategy=keep_high, skip_layers=[])", join({upto(0, 3), upto(13, 16)})},
+      {"h2o_l2(start_size=2, heavy_hitter_size=3, recent_size=4)", join({upto(0, 5), upto(12, 16)})},
+      {"snapkv_lite(observation_window=4, keep_size=8, pooling_kernel=1)", join({upto(0, 4), upto(12, 16)})},
+      {"pyramid_kv(base_size=8, min_size=8)", join({upto(0, 4), upto(12, 16)})},  // start 1, middle 3, recent 4
+      {"adaptive_l2(target_size=10, soft_limit=5, hard_limit=6)", join({upto(0, 5), upto(11, 16)})},  // seq > hard
+      {"adaptive_l2(target_size=8, soft_limit=8, hard_limit=32)", join({upto(0, 9), upto(14, 16)})},  // n 11: 9 + 2
+      {"h2o_attention(start_size=2, heavy_hitter_size=3, recent_size=4)", join({upto(0, 5), upto(12, 16)})},
+      {"h2o(heavy_hitter_size=3, recent_size=4)", join({upto(0, 3), upto(12, 16)})},
+      {"snapkv(observation_window=4, keep_size=8, pooling_kernel=1)", join({upto(0, 4), upto(12, 16)})},
+      {"tova(cache_size=8, heads=per_head)", upto(0, 8)},
+      {"tova(cache_size=8, heads=mean)", upto(0, 8)},
+  };
+  for (const auto& [spec, kept] : cases) {
+    SCOPED_TRACE(spec);
+    auto c = kvc::make_compressor(spec);
+    expect_kept(c->compress({in}, {inputs})[0], in, everywhere(1, 2, kept));
+  }
 }
 
 TEST_P(Policies, AttentionPoliciesNameWhatIsMissingOrMisshapen) {

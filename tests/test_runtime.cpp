@@ -250,7 +250,13 @@ TEST(Runtime, CacheRuleKeepsEveryPositionInsideTheLayersSlots) {
   evaluate_concat(sinks.get(), tokens, s_original);
   evaluate_concat(sinks.get(), tokens, s_cache, rt::PositionRule::cache);
   EXPECT_GT(std::abs(s_cache.nll_sum - s_original.nll_sum), 1e-3);
-  EXPECT_LT(s_cache.ppl(), 0.1 * static_cast<double>(model().info().vocab_size));
+  // Both rules lose a little against the full cache (95.5 here) and stay close to each other
+  // (107.8 and 106.0 on this CPU): a broken re-rotation would not.
+  rt::RunMetrics full;
+  evaluate_concat(nullptr, tokens, full);
+  EXPECT_GT(s_cache.ppl(), full.ppl());
+  EXPECT_LT(s_cache.ppl(), 1.25 * full.ppl());
+  EXPECT_LT(std::abs(std::log(s_cache.ppl() / s_original.ppl())), std::log(1.05));
 }
 
 TEST(Runtime, CacheRuleKeysEqualAFreshRotationOfTheKeptTokens) {
@@ -504,7 +510,12 @@ TEST(StaticRuntime, ChunkedScheduleStaysWithinBudgetPlusSlack) {
     EXPECT_EQ(cache[0].first.size(2), 200);
     EXPECT_GE(cache[2].first.size(2), 64);
     EXPECT_LE(cache[2].first.size(2), 80);
-    EXPECT_LT(m.ppl(), 0.1 * static_cast<double>(model().info().vocab_size));
+    // 64..80 kept tokens of 200 cost a little against the full cache (81.2 against 83.8 and
+    // 84.1 on this CPU).
+    rt::RunMetrics full;
+    evaluate_concat(nullptr, tokens, full);
+    EXPECT_GT(m.ppl(), full.ppl());
+    EXPECT_LT(m.ppl(), 1.1 * full.ppl());
     // The concatenating cache on the same schedule keeps the same tokens.
     rt::ConcatDecoder d(model(), options(c.get(), rule, kvc::Schedule::chunk(16)));
     rt::RunMetrics mc;

@@ -172,18 +172,32 @@ inline void write_json(const std::string& path, const Options& o, const rt::Cont
   write_atomically("--json", path, out.str());
 }
 
+// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break.
+inline std::string csv_field(const std::string& s) {
+  if (s.find_first_of(",\"\r\n") == std::string::npos) return s;
+  std::string out = "\"";
+  for (char c : s) out += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return out + "\"";
+}
+
+// The JSON's figures, one row per result; a figure the JSON has as null is an empty field.
 inline void write_csv(const std::string& path, const Options& o, const std::vector<Run>& runs) {
   std::ostringstream out;
   out << "label,spec,ppl,accuracy,ttft_s,tpot_s,throughput_tok_s,cache_tokens,cache_bytes,peak_memory_bytes";
   if (o.generate > 0) out << ",gen_ttft_s,gen_tpot_s,gen_compress_share";
   out << "\n";
+  auto field = [](const std::string& json_number) { return json_number == "null" ? std::string() : json_number; };
   for (const auto& r : runs) {
     const auto& m = r.metrics;
-    out << r.label << ",\"" << (r.compressor ? r.compressor->spec() : "") << "\"," << num(m.ppl()) << ','
-        << num(m.accuracy()) << ',' << num(m.ttft_s()) << ',' << num(m.tpot_s()) << ','
-        << num(m.throughput_tok_s()) << ',' << m.cache_tokens << ',' << m.cache_bytes << ','
-        << m.peak_memory_bytes;
-    if (o.generate > 0) out << ',' << num(m.gen_ttft_s) << ',' << num(m.gen_tpot_s()) << ',' << num(m.gen_compress_share());
+    out << csv_field(r.label) << ',' << csv_field(r.compressor ? r.compressor->spec() : "") << ','
+        << field(eval_num(m, m.ppl())) << ',' << field(eval_num(m, m.accuracy())) << ','
+        << field(r.recompute ? "null" : eval_num(m, m.ttft_s())) << ','
+        << field(r.recompute ? "null" : eval_num(m, m.tpot_s())) << ',' << field(eval_num(m, m.throughput_tok_s()))
+        << ',' << m.cache_tokens << ',' << m.cache_bytes << ',' << m.peak_memory_bytes;
+    if (o.generate > 0) {
+      if (r.recompute) out << ",,,";
+      else out << ',' << field(num(m.gen_ttft_s)) << ',' << field(num(m.gen_tpot_s())) << ',' << field(num(m.gen_compress_share()));
+    }
     out << "\n";
   }
   write_atomically("--csv", path, out.str());

@@ -200,7 +200,7 @@ class ContractModel {
                            "num_layers Tensors (docs/MODEL_CONTRACT.md)";
     if (!out.isTuple()) throw Error(std::string(contract) + ", got " + out.tagKind());
     const auto& elems = out.toTupleRef().elements();
-    if (elems.size() != 3) throw Error(contract);
+    if (elems.size() != 3) throw Error(std::string(contract) + ", got a tuple of " + std::to_string(elems.size()));
     return unpack(elems[0], elems[1], elems[2], contract);
   }
 

@@ -1,0 +1,227 @@
+#!/usr/bin/python3
+"""Checks a kvbench run's --json and --csv output: every documented field present with a value
+of the right type and range, the CSV equal to the JSON, and what the run was asked for.
+
+Usage: check_kvbench_results.py --json F [--csv F] [--compare-all] [--labels L1,L2,...]
+                                [--cache LABEL=N ...] [--expect KEY=VALUE ...] [--no-eval]
+                                [--spec LABEL=SPEC ...] [--gen KEY=VALUE ...] [--gen-cache LABEL=N ...]
+
+--compare-all  the results are README's main command: the baseline, then the course project's
+               compare-all table at 512 and 1024 (labels and canonical specs written out below
+               from ../shared/SEED_ALGORITHMS.md, independently of kvbench's code), each row's
+               cache at the size its rule keeps for a text longer than the budget.
+--cache L=N    result L ends with N cache tokens; --expect K=V: top-level field K equals V.
+"""
+import argparse
+import csv
+import json
+import math
+import sys
+
+# The course project's compare-all set (SEED_ALGORITHMS.md), with skip_layers=[0,1] as its
+# benchmark passed to every method, in kvcompress's canonical spec form; and the tokens each
+# keeps in its first compressed layer (layer 2) once the text is longer than the budget:
+# pyramid_kv int(base * 0.9**2); adaptive_l2 settles at soft_limit (every step's seq is
+# soft_limit + 1, whose n = max(int(seq * ~0.9), soft_limit) = soft_limit).
+COMPARE_ALL = {
+    512: [
+        ("streaming_llm_512", "streaming_llm(start_size=4, recent_size=508, skip_layers=[0,1])", 512),
+        ("h2o_l2_512", "h2o_l2(start_size=4, heavy_hitter_size=64, recent_size=444, skip_layers=[0,1])", 512),
+        ("recent_only_512", "recent_only(window_size=512, skip_layers=[0,1])", 512),
+        ("snapkv_lite_512", "snapkv_lite(observation_window=32, keep_size=512, pooling_kernel=5, skip_layers=[0,1])", 512),
+        ("pyramid_kv_512", "pyramid_kv(base_size=512, layer_decay=0.9, min_size=64, profile=exponential, skip_layers=[0,1])", 414),
+        ("adaptive_l2_512", "adaptive_l2(target_size=512, soft_limit=256, hard_limit=1024, keep_ratio_min=0.3, "
+                            "keep_ratio_max=0.9, skip_layers=[0,1])", 256),
+        ("fix_size_l2_512", "fix_size_l2(fix_kv_size=512, keep_ratio=0.5, strategy=keep_low, skip_layers=[0,1])", 512),
+    ],
+    1024: [
+        ("streaming_llm_1024", "streaming_llm(start_size=4, recent_size=1020, skip_layers=[0,1])", 1024),
+        ("h2o_l2_1024", "h2o_l2(start_size=4, heavy_hitter_size=128, recent_size=892, skip_layers=[0,1])", 1024),
+        ("recent_only_1024", "recent_only(window_size=1024, skip_layers=[0,1])", 1024),
+        ("snapkv_lite_1024", "snapkv_lite(observation_window=64, keep_size=1024, pooling_kernel=5, skip_layers=[0,1])", 1024),
+        ("pyramid_kv_1024", "pyramid_kv(base_size=1024, layer_decay=0.9, min_size=128, profile=exponential, "
+                            "skip_layers=[0,1])", 829),
+        ("adaptive_l2_1024", "adaptive_l2(target_size=1024, soft_limit=512, hard_limit=2048, keep_ratio_min=0.3, "
+                             "keep_ratio_max=0.9, skip_layers=[0,1])", 512),
+        ("fix_size_l2_1024", "fix_size_l2(fix_kv_size=1024, keep_ratio=0.5, strategy=keep_low, skip_layers=[0,1])", 1024),
+    ],
+}
+
+TOP = {  # field: check
+    "model": lambda v: isinstance(v, str) and v,
+    "model_file": lambda v: isinstance(v, str) and v.endswith(".pt"),
+    "contract_version": lambda v: isinstance(v, int) and 1 <= v <= 4,
+    "model_context": lambda v: isinstance(v, int) and v > 0,
+    "device": lambda v: v in ("cpu",) or (isinstance(v, str) and v.startswith("cuda")),
+    "dtype": lambda v: v in ("float32", "float16", "bfloat16"),
+    "tokens": lambda v: isinstance(v, int) and v >= 2,
+    "samples": lambda v: isinstance(v, int) and v >= 1,
+    "max_tokens": lambda v: isinstance(v, int) and v >= 0,
+    "window": lambda v: isinstance(v, int) and v >= 0,
+    "positions": lambda v: v in ("original", "cache"),
+    "runtime": lambda v: v in ("static", "dynamic"),
+    "schedule": lambda v: v in ("every", "chunked"),
+    "slack": lambda v: isinstance(v, int) and v >= 0,
+    "prefill_chunk": lambda v: isinstance(v, int) and v >= 0,
+    "cuda_graph": lambda v: isinstance(v, bool),
+    "jit_optimize": lambda v: isinstance(v, bool),
+    "skip_layers": lambda v: isinstance(v, list) and all(isinstance(x, int) and x >= 0 for x in v),
+    "inputs": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "results": lambda v: isinstance(v, list) and v,
+}
+
+
+def positive(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def nonneg_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def fail(msg):
+    sys.exit("check_kvbench_results: " + msg)
+
+
+def check_result(r, doc, evaluated):
+    where = "result %r" % r.get("label")
+    tokens, samples = doc["tokens"], doc["samples"]
+    need = {
+        "label": lambda v: isinstance(v, str) and v,
+        "spec": lambda v: v is None or (isinstance(v, str) and v.endswith(")")),
+        "cache_tokens": nonneg_int, "cache_bytes": nonneg_int, "max_layer_tokens": nonneg_int,
+        "peak_memory_bytes": lambda v: isinstance(v, int) and (v == -1 or v > 0),
+        "scored_tokens": nonneg_int,
+        "warnings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    }
+    if evaluated:
+        need.update({"ppl": lambda v: positive(v) and v >= 1.0,
+                     "accuracy": lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0,
+                     "ttft_s": positive, "tpot_s": positive, "throughput_tok_s": positive})
+    else:
+        need.update({k: (lambda v: v is None) for k in ("ppl", "accuracy", "ttft_s", "tpot_s", "throughput_tok_s")})
+    for key, ok in need.items():
+        if key not in r:
+            fail("%s lacks %r" % (where, key))
+        if not ok(r[key]):
+            fail("%s: %r = %r is out of type or range" % (where, key, r[key]))
+    if evaluated:
+        if r["scored_tokens"] != tokens - samples:
+            fail("%s scored %d tokens, expected %d (each sample's tokens but its first)" % (where, r["scored_tokens"], tokens - samples))
+        if not r["cache_tokens"] <= r["max_layer_tokens"] <= tokens:
+            fail("%s: cache_tokens %d, max_layer_tokens %d, tokens %d" % (where, r["cache_tokens"], r["max_layer_tokens"], tokens))
+        if r["cache_tokens"] > 0 and r["cache_bytes"] <= 0:
+            fail("%s: cache_bytes %d for %d tokens" % (where, r["cache_bytes"], r["cache_tokens"]))
+    if "generation" in r:
+        g = r["generation"]
+        gen = {"batch": lambda v: isinstance(v, int) and v >= 1, "prompt_tokens": lambda v: isinstance(v, int) and v >= 1,
+               "new_tokens": lambda v: isinstance(v, int) and v >= 1, "tok_s": positive, "ttft_s": positive,
+               "tpot_s": lambda v: isinstance(v, (int, float)) and v >= 0,
+               "tpot_first_half_s": lambda v: isinstance(v, (int, float)) and v >= 0,
+               "tpot_second_half_s": lambda v: isinstance(v, (int, float)) and v >= 0,
+               "compress_s": lambda v: isinstance(v, (int, float)) and v >= 0,
+               "compress_share": lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "cache_tokens": nonneg_int}
+        for key, ok in gen.items():
+            if key not in g or not ok(g[key]):
+                fail("%s: generation.%s = %r is missing, or out of type or range" % (where, key, g.get(key)))
+        if r["spec"] is None and g["compress_s"] != 0:
+            fail("%s: the full cache spent %r s compressing" % (where, g["compress_s"]))
+
+
+def check_csv(path, doc, evaluated):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    results = doc["results"]
+    if len(rows) != len(results):
+        fail("CSV has %d rows, JSON %d results" % (len(rows), len(results)))
+    for row, r in zip(rows, results):
+        if row["label"] != r["label"] or row["spec"] != (r["spec"] or ""):
+            fail("CSV row %r / %r differs from JSON %r / %r" % (row["label"], row["spec"], r["label"], r["spec"]))
+        for key in ("cache_tokens", "cache_bytes", "peak_memory_bytes"):
+            if int(row[key]) != r[key]:
+                fail("CSV %s %s = %s, JSON %r" % (r["label"], key, row[key], r[key]))
+        for key in ("ppl", "accuracy", "ttft_s", "tpot_s", "throughput_tok_s"):
+            if r[key] is None:
+                if row[key] != "":
+                    fail("CSV %s %s = %r where JSON has null" % (r["label"], key, row[key]))
+            elif not math.isclose(float(row[key]), r[key], rel_tol=1e-9, abs_tol=1e-12):
+                fail("CSV %s %s = %s, JSON %r" % (r["label"], key, row[key], r[key]))
+        if "generation" in r:
+            for csv_key, key in (("gen_ttft_s", "ttft_s"), ("gen_tpot_s", "tpot_s"), ("gen_compress_share", "compress_share")):
+                if not math.isclose(float(row[csv_key]), r["generation"][key], rel_tol=1e-9, abs_tol=1e-12):
+                    fail("CSV %s %s = %s, JSON %r" % (r["label"], csv_key, row[csv_key], r["generation"][key]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--csv")
+    ap.add_argument("--compare-all", action="store_true")
+    ap.add_argument("--labels")
+    ap.add_argument("--cache", action="append", default=[])
+    ap.add_argument("--expect", action="append", default=[])
+    ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--spec", action="append", default=[], help="LABEL=SPEC: that result's canonical spec")
+    ap.add_argument("--gen", action="append", default=[], help="KEY=VALUE: every result's generation.KEY")
+    ap.add_argument("--gen-cache", action="append", default=[], help="LABEL=N: generation.cache_tokens of LABEL")
+    a = ap.parse_args()
+    doc = json.load(open(a.json))
+    for key, ok in TOP.items():
+        if key not in doc or not ok(doc[key]):
+            fail("top-level %r = %r is missing, or out of type or range" % (key, doc.get(key)))
+    if len(doc["inputs"]) != doc["samples"]:
+        fail("%d inputs for %d samples" % (len(doc["inputs"]), doc["samples"]))
+    for e in a.expect:
+        key, value = e.split("=", 1)
+        if json.dumps(doc.get(key)) != value and str(doc.get(key)) != value:
+            fail("top-level %s = %r, expected %s" % (key, doc.get(key), value))
+    labels = [r.get("label") for r in doc["results"]]
+    if len(set(labels)) != len(labels):
+        fail("labels repeat: %s" % labels)
+    for r in doc["results"]:
+        check_result(r, doc, not a.no_eval)
+    if a.labels and labels != a.labels.split(","):
+        fail("labels %s, expected %s" % (labels, a.labels))
+    by_label = {r["label"]: r for r in doc["results"]}
+    expected_cache = dict((c.split("=")[0], int(c.split("=")[1])) for c in a.cache)
+    if a.compare_all:
+        table = [("baseline", None, doc["tokens"] // doc["samples"])]  # every token fed
+        for budget in (512, 1024):
+            table += COMPARE_ALL[budget]
+        got = [(r["label"], r["spec"]) for r in doc["results"]]
+        want = [(label, spec) for label, spec, _ in table]
+        if got != want:
+            fail("compare-all rows differ from the course project's table:\n got  %s\n want %s" % (got, want))
+        if doc["skip_layers"] != [0, 1]:
+            fail("compare-all skip_layers %r, expected [0, 1]" % doc["skip_layers"])
+        longest = doc["tokens"] // doc["samples"]
+        if longest <= 1025:
+            fail("the compare-all check needs a text longer than the largest budget (got %d tokens)" % longest)
+        for label, _, kept in table:
+            expected_cache.setdefault(label, kept)
+    for label, n in expected_cache.items():
+        if label not in by_label:
+            fail("no result %r" % label)
+        if by_label[label]["cache_tokens"] != n:
+            fail("%s ends with %d cache tokens, expected %d" % (label, by_label[label]["cache_tokens"], n))
+    for e in a.spec:
+        label, spec = e.split("=", 1)
+        if label not in by_label or by_label[label]["spec"] != spec:
+            fail("%s has spec %r, expected %r" % (label, by_label.get(label, {}).get("spec"), spec))
+    for e in a.gen:
+        key, value = e.split("=", 1)
+        for r in doc["results"]:
+            if "generation" not in r or str(r["generation"].get(key)) != value:
+                fail("%s: generation.%s = %r, expected %s" % (r["label"], key, r.get("generation", {}).get(key), value))
+    for e in a.gen_cache:
+        label, n = e.split("=", 1)
+        got = by_label.get(label, {}).get("generation", {}).get("cache_tokens")
+        if got != int(n):
+            fail("%s: generation.cache_tokens = %r, expected %s" % (label, got, n))
+    if a.csv:
+        check_csv(a.csv, doc, not a.no_eval)
+    print("kvbench results ok: %d results%s" % (len(labels), ", CSV equal" if a.csv else ""))
+
+
+if __name__ == "__main__":
+    main()
