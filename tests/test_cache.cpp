@@ -583,3 +583,92 @@ TEST_P(Cache, HiddenSlotsMoveWithTheirTokens) {
   expect_error([&] { plain.slot_bias_buffer(0); }, {"hidden slots are not tracked"});
   EXPECT_EQ(plain.hidden(0).numel(), 0);
 }
+
+TEST_P(Cache, AttentionAwarePoliciesInHalfPrecisionKeepWhatTheirSelectionKeeps) {
+  // float16 and bfloat16 caches with every policy that scores with attention or queries (and
+  // the per-head budgets, which hide slots), on both schedules: after every compaction the cache
+  // holds bitwise what the functional API's selection keeps from the same keys, values, scores
+  // and queries; scores, positions and hidden slots moved with their tokens.
+  const std::vector<std::string> specs = {
+      "h2o_attention(start_size=2, heavy_hitter_size=4, recent_size=5, decay_factor=0.9, skip_layers=[0])",
+      "h2o(heavy_hitter_size=6, recent_size=5, skip_layers=[0])",
+      "snapkv(observation_window=3, keep_size=11, pooling_kernel=3, skip_layers=[0])",
+      "snapkv(observation_window=3, keep_size=11, pooling_kernel=3, pooling=max, skip_layers=[0])",
+      "tova(cache_size=11, skip_layers=[0])",
+      "tova(cache_size=11, heads=per_head, skip_layers=[0])",
+      "adakv_h2o(heavy_hitter_size=4, recent_size=3, alpha_safeguard=0.25, skip_layers=[0])",
+      "adakv_snapkv(observation_window=3, keep_size=8, pooling_kernel=3, skip_layers=[0])",
+  };
+  for (const auto dtype : {at::kHalf, at::kBFloat16}) {
+    const auto o = opts().dtype(dtype);
+    const auto longs = opts().dtype(at::kLong);
+    for (const auto& spec : specs) {
+      for (const auto schedule : {kvc::Schedule::every(), kvc::Schedule::chunk(4)}) {
+        SCOPED_TRACE(spec + " " + c10::toString(dtype) + (schedule.kind == kvc::Schedule::chunked ? " chunked" : " every step"));
+        at::manual_seed(7);
+        auto c = kvc::make_compressor(spec);
+        const kvc::Needs needs = c->needs();
+        kvc::StaticCache cache(kLayers, kBatch, kHeads, kDim, {64}, o);
+        cache.track_attention();
+        kvc::KVCache ref(kLayers, {at::empty({kBatch, kHeads, 0, kDim}, o), at::empty({kBatch, kHeads, 0, kDim}, o)});
+        std::vector<at::Tensor> ref_att(kLayers, at::empty({kBatch, kHeads, 0}, opts()));
+        std::vector<at::Tensor> ref_pos(kLayers, at::empty({kBatch, kHeads, 0}, longs));
+        std::vector<at::Tensor> ref_hidden(kLayers, at::empty({kBatch, kHeads, 0}, opts().dtype(at::kBool)));
+        std::vector<at::Tensor> queries(kLayers, at::empty({kBatch, kHeads, 0, kDim}, o));  // every query so far
+        int64_t position = 0, compactions = 0, hidden_seen = 0;
+        for (int64_t step = 0; step < 30; ++step) {
+          const int64_t t = step == 0 ? 9 : 1;
+          const at::Tensor pos = at::arange(position, position + t, longs).expand({kBatch, kHeads, t});
+          for (int64_t l = 0; l < kLayers; ++l) {
+            const at::Tensor k = at::randn({kBatch, kHeads, t, kDim}, o), v = at::randn({kBatch, kHeads, t, kDim}, o);
+            cache.append(l, k, v, position);
+            const double decay = needs.attention ? needs.decay : 1.0;
+            const at::Tensor add = at::cat({at::zeros({kBatch, kHeads, cache.length(l) - t}, opts()), score_of(pos)}, 2);
+            cache.accumulate_attention(l, add, decay);
+            ref[l] = {at::cat({ref[l].first, k}, 2), at::cat({ref[l].second, v}, 2)};
+            ref_att[l] = at::add(add, at::cat({ref_att[l], at::zeros({kBatch, kHeads, t}, opts())}, 2), decay);
+            ref_pos[l] = at::cat({ref_pos[l], pos}, 2);
+            ref_hidden[l] = at::cat({ref_hidden[l], at::zeros({kBatch, kHeads, t}, opts().dtype(at::kBool))}, 2);
+            queries[l] = at::cat({queries[l], at::randn({kBatch, kHeads, t, kDim}, o)}, 2);
+          }
+          position += t;
+          const int64_t w = std::min<int64_t>(needs.queries, position);
+          kvc::RecentQueries recent;
+          for (int64_t l = 0; l < kLayers; ++l) recent.per_layer.push_back(queries[l].narrow(2, position - w, w));
+          recent.positions = at::arange(position - w, position, longs);
+          if (!cache.maybe_compress(*c, schedule, nullptr, &recent)) continue;
+          ++compactions;
+          for (int64_t l = 0; l < kLayers; ++l) {
+            kvc::LayerView view{ref[l].first, l, kLayers, ref[l].second, ref_att[l]};
+            if (needs.queries > 0) {
+              view.queries = recent.per_layer[l];
+              view.query_positions = recent.positions;
+              view.key_positions = ref_pos[l];
+            }
+            if (needs.hides) view.hidden = ref_hidden[l];
+            std::optional<kvc::Selection> s = c->select(view);
+            if (!s) continue;
+            ref[l] = kvc::apply_selection(ref[l].first, ref[l].second, *s);
+            ref_att[l] = kvc::take_slots(ref_att[l], *s);
+            ref_pos[l] = kvc::take_slots(ref_pos[l], *s);
+            ref_hidden[l] = s->hidden().defined() ? s->hidden() : kvc::take_slots(ref_hidden[l], *s);
+          }
+          const kvc::KVCache got = cache.view();
+          for (int64_t l = 0; l < kLayers; ++l) {
+            ASSERT_EQ(got[l].first.scalar_type(), dtype);
+            ASSERT_TRUE(at::equal(got[l].first, ref[l].first)) << "step " << step << " layer " << l;
+            ASSERT_TRUE(at::equal(got[l].second, ref[l].second)) << "step " << step << " layer " << l;
+            ASSERT_TRUE(at::equal(cache.positions(l), ref_pos[l])) << "step " << step << " layer " << l;
+            ASSERT_TRUE(at::equal(cache.attention(l), ref_att[l])) << "step " << step << " layer " << l;
+            ASSERT_TRUE(at::equal(cache.hidden(l), ref_hidden[l])) << "step " << step << " layer " << l;
+            hidden_seen += ref_hidden[l].sum().item<int64_t>();
+          }
+        }
+        EXPECT_GT(compactions, 4);
+        EXPECT_EQ(cache.length(0), 38);  // the skipped layer
+        EXPECT_LT(cache.length(1), 38);  // the others were compressed
+        EXPECT_EQ(hidden_seen > 0, needs.hides);
+      }
+    }
+  }
+}

@@ -617,6 +617,49 @@ TEST_P(Policies, AdaKVGivesBudgetToTheHeadsThatNeedIt) {
   EXPECT_EQ(kvc::kept_tokens(*kvc::make_compressor("adakv_h2o(heavy_hitter_size=2, recent_size=2, head_cap=100)"), 0, 1, 10), 10);
 }
 
+TEST_P(Policies, AdaKVBreaksCrossHeadTiesByEarlierHeadThenEarlierSlot) {
+  // Three heads whose every middle slot has the same attention: H2O's recent 2 per head are
+  // always kept, and the rest of the layer's 3 * 4 budget goes by the documented rule (ties:
+  // the earlier head, then the earlier slot), up to each head's cap of ceil(2 * 4) = 8 slots.
+  const int64_t seq = 10;
+  auto in = layer({{ramp(seq, true), ramp(seq, false), ramp(seq, true)}});
+  const at::Tensor att = at::full({1, 3, seq}, 0.5, at::TensorOptions().device(dev()));
+  auto run = [&](const std::string& extra) {
+    auto c = kvc::make_compressor("adakv_h2o(heavy_hitter_size=2, recent_size=2" + extra + ")");
+    std::optional<kvc::Selection> s = c->select(adakv_view(in.first, att));
+    EXPECT_TRUE(s.has_value());
+    return split_of(*s, 1, 3);
+  };
+  using V = std::vector<int64_t>;
+  // No safeguard: the 6 tied slots left all go to head 0, which is capped at 8 slots (its
+  // slots 6 and 7 rank past the cap); heads 1 and 2 keep their recent 2, the earliest 6 hidden.
+  HeadSplit a = run(", alpha_safeguard=0");
+  EXPECT_EQ(a.visible[0][0], (V{0, 1, 2, 3, 4, 5, 8, 9}));
+  EXPECT_TRUE(a.hidden[0][0].empty());
+  for (int64_t h : {1, 2}) {
+    EXPECT_EQ(a.visible[0][h], (V{8, 9})) << "head " << h;
+    EXPECT_EQ(a.hidden[0][h], (V{0, 1, 2, 3, 4, 5})) << "head " << h;
+  }
+  // Safeguard int(0.75 * 4) = 3: each head first gets its earliest tied slot, then the 3 left
+  // go to head 0, earliest first.
+  HeadSplit b = run(", alpha_safeguard=0.75");
+  EXPECT_EQ(b.visible[0][0], (V{0, 1, 2, 3, 8, 9}));
+  EXPECT_EQ(b.hidden[0][0], (V{4, 5}));
+  for (int64_t h : {1, 2}) {
+    EXPECT_EQ(b.visible[0][h], (V{0, 8, 9})) << "head " << h;
+    EXPECT_EQ(b.hidden[0][h], (V{1, 2, 3, 4, 5})) << "head " << h;
+  }
+  // A tie between heads broken the other way by one slot's score: head 2's slot 7 outranks every
+  // tied slot, so head 0 keeps one fewer.
+  at::Tensor att2 = att.clone();
+  att2.select(1, 2).select(1, 7).fill_(0.75);
+  auto c = kvc::make_compressor("adakv_h2o(heavy_hitter_size=2, recent_size=2, alpha_safeguard=0)");
+  HeadSplit d = split_of(*c->select(adakv_view(in.first, att2)), 1, 3);
+  EXPECT_EQ(d.visible[0][0], (V{0, 1, 2, 3, 4, 8, 9}));
+  EXPECT_EQ(d.visible[0][1], (V{8, 9}));
+  EXPECT_EQ(d.visible[0][2], (V{7, 8, 9}));
+}
+
 TEST_P(Policies, AdaKVKeepsTheLayersBudgetAndWithFullSafeguardEqualsItsPolicy) {
   // Random scores, 2 rows x 4 heads x 40 slots: for every safeguard the visible tokens number
   // heads * B per row, each head keeps at least int(alpha * B) and at most its slots; with
