@@ -68,7 +68,20 @@ TOP = {  # field: check
     "skip_layers": lambda v: isinstance(v, list) and all(isinstance(x, int) and x >= 0 for x in v),
     "inputs": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "results": lambda v: isinstance(v, list) and v,
+    "schema": lambda v: v == 2,
+    "kvbench_version": lambda v: isinstance(v, str) and v,
+    "generate": lambda v: isinstance(v, int) and v >= 0,
+    "prompt_tokens": lambda v: isinstance(v, int) and v >= 1,
+    "batch": lambda v: isinstance(v, int) and v >= 1,
+    "repeats": lambda v: isinstance(v, int) and v >= 1,
+    # Which clock gave each timing; what each timing means.
+    "clock": lambda v: isinstance(v, dict) and set(v) == set(TIMINGS) | {"compress_s"}
+                       and all(c in ("host", "device") for c in v.values()),
+    "timing": lambda v: isinstance(v, dict) and set(TIMINGS) <= set(v) and all(isinstance(x, str) for x in v.values()),
 }
+
+# Every result's timings: "<key>" the median over repeats, "<key>_min" and "<key>_max" beside it.
+TIMINGS = ("eval_step_s", "ttft_s", "tpot_s", "throughput_tok_s")
 
 
 def positive(v):
@@ -94,17 +107,34 @@ def check_result(r, doc, evaluated):
         "scored_tokens": nonneg_int,
         "warnings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     }
+    recompute = r.get("reference") is not None
     if evaluated:
         need.update({"ppl": lambda v: positive(v) and v >= 1.0,
-                     "accuracy": lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0,
-                     "ttft_s": positive, "tpot_s": positive, "throughput_tok_s": positive})
+                     "accuracy": lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0})
     else:
-        need.update({k: (lambda v: v is None) for k in ("ppl", "accuracy", "ttft_s", "tpot_s", "throughput_tok_s")})
+        need.update({k: (lambda v: v is None) for k in ("ppl", "accuracy")})
+    # Timings: measured ones positive with min <= median <= max, the others null throughout.
+    measured = {"eval_step_s": evaluated and not recompute,
+                "ttft_s": doc["generate"] > 0 and not recompute,
+                "tpot_s": doc["generate"] > 1 and not recompute,
+                "throughput_tok_s": doc["generate"] > 1 and not recompute}
+    for key in TIMINGS:
+        for k in (key, key + "_min", key + "_max"):
+            need[k] = positive if measured[key] else (lambda v: v is None)
     for key, ok in need.items():
         if key not in r:
             fail("%s lacks %r" % (where, key))
         if not ok(r[key]):
             fail("%s: %r = %r is out of type or range" % (where, key, r[key]))
+    for key in TIMINGS:
+        if measured[key] and not r[key + "_min"] <= r[key] <= r[key + "_max"]:
+            fail("%s: %s median %r outside its min %r / max %r" % (where, key, r[key], r[key + "_min"], r[key + "_max"]))
+    timing_keys = [k for k in list(r) + ["generation." + g for g in r.get("generation", {})]
+                   if k.endswith("_s") and not k.split(".")[-1] in ("compress_share",)]
+    for k in timing_keys:
+        obj, name = (r["generation"], k.split(".")[1]) if k.startswith("generation.") else (r, k)
+        if name + "_min" not in obj or name + "_max" not in obj:
+            fail("%s: timing %s has no _min/_max beside it" % (where, k))
     if evaluated:
         if r["scored_tokens"] != tokens - samples:
             fail("%s scored %d tokens, expected %d (each sample's tokens but its first)" % (where, r["scored_tokens"], tokens - samples))
@@ -114,13 +144,14 @@ def check_result(r, doc, evaluated):
             fail("%s: cache_bytes %d for %d tokens" % (where, r["cache_bytes"], r["cache_tokens"]))
     if "generation" in r:
         g = r["generation"]
+        nonneg = lambda v: isinstance(v, (int, float)) and v >= 0  # noqa: E731
         gen = {"batch": lambda v: isinstance(v, int) and v >= 1, "prompt_tokens": lambda v: isinstance(v, int) and v >= 1,
-               "new_tokens": lambda v: isinstance(v, int) and v >= 1, "tok_s": positive, "ttft_s": positive,
-               "tpot_s": lambda v: isinstance(v, (int, float)) and v >= 0,
-               "tpot_first_half_s": lambda v: isinstance(v, (int, float)) and v >= 0,
-               "tpot_second_half_s": lambda v: isinstance(v, (int, float)) and v >= 0,
-               "compress_s": lambda v: isinstance(v, (int, float)) and v >= 0,
+               "new_tokens": lambda v: isinstance(v, int) and v >= 1,
+               "repeats": lambda v: v == doc["repeats"],
                "compress_share": lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "cache_tokens": nonneg_int}
+        for key in ("tpot_first_half_s", "tpot_second_half_s", "compress_s"):
+            for k in (key, key + "_min", key + "_max"):
+                gen[k] = nonneg
         for key, ok in gen.items():
             if key not in g or not ok(g[key]):
                 fail("%s: generation.%s = %r is missing, or out of type or range" % (where, key, g.get(key)))
@@ -140,16 +171,17 @@ def check_csv(path, doc, evaluated):
         for key in ("cache_tokens", "cache_bytes", "peak_memory_bytes"):
             if int(row[key]) != r[key]:
                 fail("CSV %s %s = %s, JSON %r" % (r["label"], key, row[key], r[key]))
-        for key in ("ppl", "accuracy", "ttft_s", "tpot_s", "throughput_tok_s"):
+        keys = ["ppl", "accuracy", "max_layer_tokens"] + [k + x for k in TIMINGS for x in ("", "_min", "_max")]
+        for key in keys:
             if r[key] is None:
                 if row[key] != "":
                     fail("CSV %s %s = %r where JSON has null" % (r["label"], key, row[key]))
-            elif not math.isclose(float(row[key]), r[key], rel_tol=1e-9, abs_tol=1e-12):
+            elif not math.isclose(float(row[key]), r[key], rel_tol=1e-12, abs_tol=1e-15):
                 fail("CSV %s %s = %s, JSON %r" % (r["label"], key, row[key], r[key]))
-        if "generation" in r:
-            for csv_key, key in (("gen_ttft_s", "ttft_s"), ("gen_tpot_s", "tpot_s"), ("gen_compress_share", "compress_share")):
-                if not math.isclose(float(row[csv_key]), r["generation"][key], rel_tol=1e-9, abs_tol=1e-12):
-                    fail("CSV %s %s = %s, JSON %r" % (r["label"], csv_key, row[csv_key], r["generation"][key]))
+        share = r["generation"]["compress_share"] if "generation" in r else None
+        if (row["compress_share"] == "") != (share is None) or (
+                share is not None and not math.isclose(float(row["compress_share"]), share, rel_tol=1e-12)):
+            fail("CSV %s compress_share = %r, JSON %r" % (r["label"], row["compress_share"], share))
 
 
 def main():

@@ -24,7 +24,7 @@ if(NOT same EQUAL 0)
 endif()
 
 file(MAKE_DIRECTORY ${OUT}/saved)
-run_ok(${KVBENCH} --quiet --model ${MODEL} --text ${DATA}/books/${book}.txt --max-tokens 160 --positions cache
+run_ok(${KVBENCH} --quiet --no-results --model ${MODEL} --text ${DATA}/books/${book}.txt --max-tokens 160 --positions cache
        --method "streaming_llm(start_size=4, recent_size=60)" --generate 4 --prompt-tokens 32 --json ${OUT}/text.json
        --save-tokens ${OUT}/saved)
 # The ids it evaluated: the first 160 of Hugging Face's (the eval text is the book's beginning).

@@ -1,10 +1,15 @@
 #pragma once
 // kvbench's command line: the options, their parsing and checks, and the runs they ask for.
 #include <kvcompress/kvcompress.hpp>
+#include <kvcompress/runtime/device.hpp>
 #include <kvcompress/runtime/evaluate.hpp>
+
+#include <CLI/CLI.hpp>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -21,68 +26,6 @@ namespace kvbench {
 namespace kvc = kvcompress;
 namespace rt = kvcompress::runtime;
 
-inline const char* kUsage = R"(usage: kvbench [options]
-
-Evaluates a contract TorchScript model token by token (feed token t, score token t+1, compress
-the cache) for the full cache and each method, as the course project did.
-
-  --model FILE          contract model (default: the bundled data/pg19-neox-tiny.pt)
-  --text FILE           UTF-8 text, tokenized with the tokenizer the model embeds (SentencePiece,
-                        or a Pythia export's tokenizer.json) (repeatable; whole bundled books:
-                        data/books/*.txt)
-  --tokens FILE         token ids (kvtok --encode, or examples/python/tokenize_text.py) (repeatable)
-                        default input: the bundled eval excerpts (data/eval_text or data/eval_tokens)
-  --samples N           number of inputs to evaluate, one sample each (default: every input
-                        given; 2 of the bundled excerpts)
-  --max-tokens N        first N tokens of each sample (default 2000; 0 = the whole text)
-  --window N            also report quality per N-token window (JSON "windows"; default 1024
-                        when a sample is longer than the model's context, else off; 0 = off)
-  --recompute-reference  also the oracle of long texts: each window scored by a fresh forward
-                        over the model's context ending there (StreamingLLM's sliding window
-                        with re-computation); a row "recompute_<context>" (needs windows)
-  --device cpu|cuda     (default cpu)
-  --dtype float32|float16|bfloat16   (default float32 on cpu, float16 on cuda)
-  --method SPEC         a method, e.g. 'h2o_l2(heavy_hitter_size=128)'; repeatable; a label
-                        can be given as LABEL=SPEC
-  --compare-all         the course project's set of seven methods at each budget
-  --compare-attention   the attention-aware methods beside their key-norm proxies at each budget:
-                        h2o_l2 | h2o_attention (same split) | h2o, snapkv_lite | snapkv (same
-                        window), tova, per-head budgets adakv_h2o and adakv_snapkv, and
-                        streaming_llm as the score-free reference
-  --budgets LIST        budgets for --compare-all / --compare-attention (default 512,1024)
-  --skip-layers LIST    layers left uncompressed, applied to every method whose spec does
-                        not set skip_layers itself (default 0,1 with positions original, as
-                        the course project; none with positions cache; '' for none)
-  --no-baseline         skip the full-cache run
-  --positions original|cache   position rule (default original): every token keeps its
-                        absolute index, as the course project did; or `cache`: positions count
-                        each layer's cache slots, kept keys re-rotated after each compression
-                        (StreamingLLM); see docs/ALGORITHMS.md
-  --schedule every|chunked   use the fixed-capacity in-place cache through the model's `step`:
-                        compress after every token, or once per --slack tokens (default: the
-                        course project's loop, which re-concatenates the cache every step)
-  --slack N             tokens between compressions for --schedule chunked (default 64)
-  --prefill-chunk N     feed the generation prompt N tokens per step (default 0 = all at once):
-                        lowers the prefill's peak memory
-  --cuda-graph          replay each one-token step from a CUDA graph (fixed-capacity cache;
-                        implies --schedule every unless given)
-  --batch N             rows of the generation measurement (default 1)
-  --no-eval             skip the perplexity evaluation (generation measurement only)
-  --generate N          greedy generation measurement: N new tokens (default 32; 0 = off)
-  --prompt-tokens N     prompt length for the generation measurement (default 512)
-  --threads N           CPU threads for LibTorch (default: LibTorch's choice)
-  --jit-optimize        let TorchScript's profiling executor fuse the model's elementwise ops
-                        (default with --cuda-graph, whose captured step has one fixed shape;
-                        off otherwise: re-specialising on new shapes stalls single steps)
-  --no-jit-optimize     off also with --cuda-graph
-  --json FILE           write results as JSON
-  --csv FILE            write results as CSV
-  --save-tokens DIR     write each sample's token ids, as evaluated, to DIR/<input stem>.ids
-  --quiet               no progress bar
-  --list-methods        print the registered methods and exit
-  --help
-)";
-
 [[noreturn]] inline void fail(const std::string& msg) { throw kvc::Error(msg); }
 
 inline int64_t parse_count(const std::string& flag, const std::string& v, int64_t min) {
@@ -93,14 +36,11 @@ inline int64_t parse_count(const std::string& flag, const std::string& v, int64_
 }
 
 // `flag`'s value must be one of `options`: "--dtype must be float32, float16 or bfloat16, got 'x'".
-inline std::string parse_choice(const std::string& flag, const std::string& v,
-                                std::initializer_list<const char*> options) {
+inline std::string parse_choice(const std::string& flag, const std::string& v, const std::vector<std::string>& options) {
   std::string listed;
-  size_t i = 0;
-  for (const char* opt : options) {
-    if (v == opt) return v;
-    listed += (i == 0 ? "" : i + 1 == options.size() ? " or " : ", ") + std::string(opt);
-    ++i;
+  for (size_t i = 0; i < options.size(); ++i) {
+    if (v == options[i]) return v;
+    listed += (i == 0 ? "" : i + 1 == options.size() ? " or " : ", ") + options[i];
   }
   fail(flag + " must be " + listed + ", got '" + v + "'");
 }
@@ -133,6 +73,11 @@ struct Options {
   bool cuda_graph = false, eval = true, skip_layers_given = false;
   std::vector<int64_t> budgets = {512, 1024}, skip_layers = {0, 1};
   std::string json, csv, save_tokens;
+  int64_t repeats = 3;     // runs of every timed measurement (median, min, max)
+  bool wide = false;       // one wide table instead of quality and speed
+  bool results = true;     // write the results folder
+  std::string out_dir, run_name;
+  std::string trace;       // JSON lines of what each compression kept
 
   bool static_cache() const { return !schedule.empty() || cuda_graph; }
   rt::PositionRule rule() const { return positions == "cache" ? rt::PositionRule::cache : rt::PositionRule::original; }
@@ -141,62 +86,158 @@ struct Options {
   }
 };
 
+inline std::string version_text() {
+  return std::string("kvbench ") + kvc::version_string + " (kvcompress " + kvc::version_string + ", LibTorch " +
+         TORCH_VERSION + ", runtime " + (rt::built_with_cuda() ? "with" : "without") + " CUDA)";
+}
+
+// The command line, parsed by CLI11 (Debian's libcli11-dev). Values are taken as text and
+// converted here, so that every bad value gets one message naming the flag, its range and what
+// was given; an unknown option is reported as such, not as a stray argument.
 inline Options parse_args(int argc, char** argv) {
   Options o;
-  auto value = [&](int& i) -> std::string {
-    if (i + 1 >= argc) fail(std::string(argv[i]) + " needs a value");
-    return argv[++i];
+  CLI::App app{"Evaluates a contract TorchScript model token by token (feed token t, score token t+1, compress\n"
+               "the cache) for the full cache and each method, as the course project did; then times a greedy\n"
+               "generation (prompt prefill, decode) --repeats times. Writes a results folder (JSON, CSV, plots).",
+               "kvbench"};
+  app.set_help_flag("-h,--help", "print this help and exit");
+  app.set_version_flag("--version", version_text(), "print the version and exit");
+  app.allow_extras();  // reported below as unknown options
+  app.get_formatter()->column_width(30);
+  const char* inputs = "Inputs";
+  const char* methods = "Methods";
+  const char* runtime = "Runtime";
+  const char* output = "Output";
+  // An option with a value: `convert` parses the text (and throws our message).
+  auto option = [&app](const char* flag, const char* type, const char* group, const std::string& help,
+                       std::function<void(const std::string&)> convert) {
+    return app.add_option_function<std::string>(flag, std::move(convert), help)->type_name(type)->group(group);
   };
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--help" || a == "-h") { std::cout << kUsage; std::exit(0); }
-    else if (a == "--list-methods") {
-      for (const auto& m : kvc::list_methods()) std::cout << kvc::make_compressor(m)->spec() << '\n';
-      std::exit(0);
-    }
-    else if (a == "--model") o.model = value(i);
-    else if (a == "--text") o.texts.push_back(value(i));
-    else if (a == "--tokens") o.token_files.push_back(value(i));
-    else if (a == "--samples") o.samples = parse_count(a, value(i), 1);
-    else if (a == "--max-tokens") {
-      o.max_tokens = parse_count(a, value(i), 0);
-      if (o.max_tokens == 1) fail("--max-tokens must be 0 (the whole text) or >= 2, got 1");
-    }
-    else if (a == "--window") o.window = parse_count(a, value(i), 0);
-    else if (a == "--recompute-reference") o.recompute_reference = true;
-    else if (a == "--device") o.device = parse_choice(a, value(i), {"cpu", "cuda"});
-    else if (a == "--dtype") o.dtype = parse_choice(a, value(i), {"float32", "float16", "bfloat16"});
-    else if (a == "--method") {
-      const std::string v = value(i);
-      const auto eq = v.find('='), paren = v.find('(');
-      if (eq != std::string::npos && (paren == std::string::npos || eq < paren))
-        o.methods.emplace_back(v.substr(0, eq), v.substr(eq + 1));
-      else
-        o.methods.emplace_back("", v);
-    }
-    else if (a == "--compare-all") o.compare_all = true;
-    else if (a == "--compare-attention") o.compare_attention = true;
-    else if (a == "--budgets") o.budgets = parse_int_list(a, value(i));
-    else if (a == "--skip-layers") { o.skip_layers = parse_int_list(a, value(i)); o.skip_layers_given = true; }
-    else if (a == "--no-baseline") o.baseline = false;
-    else if (a == "--positions") o.positions = parse_choice(a, value(i), {"original", "cache"});
-    else if (a == "--generate") o.generate = parse_count(a, value(i), 0);
-    else if (a == "--prompt-tokens") o.prompt_tokens = parse_count(a, value(i), 1);
-    else if (a == "--threads") o.threads = parse_count(a, value(i), 1);
-    else if (a == "--json") o.json = value(i);
-    else if (a == "--csv") o.csv = value(i);
-    else if (a == "--save-tokens") o.save_tokens = value(i);
-    else if (a == "--quiet") o.quiet = true;
-    else if (a == "--jit-optimize") o.jit_optimize = 1;
-    else if (a == "--no-jit-optimize") o.jit_optimize = 0;
-    else if (a == "--schedule") o.schedule = parse_choice(a, value(i), {"every", "chunked"});
-    else if (a == "--slack") o.slack = parse_count(a, value(i), 1);
-    else if (a == "--prefill-chunk") o.prefill_chunk = parse_count(a, value(i), 0);
-    else if (a == "--cuda-graph") o.cuda_graph = true;
-    else if (a == "--batch") o.batch = parse_count(a, value(i), 1);
-    else if (a == "--no-eval") o.eval = false;
-    else fail("unknown option '" + a + "' (see kvbench --help)");
+  // A repeatable option: `add` takes each occurrence's value, in order.
+  auto repeatable = [&app](const char* flag, const char* type, const char* group, const std::string& help,
+                           std::function<void(const std::string&)> add) {
+    app.add_option_function<std::vector<std::string>>(
+           flag, [add](const std::vector<std::string>& values) { for (const auto& v : values) add(v); }, help)
+        ->type_name(type)
+        ->group(group)
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  };
+  auto count = [&](const char* flag, int64_t& dst, int64_t min, const char* group, const std::string& help) {
+    option(flag, "N", group, help, [&dst, flag, min](const std::string& v) { dst = parse_count(flag, v, min); });
+  };
+  auto text = [&](const char* flag, std::string& dst, const char* type, const char* group, const std::string& help) {
+    option(flag, type, group, help, [&dst](const std::string& v) { dst = v; });
+  };
+  auto choice = [&](const char* flag, std::string& dst, std::vector<std::string> values, const char* group,
+                    const std::string& help) {
+    std::string type;
+    for (const auto& v : values) type += (type.empty() ? "" : "|") + v;
+    option(flag, "", group, help, [&dst, flag, values](const std::string& v) { dst = parse_choice(flag, v, values); })
+        ->type_name(type);
+  };
+  auto flag = [&](const char* name, const char* group, const std::string& help, std::function<void()> set) {
+    app.add_flag_callback(name, std::move(set), help)->group(group);
+  };
+
+  text("--model", o.model, "FILE", inputs, "contract model (default: the bundled data/pg19-neox-tiny.pt)");
+  repeatable("--text", "FILE", inputs,
+         "UTF-8 text, tokenized with the tokenizer the model embeds (repeatable;\n"
+         "whole bundled books: data/books/*.txt)",
+         [&o](const std::string& v) { o.texts.push_back(v); });
+  repeatable("--tokens", "FILE", inputs, "token ids (kvtok --encode) (repeatable); default input: the bundled\neval excerpts",
+         [&o](const std::string& v) { o.token_files.push_back(v); });
+  count("--samples", o.samples, 1, inputs, "inputs to evaluate (default: every input given; 2 bundled excerpts)");
+  option("--max-tokens", "N", inputs, "first N tokens of each sample (default 2000; 0 = the whole text)",
+         [&o](const std::string& v) {
+           o.max_tokens = parse_count("--max-tokens", v, 0);
+           if (o.max_tokens == 1) fail("--max-tokens must be 0 (the whole text) or >= 2, got 1");
+         });
+  count("--window", o.window, 0, inputs,
+        "quality per N-token window too (default 1024 when a sample is longer\nthan the model's context, else 0 = off)");
+  flag("--recompute-reference", inputs,
+       "add the long-text oracle: each window scored by a fresh forward over\nthe model's context (needs windows)",
+       [&o] { o.recompute_reference = true; });
+  text("--save-tokens", o.save_tokens, "DIR", inputs, "write each sample's token ids, as evaluated, to DIR/<stem>.ids");
+
+  repeatable("--method", "SPEC", methods,
+         "a method, e.g. 'h2o_l2(heavy_hitter_size=128)', or LABEL=SPEC\n(repeatable)",
+         [&o](const std::string& v) {
+           const auto eq = v.find('='), paren = v.find('(');
+           if (eq != std::string::npos && (paren == std::string::npos || eq < paren))
+             o.methods.emplace_back(v.substr(0, eq), v.substr(eq + 1));
+           else
+             o.methods.emplace_back("", v);
+         });
+  flag("--compare-all", methods, "the course project's seven methods at each budget", [&o] { o.compare_all = true; });
+  flag("--compare-attention", methods,
+       "the attention-aware methods beside their key-norm proxies at each\nbudget",
+       [&o] { o.compare_attention = true; });
+  option("--budgets", "LIST", methods, "budgets for --compare-all / --compare-attention (default 512,1024)",
+         [&o](const std::string& v) { o.budgets = parse_int_list("--budgets", v); });
+  option("--skip-layers", "LIST", methods,
+         "layers left uncompressed by every method whose spec does not set them\n"
+         "(default 0,1 with positions original; none with positions cache; '' none)",
+         [&o](const std::string& v) {
+           o.skip_layers = parse_int_list("--skip-layers", v);
+           o.skip_layers_given = true;
+         });
+  flag("--no-baseline", methods, "skip the full-cache run", [&o] { o.baseline = false; });
+  flag("--list-methods", methods, "print the registered methods (canonical specs) and exit", [] {
+    for (const auto& m : kvc::list_methods()) std::cout << kvc::make_compressor(m)->spec() << '\n';
+    std::exit(0);
+  });
+
+  choice("--device", o.device, {"cpu", "cuda"}, runtime, "(default cpu)");
+  choice("--dtype", o.dtype, {"float32", "float16", "bfloat16"}, runtime, "(default float32 on cpu, float16 on cuda)");
+  choice("--positions", o.positions, {"original", "cache"}, runtime,
+         "original: every token keeps its index (the course project); cache:\n"
+         "positions count each layer's slots (StreamingLLM); docs/ALGORITHMS.md");
+  choice("--schedule", o.schedule, {"every", "chunked"}, runtime,
+         "the fixed-capacity in-place cache through the model's `step`,\n"
+         "compressing every token or once per --slack tokens (default: the\n"
+         "course project's concatenating loop)");
+  count("--slack", o.slack, 1, runtime, "tokens between compressions for --schedule chunked (default 64)");
+  flag("--cuda-graph", runtime, "replay each one-token step from a CUDA graph (implies --schedule every)",
+       [&o] { o.cuda_graph = true; });
+  count("--batch", o.batch, 1, runtime, "rows of the generation measurement (default 1)");
+  count("--prefill-chunk", o.prefill_chunk, 0, runtime, "feed the generation prompt N tokens per step (default 0: at once)");
+  flag("--no-eval", runtime, "skip the perplexity evaluation (generation measurement only)", [&o] { o.eval = false; });
+  count("--generate", o.generate, 0, runtime, "new tokens of the timed greedy generation (default 32; 0 = off)");
+  count("--prompt-tokens", o.prompt_tokens, 1, runtime, "prompt length of the generation (default 512)");
+  count("--repeats", o.repeats, 1, runtime,
+        "runs of every timed measurement: figures are their median, with min\nand max (default 3)");
+  count("--threads", o.threads, 1, runtime, "CPU threads for LibTorch (default: LibTorch's choice)");
+  flag("--jit-optimize", runtime, "let TorchScript fuse the model's elementwise ops (default with\n--cuda-graph)",
+       [&o] { o.jit_optimize = 1; });
+  flag("--no-jit-optimize", runtime, "off also with --cuda-graph", [&o] { o.jit_optimize = 0; });
+
+  text("--out", o.out_dir, "DIR", output, "results folder (default results/<run name>): results.json,\nresults.csv, plots");
+  text("--run-name", o.run_name, "NAME", output, "name of the default results folder (default: what ran + time)");
+  flag("--no-results", output, "write no results folder (--json / --csv still do)", [&o] { o.results = false; });
+  text("--json", o.json, "FILE", output, "also write the results as JSON to FILE");
+  text("--csv", o.csv, "FILE", output, "also write the results as CSV to FILE");
+  text("--trace", o.trace, "FILE", output,
+       "JSON lines: for every compression of the evaluation, the step, the\nlayer and the kept original positions "
+       "(per head where heads differ)");
+  flag("--wide", output, "one table with every column (default: quality and speed tables)", [&o] { o.wide = true; });
+  flag("--quiet", output, "no progress on standard error", [&o] { o.quiet = true; });
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::cout << app.help();
+    std::exit(0);
+  } catch (const CLI::CallForVersion&) {
+    std::cout << version_text() << '\n';
+    std::exit(0);
+  } catch (const CLI::ParseError& e) {
+    const std::string what = e.what();
+    const auto twice = what.find(": At Most 1 required but received ");
+    if (twice != std::string::npos)  // CLI11's words for an option given more than once
+      fail(what.substr(0, twice) + " is given " + what.substr(twice + 34) + " times, give it once");
+    fail(what + " (see kvbench --help)");
   }
+  if (!app.remaining().empty()) fail("unknown option '" + app.remaining().front() + "' (see kvbench --help)");
   if (o.dtype.empty()) o.dtype = o.device == "cuda" ? "float16" : "float32";
   if (!o.texts.empty() && !o.token_files.empty()) fail("give either --text or --tokens, not both");
   if (o.cuda_graph && o.device != "cuda") fail("--cuda-graph needs --device cuda");
@@ -207,6 +248,9 @@ inline Options parse_args(int argc, char** argv) {
   if ((o.compare_all || o.compare_attention) && o.budgets.empty()) fail("--budgets needs at least one budget");
   for (int64_t b : o.budgets)
     if (b < 16) fail("--budgets: each budget must be >= 16, got " + std::to_string(b));
+  if (!o.trace.empty() && !o.eval) fail("--trace records the evaluation's compressions: it cannot go with --no-eval");
+  if (!o.results && (!o.out_dir.empty() || !o.run_name.empty())) fail("--no-results cannot go with --out or --run-name");
+  if (!o.out_dir.empty() && !o.run_name.empty()) fail("give either --out or --run-name, not both");
   // Under the cache rule an uncompressed layer's positions grow with the text, past the
   // model's context: compress every layer unless told otherwise.
   if (o.positions == "cache" && !o.skip_layers_given) o.skip_layers.clear();
@@ -254,14 +298,16 @@ inline std::vector<std::pair<std::string, std::string>> compare_attention_method
 struct Run {
   std::string label;
   std::unique_ptr<kvc::Compressor> compressor;
-  rt::RunMetrics metrics;
+  rt::RunMetrics metrics;   ///< the evaluation (quality; its step times)
   bool recompute = false;  ///< the sliding-window re-computation oracle (no cache)
+  std::vector<rt::RunMetrics> generations;  ///< one per repeat of the generation measurement
+  double seconds = 0;                       ///< wall time of the whole run (evaluation and generation)
 };
 
 inline std::vector<Run> make_runs(const Options& o) {
   std::vector<Run> runs;
   if (o.baseline) runs.push_back({"baseline", nullptr, {}});
-  if (o.recompute_reference) runs.push_back({"recompute", nullptr, {}, true});  // label gets the context later
+  if (o.recompute_reference) runs.push_back({"recompute", nullptr, {}, true, {}});  // label gets the context later
   std::vector<std::pair<std::string, std::string>> methods = o.methods;
   for (int64_t b : o.budgets) {
     if (o.compare_all)
@@ -282,7 +328,7 @@ inline std::vector<Run> make_runs(const Options& o) {
     auto c = kvc::make_compressor(parsed);
     std::string name = label.empty() ? c->name() : label;
     if (++seen[name] > 1) name += "_" + std::to_string(seen[name]);
-    runs.push_back({name, std::move(c), {}});
+    runs.push_back({name, std::move(c), {}, false, {}});
   }
   if (runs.empty()) fail("nothing to run: give --method, --compare-all, --compare-attention, or drop --no-baseline");
   return runs;

@@ -62,6 +62,9 @@ int run(int argc, char** argv) {
   std::vector<Run> runs = make_runs(o);  // spec and output errors before the (slow) model load
   if (!o.json.empty()) check_output_path("--json", o.json);
   if (!o.csv.empty()) check_output_path("--csv", o.csv);
+  const std::string out_dir = o.results ? results_dir(o) : "";
+  if (o.results) check_results_dir(out_dir);
+  Trace trace(o.trace);
   rt::ContractModel model = rt::ContractModel::load(o.model, device, dtype);
   std::vector<Sample> samples = load_samples(o, model);
   const auto& info = model.info();
@@ -93,7 +96,12 @@ int run(int argc, char** argv) {
               !o.static_cache() ? "dynamic (concatenating cache)"
               : (std::string("static, schedule ") + o.schedule + (o.schedule == "chunked" ? " slack " + std::to_string(o.slack) : "") +
                  (o.cuda_graph ? ", CUDA graph" : "")).c_str());
+  if (o.generate > 0)
+    std::printf("generation: %lld-token prompt, %lld new tokens, batch %lld, %lld repeats (median, min-max)\n",
+                (long long)o.prompt_tokens, (long long)o.generate, (long long)o.batch, (long long)o.repeats);
   std::fflush(stdout);
+
+  if (o.results) create_results_dir(out_dir);
 
   std::vector<int64_t> prompt;
   if (o.generate > 0) {
@@ -109,16 +117,13 @@ int run(int argc, char** argv) {
     d.positions = o.rule();
     d.schedule = o.compression_schedule();
     d.batch = batch;
+    d.track_positions = trace.enabled();
     return rt::make_decoder(model, d, o.static_cache(), total, first_chunk, o.cuda_graph);
   };
   auto evaluate = [&](const kvc::Compressor* c, const std::vector<int64_t>& tokens, rt::RunMetrics& m,
                       const rt::EvalOptions& eo) {
     auto d = decoder(c, 1, static_cast<int64_t>(tokens.size()), 1);
     rt::evaluate(*d, tokens, m, eo);
-  };
-  auto generate = [&](const kvc::Compressor* c, int64_t n, rt::RunMetrics& m) {
-    auto d = decoder(c, o.batch, o.prompt_tokens + n, o.prompt_tokens);
-    rt::generate(*d, prompt, n, m, o.prefill_chunk, o.skip_layers);
   };
   {  // Untimed warm-up of both call shapes (one token; a prompt), so the first timed run does
      // not pay for LibTorch's and the GPU's first-call costs.
@@ -127,39 +132,81 @@ int run(int argc, char** argv) {
     rt::EvalOptions eo;
     eo.baseline_skip = o.skip_layers;
     evaluate(nullptr, std::vector<int64_t>(first.begin(), first.begin() + std::min<size_t>(8, first.size())), scratch, eo);
-    if (o.generate > 0) generate(nullptr, 2, scratch);
+    if (o.generate > 0) {
+      auto d = decoder(nullptr, o.batch, o.prompt_tokens + 2, o.prompt_tokens);
+      rt::generate(*d, prompt, 2, scratch, o.prefill_chunk, o.skip_layers);
+    }
   }
-  ProgressBar bar(!o.quiet);
+  // Work units for the ETA: an evaluation step, or a generated token (a prompt counts as one).
+  const double gen_work = static_cast<double>(o.repeats * (o.generate + 1));
+  double total_work = 0;
+  for (const auto& r : runs)
+    total_work += (o.eval ? static_cast<double>(total_tokens) : 0.0) + (r.recompute || o.generate == 0 ? 0.0 : gen_work);
+  Progress progress(!o.quiet, total_work);
   rt::PeakMemory memory(device);
   for (size_t r = 0; r < runs.size(); ++r) {
     Run& run = runs[r];
+    const auto run_start = std::chrono::steady_clock::now();
+    progress.start_run(run.label, r + 1, runs.size());
     memory.reset();
     if (run.recompute) {
       for (const auto& sample : samples) rt::evaluate_recompute(model, sample.tokens, window, info.max_positions, run.metrics);
       run.metrics.peak_memory_bytes = memory.peak_bytes();
+      progress.add_work(static_cast<double>(total_tokens));
+      run.seconds = rt::detail::seconds_since(run_start);
+      print_run_line(run, r + 1, runs.size(), baseline_of(runs));
       continue;
     }
     for (size_t s = 0; o.eval && s < samples.size(); ++s) {
-      bar.reset();
       rt::EvalOptions eo;
       eo.baseline_skip = o.skip_layers;
       eo.window = window;
       eo.memory = window > 0 ? &memory : nullptr;
+      int64_t reported = 0;
       eo.progress = [&](int64_t done, int64_t total) {
-        bar.update(run.label, r + 1, runs.size(), s + 1, samples.size(), done, total);
+        progress.add_work(static_cast<double>(done - reported));
+        reported = done;
+        progress.eval(s + 1, samples.size(), done, total, run.metrics.ppl());
       };
+      if (trace.enabled())
+        eo.on_compressed = [&](int64_t step, const rt::Decoder& d) {
+          trace.record(run.label, static_cast<int64_t>(s), step, d);
+        };
       evaluate(run.compressor.get(), samples[s].tokens, run.metrics, eo);
     }
-    if (o.generate > 0) generate(run.compressor.get(), o.generate, run.metrics);
+    if (o.generate > 0) {  // the timed measurement, --repeats times on one decoder (warmed up once)
+      auto d = decoder(run.compressor.get(), o.batch, o.prompt_tokens + o.generate, o.prompt_tokens);
+      for (int64_t k = 0; k < o.repeats; ++k) {
+        progress.generation(k + 1, o.repeats, o.generate);
+        run.generations.emplace_back();
+        rt::generate(*d, prompt, o.generate, run.generations.back(), o.prefill_chunk, o.skip_layers, /*warm_up=*/k == 0);
+        progress.add_work(static_cast<double>(o.generate + 1));
+      }
+    }
     // Windows reset the peak as they go: the run's peak is the largest of theirs and what came after.
     int64_t peak = memory.peak_bytes();
     for (const auto& w : run.metrics.windows) peak = std::max(peak, w.peak_memory_bytes);
     run.metrics.peak_memory_bytes = peak;
+    run.seconds = rt::detail::seconds_since(run_start);
+    print_run_line(run, r + 1, runs.size(), baseline_of(runs));
   }
-  print_table(o, runs);
+  trace.close();
+  print_tables(o, runs);
   print_windows(runs);
-  if (!o.json.empty()) write_json(o.json, o, model, samples, runs, window);
-  if (!o.csv.empty()) write_csv(o.csv, o, runs);
+  const Json results = results_json(o, model, samples, runs, window);
+  if (!o.json.empty()) write_atomically("--json", o.json, results.dump(1) + "\n");
+  if (!o.csv.empty()) write_atomically("--csv", o.csv, results_csv(results));
+  if (o.results) {
+    write_atomically("results", out_dir + "/results.json", results.dump(1) + "\n");
+    write_atomically("results", out_dir + "/results.csv", results_csv(results));
+    draw_plots(out_dir, out_dir + "/results.json", o.trace);
+    std::printf("\nresults: %s/ (results.json, results.csv, figures; plot.sh redraws them) after %s\n", out_dir.c_str(),
+                duration_text(progress.elapsed_s()).c_str());
+  } else if (!o.trace.empty()) {
+    std::printf("\ntrace: %s (draw it: python3 %s/plot_trace.py %s --out-dir DIR)\n", o.trace.c_str(), KVC_PYTHON_DIR,
+                o.trace.c_str());
+  }
+  std::fflush(stdout);
   return 0;
 }
 

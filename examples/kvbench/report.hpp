@@ -1,47 +1,150 @@
 #pragma once
-// kvbench's output: progress on stderr, the table and warnings on stdout, JSON and CSV files.
+// kvbench's output: progress on standard error; each run's line as it finishes, then the
+// quality and speed tables, on standard output; the results folder (JSON, CSV, plots) and the
+// files asked for (--json, --csv, --trace).
 #include "cli.hpp"
 #include "inputs.hpp"
 
 #include <kvcompress/runtime/evaluate.hpp>
 #include <kvcompress/runtime/model.hpp>
 
+#include <nlohmann/json.hpp>
 #include <torch/script.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
+#include <fstream>
+#include <limits>
 #include <sstream>
 
 #include <unistd.h>
 
 namespace kvbench {
 
-class ProgressBar {
- public:
-  // On a terminal the bar redraws in place; in a log, one line per finished sample.
-  explicit ProgressBar(bool enabled) : enabled_(enabled), tty_(isatty(2) != 0) {}
-  void update(const std::string& label, int64_t run, int64_t runs, int64_t sample, int64_t samples,
-              int64_t done, int64_t total) {
-    if (!enabled_) return;
-    const int64_t pct = done * 100 / std::max<int64_t>(total, 1);
-    if (done != total && (pct == last_pct_ || !tty_)) return;
-    last_pct_ = pct;
-    const int width = 30, fill = static_cast<int>(pct * width / 100);
-    std::fprintf(stderr, "%s[%2lld/%lld] %-20s sample %lld/%lld [%s%s] %3lld%%", tty_ ? "\r" : "", (long long)run,
-                 (long long)runs, label.c_str(), (long long)sample, (long long)samples,
-                 std::string(fill, '#').c_str(), std::string(width - fill, '.').c_str(), (long long)pct);
-    if (done == total) std::fprintf(stderr, "\n");
-    std::fflush(stderr);
+using Json = nlohmann::ordered_json;
+
+constexpr double kMiB = 1048576.0;  // every size on screen and in the plots is in MiB (2^20 bytes)
+
+/// A timing over repeated runs: the median (what tables and JSON show as the figure), with the
+/// fastest and slowest run beside it. NaN (JSON null) when nothing was measured.
+struct Spread {
+  double median = std::numeric_limits<double>::quiet_NaN(), min = median, max = median;
+  static Spread of(std::vector<double> v) {
+    Spread s;
+    v.erase(std::remove_if(v.begin(), v.end(), [](double x) { return !std::isfinite(x); }), v.end());
+    if (v.empty()) return s;
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    s.median = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+    s.min = v.front();
+    s.max = v.back();
+    return s;
   }
-  void reset() { last_pct_ = -1; }
+  bool measured() const { return std::isfinite(median); }
+};
+
+/// The timed figures of one run, each over the repeats of the generation measurement.
+struct Timings {
+  Spread ttft, tpot, tok_s, first_half, second_half, compress_s, compress_share;
+  Spread eval_step;  ///< the evaluation's step (one pass per sample: min/max over samples)
+  int64_t repeats = 0;
+};
+
+inline Timings timings_of(const Run& r) {
+  Timings t;
+  std::vector<double> ttft, tpot, tok, first, second, comp, share;
+  for (const auto& g : r.generations) {
+    ttft.push_back(g.gen_ttft_s);
+    if (g.gen_later_steps > 0) {
+      tpot.push_back(g.gen_tpot_s());
+      tok.push_back(g.gen_tok_s());
+      first.push_back(g.gen_tpot_half_s(false));
+      second.push_back(g.gen_tpot_half_s(true));
+      comp.push_back(g.gen_compress_s);
+      share.push_back(g.gen_compress_share());
+    }
+  }
+  t.ttft = Spread::of(ttft);
+  t.tpot = Spread::of(tpot);
+  t.tok_s = Spread::of(tok);
+  t.first_half = Spread::of(first);
+  t.second_half = Spread::of(second);
+  t.compress_s = Spread::of(comp);
+  t.compress_share = Spread::of(share);
+  if (r.metrics.scored > 0 && !r.recompute) t.eval_step = Spread::of(r.metrics.sample_step_s);
+  t.repeats = static_cast<int64_t>(r.generations.size());
+  return t;
+}
+
+inline std::string duration_text(double s) {
+  char buf[32];
+  if (!std::isfinite(s) || s < 0) return "?";
+  if (s < 60) std::snprintf(buf, sizeof buf, "%.0fs", s);
+  else if (s < 3600) std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s) / 60, static_cast<int>(s) % 60);
+  else std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s) / 3600, static_cast<int>(s) / 60 % 60);
+  return buf;
+}
+
+/// Progress on standard error: on a terminal one line redrawn in place, in a log a line every
+/// quarter of a run's evaluation and one per generation repeat. Shows the running PPL and an
+/// ETA from the work done so far (evaluation steps and generated tokens).
+class Progress {
+ public:
+  Progress(bool enabled, double total_work)
+      : enabled_(enabled), tty_(isatty(2) != 0), total_(std::max(total_work, 1.0)),
+        start_(std::chrono::steady_clock::now()) {}
+  void start_run(const std::string& label, size_t run, size_t runs) {
+    label_ = label;
+    run_ = run;
+    runs_ = runs;
+    last_quarter_ = -1;
+  }
+  /// `work` units finished since the last call.
+  void add_work(double work) { done_ += work; }
+  void eval(size_t sample, size_t samples, int64_t done, int64_t total, double running_ppl) {
+    if (!enabled_) return;
+    const int64_t quarter = done * 4 / std::max<int64_t>(total, 1);
+    if (!tty_ && done != total && quarter == last_quarter_) return;
+    if (tty_ && done % 16 != 0 && done != total) return;
+    last_quarter_ = quarter;
+    char what[160];
+    std::snprintf(what, sizeof what, "eval sample %zu/%zu %lld/%lld tokens, PPL %.3f", sample, samples,
+                  (long long)done, (long long)total, running_ppl);
+    show(what, done == total);
+  }
+  void generation(int64_t repeat, int64_t repeats, int64_t tokens) {
+    if (!enabled_) return;
+    char what[160];
+    std::snprintf(what, sizeof what, "generation %lld/%lld (%lld new tokens)", (long long)repeat, (long long)repeats,
+                  (long long)tokens);
+    show(what, !tty_);
+  }
+  double elapsed_s() const { return rt::detail::seconds_since(start_); }
 
  private:
+  void show(const char* what, bool end_line) {
+    const double elapsed = elapsed_s();
+    const double eta = done_ > 0 ? elapsed * (total_ - done_) / done_ : std::numeric_limits<double>::quiet_NaN();
+    std::fprintf(stderr, "%s[%zu/%zu] %-20s %s  elapsed %s, ETA %s%s", tty_ ? "\r\033[K" : "", run_, runs_,
+                 label_.c_str(), what, duration_text(elapsed).c_str(), duration_text(eta).c_str(),
+                 end_line || !tty_ ? "\n" : "");
+    std::fflush(stderr);
+  }
   bool enabled_, tty_;
-  int64_t last_pct_ = -1;
+  double total_, done_ = 0;
+  std::chrono::steady_clock::time_point start_;
+  std::string label_;
+  size_t run_ = 0, runs_ = 0;
+  int64_t last_quarter_ = -1;
 };
+
+// --- files ------------------------------------------------------------------------------------
 
 // An output file: checked before the run (so a typo does not cost the run), then written whole
 // to a temporary file beside it and renamed over it, every write checked: a failed write is an
@@ -73,103 +176,149 @@ inline void write_atomically(const std::string& flag, const std::string& path, c
   if (std::rename(tmp.c_str(), path.c_str()) != 0) failed(std::strerror(errno));
 }
 
-inline std::string json_escape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof buf, "\\u%04x", c);
-          out += buf;
-        } else {
-          out += c;
-        }
+/// The results folder: --out, or results/<run name> with a name from what runs and the time.
+inline std::string results_dir(const Options& o) {
+  if (!o.out_dir.empty()) return o.out_dir;
+  std::string name = o.run_name;
+  if (name.empty()) {
+    name = o.compare_all ? "compare-all" : o.compare_attention ? "compare-attention" : "";
+    if (name.empty()) {
+      for (const auto& [label, spec] : o.methods) {
+        const std::string n = label.empty() ? spec.substr(0, spec.find('(')) : label;
+        name += (name.empty() ? "" : "+") + n;
+        if (name.size() > 40) break;
+      }
+      if (name.empty()) name = "baseline";
     }
+    char stamp[32];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
+    name += std::string("-") + stamp;
   }
-  return out;
+  for (char& c : name)  // a folder name, never a path
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.' || c == '+')) c = '_';
+  return "results/" + name;
 }
 
-inline std::string num(double x) {
-  if (!std::isfinite(x)) return "null";
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.9g", x);
-  return buf;
+/// Checked before the (slow) model load: the results folder is, or can become, a writable folder.
+inline void check_results_dir(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::exists(dir, ec) && !fs::is_directory(dir, ec)) fail("--out " + dir + " exists and is not a directory");
+  fs::path existing = fs::absolute(dir, ec);
+  while (!existing.empty() && !fs::exists(existing, ec) && existing != existing.root_path()) existing = existing.parent_path();
+  if (!fs::is_directory(existing, ec) || access(existing.c_str(), W_OK) != 0)
+    fail("cannot create the results folder " + dir + ": " + existing.string() + " is not a writable folder");
 }
 
-inline std::string quoted(const std::string& s) { return "\"" + json_escape(s) + "\""; }
+/// Made once every check has passed, right before the runs: a failed start leaves no folder.
+inline void create_results_dir(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) fail("cannot create the results folder " + dir + ": " + ec.message());
+  if (access(dir.c_str(), W_OK) != 0) fail("cannot create the results folder " + dir + ": it is not writable");
+}
 
-// Evaluation metrics are null when the evaluation did not run (--no-eval).
-inline std::string eval_num(const rt::RunMetrics& m, double x) { return m.scored > 0 ? num(x) : "null"; }
+inline Json number(double x) { return std::isfinite(x) ? Json(x) : Json(nullptr); }
 
-inline void write_json(const std::string& path, const Options& o, const rt::ContractModel& model,
-                       const std::vector<Sample>& samples, const std::vector<Run>& runs, int64_t window) {
-  std::ostringstream out;
+// A timing field and its spread: "<key>": median, "<key>_min", "<key>_max".
+inline void put(Json& j, const std::string& key, const Spread& s) {
+  j[key] = number(s.median);
+  j[key + "_min"] = number(s.min);
+  j[key + "_max"] = number(s.max);
+}
+
+inline Json results_json(const Options& o, const rt::ContractModel& model, const std::vector<Sample>& samples,
+                         const std::vector<Run>& runs, int64_t window) {
   int64_t tokens = 0;
   for (const auto& s : samples) tokens += static_cast<int64_t>(s.tokens.size());
-  out << "{\n  \"model\": " << quoted(model.info().name) << ",\n"
-      << "  \"model_file\": " << quoted(o.model) << ",\n"
-      << "  \"contract_version\": " << model.info().contract_version << ",\n"
-      << "  \"model_context\": " << model.info().max_positions << ",\n"
-      << "  \"device\": " << quoted(model.device().str()) << ",\n"
-      << "  \"dtype\": \"" << o.dtype << "\",\n"
-      << "  \"tokens\": " << tokens << ",\n"
-      << "  \"samples\": " << samples.size() << ",\n"
-      << "  \"max_tokens\": " << o.max_tokens << ",\n"
-      << "  \"window\": " << window << ",\n"
-      << "  \"positions\": \"" << o.positions << "\",\n"
-      << "  \"runtime\": \"" << (o.static_cache() ? "static" : "dynamic") << "\",\n"
-      << "  \"schedule\": \"" << (o.static_cache() ? o.schedule : "every") << "\",\n"
-      << "  \"slack\": " << (o.schedule == "chunked" ? o.slack : 0) << ",\n"
-      << "  \"prefill_chunk\": " << o.prefill_chunk << ",\n"
-      << "  \"cuda_graph\": " << (o.cuda_graph ? "true" : "false") << ",\n"
-      << "  \"jit_optimize\": " << (torch::jit::getGraphExecutorOptimize() ? "true" : "false") << ",\n"
-      << "  \"skip_layers\": " << kvc::params::format_int_list(o.skip_layers) << ",\n"
-      << "  \"inputs\": [";
-  for (size_t i = 0; i < samples.size(); ++i) out << (i ? ", " : "") << quoted(samples[i].source);
-  out << "],\n  \"results\": [\n";
-  for (size_t i = 0; i < runs.size(); ++i) {
-    const auto& r = runs[i];
+  const bool cuda = model.device().is_cuda();
+  Json j;
+  j["schema"] = 2;
+  j["kvbench_version"] = kvc::version_string;
+  j["model"] = model.info().name;
+  j["model_file"] = o.model;
+  j["contract_version"] = model.info().contract_version;
+  j["model_context"] = model.info().max_positions;
+  j["device"] = model.device().str();
+  j["dtype"] = o.dtype;
+  j["tokens"] = tokens;
+  j["samples"] = samples.size();
+  j["max_tokens"] = o.max_tokens;
+  j["window"] = window;
+  j["positions"] = o.positions;
+  j["runtime"] = o.static_cache() ? "static" : "dynamic";
+  j["schedule"] = o.static_cache() ? o.schedule : "every";
+  j["slack"] = o.schedule == "chunked" ? o.slack : 0;
+  j["prefill_chunk"] = o.prefill_chunk;
+  j["cuda_graph"] = o.cuda_graph;
+  j["jit_optimize"] = torch::jit::getGraphExecutorOptimize();
+  j["skip_layers"] = o.skip_layers;
+  j["generate"] = o.generate;
+  j["prompt_tokens"] = o.prompt_tokens;
+  j["batch"] = o.batch;
+  j["repeats"] = o.repeats;
+  // Which clock gave each timing: the host's steady clock around synchronised work, or the
+  // device's (CUDA events) for the compression share.
+  j["clock"] = {{"ttft_s", "host"}, {"tpot_s", "host"}, {"throughput_tok_s", "host"}, {"eval_step_s", "host"},
+                {"compress_s", cuda ? "device" : "host"}};
+  j["timing"] = {
+      {"ttft_s", "generation: prompt prefill, its compression and the first new token; median over repeats"},
+      {"tpot_s", "generation: each new token after the first (decode step and compression); median over repeats"},
+      {"throughput_tok_s", "generation: batch rows / TPOT; median over repeats"},
+      {"eval_step_s", "evaluation: mean step (feed, score, compress) of one pass per sample; min/max over samples"},
+      {"warmup", "untimed: one evaluation of 8 tokens and one generation before the first run; each run's first "
+                 "generation repeat also warms its decoder up (prefill and decode up to its first compression)"}};
+  Json inputs = Json::array();
+  for (const auto& s : samples) inputs.push_back(s.source);
+  j["inputs"] = inputs;
+  Json results = Json::array();
+  for (const auto& r : runs) {
     const auto& m = r.metrics;
-    out << "    {\"label\": " << quoted(r.label) << ", \"spec\": "
-        << (r.compressor ? quoted(r.compressor->spec()) : std::string("null"))
-        << ", \"ppl\": " << eval_num(m, m.ppl()) << ", \"accuracy\": " << eval_num(m, m.accuracy())
-        << ", \"ttft_s\": " << (r.recompute ? "null" : eval_num(m, m.ttft_s()))
-        << ", \"tpot_s\": " << (r.recompute ? "null" : eval_num(m, m.tpot_s()))
-        << ", \"throughput_tok_s\": " << eval_num(m, m.throughput_tok_s())
-        << ", \"cache_tokens\": " << m.cache_tokens << ", \"cache_bytes\": " << m.cache_bytes
-        << ", \"max_layer_tokens\": " << m.max_layer_tokens
-        << ", \"peak_memory_bytes\": " << m.peak_memory_bytes << ", \"scored_tokens\": " << m.scored
-        << ", \"reference\": " << (r.recompute ? "\"sliding window with re-computation\"" : "null");
-    out << ", \"warnings\": [";
-    for (size_t w = 0; w < m.warnings.size(); ++w) out << (w ? ", " : "") << quoted(m.warnings[w]);
-    out << "]";
-    if (o.generate > 0 && !r.recompute)
-      out << ", \"generation\": {\"batch\": " << m.gen_batch << ", \"prompt_tokens\": " << o.prompt_tokens
-          << ", \"new_tokens\": " << m.gen_tokens << ", \"tok_s\": " << num(m.gen_tok_s())
-          << ", \"ttft_s\": " << num(m.gen_ttft_s) << ", \"tpot_s\": " << num(m.gen_tpot_s())
-          << ", \"tpot_first_half_s\": " << num(m.gen_tpot_half_s(false))
-          << ", \"tpot_second_half_s\": " << num(m.gen_tpot_half_s(true))
-          << ", \"compress_s\": " << num(m.gen_compress_s) << ", \"compress_share\": " << num(m.gen_compress_share())
-          << ", \"cache_tokens\": " << m.gen_cache_tokens << "}";
-    if (!m.windows.empty()) {
-      out << ",\n     \"windows\": [";
-      for (size_t w = 0; w < m.windows.size(); ++w) {
-        const auto& x = m.windows[w];
-        out << (w ? ",\n       " : "\n       ") << "{\"sample\": " << x.sample << ", \"start\": " << x.start
-            << ", \"end\": " << x.end << ", \"scored\": " << x.scored << ", \"ppl\": " << num(x.ppl()) << ", \"accuracy\": " << num(x.accuracy())
-            << ", \"cache_tokens\": " << x.cache_tokens << ", \"peak_memory_bytes\": " << x.peak_memory_bytes
-            << ", \"step_s\": " << num(x.step_s()) << "}";
-      }
-      out << "]";
+    const Timings t = timings_of(r);
+    const bool eval = m.scored > 0;
+    Json x;
+    x["label"] = r.label;
+    x["spec"] = r.compressor ? Json(r.compressor->spec()) : Json(nullptr);
+    x["ppl"] = eval ? number(m.ppl()) : Json(nullptr);
+    x["accuracy"] = eval ? number(m.accuracy()) : Json(nullptr);
+    x["scored_tokens"] = m.scored;
+    put(x, "eval_step_s", t.eval_step);
+    put(x, "ttft_s", t.ttft);
+    put(x, "tpot_s", t.tpot);
+    put(x, "throughput_tok_s", t.tok_s);
+    x["cache_tokens"] = eval || r.generations.empty() ? m.cache_tokens : r.generations.front().gen_cache_tokens;
+    x["cache_bytes"] = m.cache_bytes;
+    x["max_layer_tokens"] = m.max_layer_tokens;
+    x["peak_memory_bytes"] = m.peak_memory_bytes;
+    x["reference"] = r.recompute ? Json("sliding window with re-computation") : Json(nullptr);
+    x["warnings"] = m.warnings;
+    if (!r.generations.empty()) {
+      const auto& g = r.generations.front();
+      Json gen;
+      gen["batch"] = g.gen_batch;
+      gen["prompt_tokens"] = o.prompt_tokens;
+      gen["new_tokens"] = g.gen_tokens;
+      gen["repeats"] = t.repeats;
+      put(gen, "tpot_first_half_s", t.first_half);
+      put(gen, "tpot_second_half_s", t.second_half);
+      put(gen, "compress_s", t.compress_s);
+      gen["compress_share"] = number(t.compress_share.median);
+      gen["cache_tokens"] = g.gen_cache_tokens;
+      x["generation"] = gen;
     }
-    out << "}" << (i + 1 < runs.size() ? "," : "") << "\n";
+    if (!m.windows.empty()) {
+      Json ws = Json::array();
+      for (const auto& w : m.windows)
+        ws.push_back({{"sample", w.sample}, {"start", w.start}, {"end", w.end}, {"scored", w.scored},
+                      {"ppl", number(w.ppl())}, {"accuracy", number(w.accuracy())}, {"cache_tokens", w.cache_tokens},
+                      {"peak_memory_bytes", w.peak_memory_bytes}, {"step_s", number(w.step_s())}});
+      x["windows"] = ws;
+    }
+    results.push_back(x);
   }
-  out << "  ]\n}\n";
-  write_atomically("--json", path, out.str());
+  j["results"] = results;
+  return j;
 }
 
 // One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break.
@@ -180,53 +329,133 @@ inline std::string csv_field(const std::string& s) {
   return out + "\"";
 }
 
-// The JSON's figures, one row per result; a figure the JSON has as null is an empty field.
-inline void write_csv(const std::string& path, const Options& o, const std::vector<Run>& runs) {
+/// The JSON's per-run figures as CSV, one row per result, the same keys as columns; a figure
+/// the JSON has as null is an empty field.
+inline std::string results_csv(const Json& j) {
+  const std::vector<std::string> keys = {
+      "label", "spec", "ppl", "accuracy", "eval_step_s", "eval_step_s_min", "eval_step_s_max", "ttft_s", "ttft_s_min",
+      "ttft_s_max", "tpot_s", "tpot_s_min", "tpot_s_max", "throughput_tok_s", "throughput_tok_s_min",
+      "throughput_tok_s_max", "cache_tokens", "cache_bytes", "max_layer_tokens", "peak_memory_bytes"};
   std::ostringstream out;
-  out << "label,spec,ppl,accuracy,ttft_s,tpot_s,throughput_tok_s,cache_tokens,cache_bytes,peak_memory_bytes";
-  if (o.generate > 0) out << ",gen_ttft_s,gen_tpot_s,gen_compress_share";
-  out << "\n";
-  auto field = [](const std::string& json_number) { return json_number == "null" ? std::string() : json_number; };
-  for (const auto& r : runs) {
-    const auto& m = r.metrics;
-    out << csv_field(r.label) << ',' << csv_field(r.compressor ? r.compressor->spec() : "") << ','
-        << field(eval_num(m, m.ppl())) << ',' << field(eval_num(m, m.accuracy())) << ','
-        << field(r.recompute ? "null" : eval_num(m, m.ttft_s())) << ','
-        << field(r.recompute ? "null" : eval_num(m, m.tpot_s())) << ',' << field(eval_num(m, m.throughput_tok_s()))
-        << ',' << m.cache_tokens << ',' << m.cache_bytes << ',' << m.peak_memory_bytes;
-    if (o.generate > 0) {
-      if (r.recompute) out << ",,,";
-      else out << ',' << field(num(m.gen_ttft_s)) << ',' << field(num(m.gen_tpot_s())) << ',' << field(num(m.gen_compress_share()));
+  for (size_t i = 0; i < keys.size(); ++i) out << (i ? "," : "") << keys[i];
+  out << ",compress_share\n";
+  for (const auto& r : j["results"]) {
+    for (size_t i = 0; i < keys.size(); ++i) {
+      const Json& v = r[keys[i]];
+      out << (i ? "," : "") << (v.is_null() ? std::string() : v.is_string() ? csv_field(v.get<std::string>()) : v.dump());
     }
-    out << "\n";
+    const Json* share = r.contains("generation") ? &r["generation"]["compress_share"] : nullptr;
+    out << ',' << (share && !share->is_null() ? share->dump() : std::string()) << "\n";
   }
-  write_atomically("--csv", path, out.str());
+  return out.str();
 }
 
-inline void print_table(const Options& o, const std::vector<Run>& runs) {
-  std::printf("%-22s %9s %8s %9s %9s %9s %7s %10s %10s", "method", "PPL", "acc", "TTFT ms", "TPOT ms",
-              "tok/s", "cache", "cache MB", "peak MB");
-  if (o.generate > 0) std::printf(" %11s %11s %9s %7s %8s", "gen TTFT ms", "gen TPOT ms", "gen tok/s", "comp %", "2nd/1st");
-  std::printf("\n");
+// --- screen -----------------------------------------------------------------------------------
+
+inline std::string fixed(double x, int decimals) {
+  if (!std::isfinite(x)) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.*f", decimals, x);
+  return buf;
+}
+
+/// "12.34 (12.1-13.0)": median and range, in milliseconds.
+inline std::string ms_spread(const Spread& s) {
+  if (!s.measured()) return "-";
+  const int d = s.median < 10 ? 3 : s.median < 100 ? 2 : 1;
+  const int r = s.max < 10 ? 2 : 1;
+  return fixed(s.median * 1e3, d) + " (" + fixed(s.min * 1e3, r) + "-" + fixed(s.max * 1e3, r) + ")";
+}
+
+inline const Run* baseline_of(const std::vector<Run>& runs) {
+  for (const auto& r : runs)
+    if (!r.compressor && !r.recompute && r.metrics.scored > 0) return &r;
+  return nullptr;
+}
+
+/// The line a run prints when it finishes (flushed, so a redirected log shows it at once).
+inline void print_run_line(const Run& r, size_t index, size_t count, const Run* baseline) {
+  const auto& m = r.metrics;
+  const Timings t = timings_of(r);
+  std::string quality = "no evaluation";
+  if (m.scored > 0) {
+    quality = "PPL " + fixed(m.ppl(), 3);
+    if (baseline && baseline != &r) quality += " (" + std::string(m.ppl() >= baseline->metrics.ppl() ? "+" : "") +
+                                               fixed(100.0 * (m.ppl() / baseline->metrics.ppl() - 1.0), 2) + " %)";
+    quality += "  acc " + fixed(m.accuracy(), 4);
+  }
+  const int64_t cache = m.scored > 0 || r.generations.empty() ? m.cache_tokens : r.generations.front().gen_cache_tokens;
+  std::printf("[%zu/%zu] %-20s %s  cache %lld", index, count, r.label.c_str(), quality.c_str(), (long long)cache);
+  if (t.tpot.measured()) std::printf("  TPOT %s ms", ms_spread(t.tpot).c_str());
+  std::printf("  (%s)\n", duration_text(r.seconds).c_str());
+  std::fflush(stdout);
+}
+
+/// Quality: PPL and accuracy with their change against the full cache, cache and memory.
+inline void print_quality_table(const std::vector<Run>& runs) {
+  const Run* base = baseline_of(runs);
+  std::printf("\n%-22s %9s %8s %8s %8s %7s %9s %9s\n", "quality", "PPL", "dPPL %", "acc", "dacc pp", "cache",
+              "cache MiB", "peak MiB");
   for (const auto& r : runs) {
     const auto& m = r.metrics;
-    if (r.recompute)  // one forward per window: no per-token times, no cache
-      std::printf("%-22s %9.3f %8.4f %9s %9s %9.1f %7lld %10s", r.label.c_str(), m.ppl(), m.accuracy(), "-", "-",
-                  m.throughput_tok_s(), (long long)m.cache_tokens, "-");
-    else if (m.scored > 0)
-      std::printf("%-22s %9.3f %8.4f %9.3f %9.3f %9.1f %7lld %10.2f", r.label.c_str(), m.ppl(), m.accuracy(),
-                  m.ttft_s() * 1e3, m.tpot_s() * 1e3, m.throughput_tok_s(), (long long)m.cache_tokens,
-                  m.cache_bytes / 1048576.0);
-    else  // --no-eval: only the generation measurement ran
-      std::printf("%-22s %9s %8s %9s %9s %9s %7lld %10s", r.label.c_str(), "-", "-", "-", "-", "-",
-                  (long long)m.gen_cache_tokens, "-");
-    std::printf(" %10.1f", m.peak_memory_bytes < 0 ? -1.0 : m.peak_memory_bytes / 1048576.0);
-    if (o.generate > 0 && !r.recompute) {
-      const double first = m.gen_tpot_half_s(false);
-      std::printf(" %11.3f %11.3f %9.1f %7.2f %8.3f", m.gen_ttft_s * 1e3, m.gen_tpot_s() * 1e3, m.gen_tok_s(),
-                  100.0 * m.gen_compress_share(), first > 0 ? m.gen_tpot_half_s(true) / first : 0.0);
-    }
-    std::printf("\n");
+    const bool eval = m.scored > 0;
+    const bool rel = eval && base && base != &r;
+    const double dppl = rel ? 100.0 * (m.ppl() / base->metrics.ppl() - 1.0) : NAN;
+    const double dacc = rel ? 100.0 * (m.accuracy() - base->metrics.accuracy()) : NAN;
+    const int64_t cache = eval || r.generations.empty() ? m.cache_tokens : r.generations.front().gen_cache_tokens;
+    std::printf("%-22s %9s %8s %8s %8s %7lld %9s %9s\n", r.label.c_str(), eval ? fixed(m.ppl(), 3).c_str() : "-",
+                fixed(dppl, 2).c_str(), eval ? fixed(m.accuracy(), 4).c_str() : "-", fixed(dacc, 2).c_str(),
+                (long long)cache, r.recompute || !eval ? "-" : fixed(m.cache_bytes / kMiB, 2).c_str(),
+                m.peak_memory_bytes < 0 ? "-" : fixed(m.peak_memory_bytes / kMiB, 1).c_str());
+  }
+}
+
+/// Speed: the generation measurement, median (min-max) over the repeats.
+inline void print_speed_table(const Options& o, const std::vector<Run>& runs) {
+  std::printf("\n%-22s %22s %21s %8s %6s %7s\n", "speed", "TTFT ms (min-max)", "TPOT ms (min-max)", "tok/s", "comp%",
+              "2nd/1st");
+  for (const auto& r : runs) {
+    if (r.recompute) continue;
+    const Timings t = timings_of(r);
+    const double ratio = t.first_half.median > 0 ? t.second_half.median / t.first_half.median : NAN;
+    std::printf("%-22s %22s %21s %8s %6s %7s\n", r.label.c_str(), ms_spread(t.ttft).c_str(), ms_spread(t.tpot).c_str(),
+                fixed(t.tok_s.median, 1).c_str(), fixed(100.0 * t.compress_share.median, 2).c_str(),
+                fixed(ratio, 3).c_str());
+  }
+  std::printf("(generation: %lld-token prompt, %lld new tokens, batch %lld; median of %lld repeats; TTFT = prefill "
+              "through the first new token)\n",
+              (long long)o.prompt_tokens, (long long)o.generate, (long long)o.batch, (long long)o.repeats);
+}
+
+/// Every column in one table (--wide).
+inline void print_wide_table(const std::vector<Run>& runs) {
+  const Run* base = baseline_of(runs);
+  std::printf("\n%-22s %9s %8s %8s %10s %20s %20s %8s %7s %9s %9s %6s %7s\n", "method", "PPL", "dPPL %", "acc",
+              "eval ms", "TTFT ms (min-max)", "TPOT ms (min-max)", "tok/s", "cache", "cache MiB", "peak MiB", "comp%",
+              "2nd/1st");
+  for (const auto& r : runs) {
+    const auto& m = r.metrics;
+    const Timings t = timings_of(r);
+    const bool eval = m.scored > 0;
+    const double dppl = eval && base && base != &r ? 100.0 * (m.ppl() / base->metrics.ppl() - 1.0) : NAN;
+    const double ratio = t.first_half.median > 0 ? t.second_half.median / t.first_half.median : NAN;
+    const int64_t cache = eval || r.generations.empty() ? m.cache_tokens : r.generations.front().gen_cache_tokens;
+    std::printf("%-22s %9s %8s %8s %10s %20s %20s %8s %7lld %9s %9s %6s %7s\n", r.label.c_str(),
+                eval ? fixed(m.ppl(), 3).c_str() : "-", fixed(dppl, 2).c_str(),
+                eval ? fixed(m.accuracy(), 4).c_str() : "-", fixed(t.eval_step.median * 1e3, 3).c_str(),
+                ms_spread(t.ttft).c_str(), ms_spread(t.tpot).c_str(), fixed(t.tok_s.median, 1).c_str(),
+                (long long)cache, r.recompute || !eval ? "-" : fixed(m.cache_bytes / kMiB, 2).c_str(),
+                m.peak_memory_bytes < 0 ? "-" : fixed(m.peak_memory_bytes / kMiB, 1).c_str(),
+                fixed(100.0 * t.compress_share.median, 2).c_str(), fixed(ratio, 3).c_str());
+  }
+}
+
+inline void print_tables(const Options& o, const std::vector<Run>& runs) {
+  if (o.wide) {
+    print_wide_table(runs);
+  } else {
+    if (o.eval) print_quality_table(runs);
+    if (o.generate > 0) print_speed_table(o, runs);
   }
   for (const auto& r : runs)
     for (const auto& w : r.metrics.warnings) std::printf("warning: %s: %s\n", r.label.c_str(), w.c_str());
@@ -247,6 +476,97 @@ inline void print_windows(const std::vector<Run>& runs) {
       else std::printf(" %22s", "-");
     }
     std::printf("\n");
+  }
+}
+
+// --- trace ------------------------------------------------------------------------------------
+
+/// `--trace FILE`: one JSON line per (compression, layer) of the evaluation: what the layer
+/// kept, as original positions (in slot order), one list when every head kept the same tokens,
+/// else one per head. Layers the method never compresses are left out.
+class Trace {
+ public:
+  explicit Trace(const std::string& path) : path_(path) {
+    if (path.empty()) return;
+    check_output_path("--trace", path);
+    out_.open(path, std::ios::binary | std::ios::trunc);
+    if (!out_) fail("cannot write --trace file " + path + ": " + std::strerror(errno));
+  }
+  bool enabled() const { return out_.is_open(); }
+  void record(const std::string& label, int64_t sample, int64_t step, const rt::Decoder& d) {
+    const kvc::Compressor* c = d.options().compressor;
+    const std::vector<int64_t> skip = c ? c->skip_layers() : std::vector<int64_t>{};
+    const int64_t layers = d.model().info().num_layers;
+    for (int64_t l = 0; l < layers; ++l) {
+      if (std::find(skip.begin(), skip.end(), l) != skip.end()) continue;
+      const at::Tensor pos = d.original_positions(l).select(0, 0).to(at::kCPU).contiguous();  // [heads, len]
+      Json line = {{"label", label}, {"sample", sample}, {"step", step}, {"layer", l}};
+      const bool same = pos.size(0) == 1 || at::equal(pos, pos.narrow(0, 0, 1).expand_as(pos));
+      const int64_t* p = pos.data_ptr<int64_t>();
+      const int64_t len = pos.size(1);
+      if (same) {
+        line["positions"] = std::vector<int64_t>(p, p + len);
+      } else {
+        Json heads = Json::array();
+        for (int64_t h = 0; h < pos.size(0); ++h) heads.push_back(std::vector<int64_t>(p + h * len, p + (h + 1) * len));
+        line["heads"] = heads;
+      }
+      out_ << line.dump() << '\n';
+    }
+    if (!out_) fail("cannot write --trace file " + path_ + ": " + std::strerror(errno));
+  }
+  void close() {
+    if (!enabled()) return;
+    out_.close();
+    if (!out_) fail("cannot write --trace file " + path_ + ": " + std::strerror(errno));
+  }
+
+ private:
+  std::string path_;
+  std::ofstream out_;
+};
+
+// --- plots ------------------------------------------------------------------------------------
+
+/// A Python that can draw (matplotlib and numpy importable), or "" when there is none.
+inline std::string plotting_python() {
+  for (const char* py : {"/usr/bin/python3", "python3"}) {
+    const std::string probe = std::string(py) + " -c 'import matplotlib, numpy' >/dev/null 2>&1";
+    if (std::system(probe.c_str()) == 0) return py;
+  }
+  return "";
+}
+
+inline std::string shell_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+/// Draws the figures of `json` (and of the trace, when given) into `dir` with the repository's
+/// plot scripts; without matplotlib, prints the exact commands instead. Also writes them to
+/// dir/plot.sh, so the figures can be redrawn later.
+inline void draw_plots(const std::string& dir, const std::string& json, const std::string& trace) {
+  const std::string scripts = KVC_PYTHON_DIR;
+  std::vector<std::string> commands = {"python3 " + shell_quote(scripts + "/plot_results.py") + " " + shell_quote(json) +
+                                       " --out-dir " + shell_quote(dir)};
+  if (!trace.empty())
+    commands.push_back("python3 " + shell_quote(scripts + "/plot_trace.py") + " " + shell_quote(trace) + " --out-dir " +
+                       shell_quote(dir));
+  std::string script = "#!/bin/sh\n# Redraws this run's figures (kvbench wrote this file).\nset -e\n";
+  for (const auto& c : commands) script += c + "\n";
+  write_atomically("plot", dir + "/plot.sh", script);
+  const std::string py = plotting_python();
+  if (py.empty()) {
+    std::printf("plots: no Python with matplotlib here (Debian: apt-get install python3-matplotlib); draw them with:\n");
+    for (const auto& c : commands) std::printf("  %s\n", c.c_str());
+    return;
+  }
+  for (std::string c : commands) {
+    c.replace(0, std::string("python3").size(), py);
+    c += " >/dev/null";
+    if (std::system(c.c_str()) != 0)
+      std::printf("plots: the plot script failed (its errors are above); command: %s\n", c.c_str());
   }
 }
 

@@ -29,6 +29,10 @@ struct DecoderOptions {
   PositionRule positions = PositionRule::original;
   Schedule schedule = Schedule::every();
   int64_t batch = 1;
+  /// Keep every slot's original position, for original_positions() (always kept by the
+  /// fixed-capacity cache; the concatenating cache keeps them only when asked or when its
+  /// policy scores with queries).
+  bool track_positions = false;
 };
 
 class Decoder {
@@ -114,6 +118,9 @@ class Decoder {
   virtual KVCache view() const = 0;
   /// Tokens held per layer.
   virtual std::vector<int64_t> lengths() const = 0;
+  /// Original position (index in the text) of every slot of `layer`, int64 [batch, heads, len]:
+  /// which tokens the cache kept. The concatenating cache needs DecoderOptions::track_positions.
+  virtual at::Tensor original_positions(int64_t layer) const = 0;
 
   /// Tokens fed since the last reset (the next token's index in the text).
   int64_t fed() const { return fed_; }
@@ -166,18 +173,25 @@ class ConcatDecoder final : public Decoder {
     for (const auto& kv : cache_) out.push_back(kv.first.size(2));
     return out;
   }
+  at::Tensor original_positions(int64_t layer) const override {
+    if (!tracks_positions())
+      throw Error("ConcatDecoder: original positions are not kept (set DecoderOptions::track_positions)");
+    if (layer < 0 || layer >= static_cast<int64_t>(key_positions_.size()))
+      throw Error("ConcatDecoder: layer " + std::to_string(layer) + " out of range");
+    return key_positions_[static_cast<size_t>(layer)];
+  }
 
  protected:
   at::Tensor run(const at::Tensor& ids, int64_t t) override {
     if (!scored_) {
       auto out = model_.forward(ids, positions_for(t), cache_);
       cache_ = std::move(out.cache);
+      if (tracks_positions()) append_positions(t);
       return out.logits;
     }
     c10::List<at::Tensor> bias;  // none until a compression has hidden something: no masked attention
     for (size_t l = 0; l < slot_bias_.size() && hidden_present_; ++l) bias.push_back(slot_bias_[l]);
     auto out = model_.forward_scored(ids, positions_for(t), cache_, needs_.attention, window(), bias);
-    const auto long_opts = at::TensorOptions().dtype(at::kLong).device(model_.device());
     for (size_t l = 0; l < cache_.size(); ++l) {
       if (needs_.hides)  // the new tokens are visible
         slot_bias_[l] = at::cat({slot_bias_[l], at::zeros({options_.batch, model_.info().num_heads, t},
@@ -191,11 +205,9 @@ class ConcatDecoder final : public Decoder {
       if (window() > 0) {
         at::Tensor q = at::cat({queries_[l], out.queries[l]}, 2);
         queries_[l] = q.narrow(2, q.size(2) - std::min(q.size(2), window()), std::min(q.size(2), window()));
-        key_positions_[l] = at::cat(
-            {key_positions_[l], at::arange(fed_, fed_ + t, long_opts).expand({options_.batch, model_.info().num_heads, t})},
-            2);
       }
     }
+    if (tracks_positions()) append_positions(t);
     cache_ = std::move(out.cache);
     return out.logits;
   }
@@ -224,7 +236,7 @@ class ConcatDecoder final : public Decoder {
       LayerKV kept = apply_selection(keys, values, *s);
       if (options_.positions == PositionRule::cache) rotate_to_slots(kept.first, *s);
       if (needs_.attention) attention_[i] = take_slots(attention_[i], *s);
-      if (window() > 0) key_positions_[i] = take_slots(key_positions_[i], *s);
+      if (tracks_positions()) key_positions_[i] = take_slots(key_positions_[i], *s);
       if (needs_.hides)
         slot_bias_[i] = s->hidden().defined()
                             ? at::zeros(s->hidden().sizes(), slot_bias_[i].options())
@@ -248,11 +260,20 @@ class ConcatDecoder final : public Decoder {
     for (int64_t l = 0; l < info.num_layers && needs_.scores(); ++l) {
       attention_.push_back(at::zeros({options_.batch, info.num_heads, 0}, opts.dtype(at::kFloat)));
       queries_.push_back(at::zeros({options_.batch, info.num_heads, 0, info.head_dim}, opts.dtype(model_.dtype())));
-      key_positions_.push_back(at::zeros({options_.batch, info.num_heads, 0}, opts.dtype(at::kLong)));
     }
+    for (int64_t l = 0; l < info.num_layers && tracks_positions(); ++l)
+      key_positions_.push_back(at::zeros({options_.batch, info.num_heads, 0}, opts.dtype(at::kLong)));
   }
 
  private:
+  // Original positions per slot: the policy's query window needs them, a trace asks for them.
+  bool tracks_positions() const { return window() > 0 || options_.track_positions; }
+  void append_positions(int64_t t) {
+    const at::Tensor fresh = at::arange(fed_, fed_ + t, at::TensorOptions().dtype(at::kLong).device(model_.device()))
+                                 .expand({options_.batch, model_.info().num_heads, t});
+    for (auto& p : key_positions_) p = at::cat({p, fresh}, 2);
+  }
+
   KVCache cache_;
   std::vector<at::Tensor> attention_, queries_, key_positions_;  // per layer, when the policy scores
   std::vector<at::Tensor> slot_bias_;  // per layer, when the policy hides slots: 0 visible, -inf hidden
@@ -350,6 +371,7 @@ class StaticDecoder final : public Decoder {
   const StaticCache& cache() const { return cache_; }
   KVCache view() const override { return cache_.view(); }
   std::vector<int64_t> lengths() const override { return cache_.lengths(); }
+  at::Tensor original_positions(int64_t layer) const override { return cache_.positions(layer); }
 
   /// Captures the CUDA graph now (when enabled), so that the first timed step does not pay for
   /// it. Needs one free slot in every layer; writes nothing the next step would not.

@@ -41,8 +41,9 @@ struct WindowMetrics {
 struct RunMetrics {
   double nll_sum = 0;
   int64_t scored = 0, hits = 0, tokens = 0, samples = 0;
-  double total_s = 0, first_steps_s = 0, later_steps_s = 0;
-  int64_t later_steps = 0;
+  /// Host time of the evaluation's steps (feed, score, compress), in all and per sample's step.
+  double total_s = 0;
+  std::vector<double> sample_step_s;
   int64_t cache_tokens = 0, cache_bytes = 0, peak_memory_bytes = -1;
   /// Longest layer at the end of any sample (uncompressed layers keep growing).
   int64_t max_layer_tokens = 0;
@@ -60,9 +61,10 @@ struct RunMetrics {
 
   double ppl() const { return std::exp(nll_sum / static_cast<double>(std::max<int64_t>(scored, 1))); }
   double accuracy() const { return static_cast<double>(hits) / static_cast<double>(std::max<int64_t>(scored, 1)); }
-  double ttft_s() const { return first_steps_s / static_cast<double>(std::max<int64_t>(samples, 1)); }
-  double tpot_s() const { return later_steps_s / static_cast<double>(std::max<int64_t>(later_steps, 1)); }
-  double throughput_tok_s() const { return total_s > 0 ? static_cast<double>(tokens) / total_s : 0.0; }
+  /// Mean time of one evaluation step (feed a token, score the next, compress) over all
+  /// samples. Not a TTFT or TPOT: those are the generation measurement's (prompt prefill through
+  /// the first new token; each new token after it).
+  double eval_step_s() const { return total_s / static_cast<double>(std::max<int64_t>(tokens, 1)); }
   double gen_tpot_s() const { return gen_later_s / static_cast<double>(std::max<int64_t>(gen_later_steps, 1)); }
   /// Decode throughput of the generation measurement: batch rows per TPOT.
   double gen_tok_s() const { return gen_later_s > 0 ? static_cast<double>(gen_batch) / gen_tpot_s() : 0.0; }
@@ -92,6 +94,9 @@ struct EvalOptions {
   /// skip_layers); a compressor reports its own.
   std::vector<int64_t> baseline_skip = {0, 1};
   Progress progress = nullptr;
+  /// Called after each compression that happened, with the index of the token just fed (what
+  /// `kvbench --trace` records: the decoder's original_positions()).
+  std::function<void(int64_t step, const Decoder& decoder)> on_compressed = nullptr;
   /// Tokens per window of WindowMetrics (0 = none).
   int64_t window = 0;
   /// Peak memory per window, when given (it is reset at every window's start).
@@ -204,7 +209,6 @@ inline KVCache evaluate(Decoder& d, const std::vector<int64_t>& tokens, RunMetri
   if (eo.window > 0) open_window(0);
   const auto run_start = std::chrono::steady_clock::now();
   for (int64_t t = 0; t < n; ++t) {
-    const auto step_start = std::chrono::steady_clock::now();
     const at::Tensor logits_all = d.step(at::full({1, 1}, tokens[static_cast<size_t>(t)], ids_opts));
     at::Tensor scored;
     if (t + 1 < n) {
@@ -214,7 +218,7 @@ inline KVCache evaluate(Decoder& d, const std::vector<int64_t>& tokens, RunMetri
     } else {
       scored = logits_all.sum().to(at::kDouble);  // last step: synchronise all the same
     }
-    d.maybe_compress();
+    if (d.maybe_compress() && eo.on_compressed) eo.on_compressed(t, d);
     const at::Tensor host = scored.to(at::kCPU);  // the step's one synchronisation
     if (t + 1 < n) {
       const double nll = host[0].item<double>();
@@ -227,16 +231,15 @@ inline KVCache evaluate(Decoder& d, const std::vector<int64_t>& tokens, RunMetri
       win.hits += hit ? 1 : 0;
       ++win.scored;
     }
-    const double dt = detail::seconds_since(step_start);
-    if (t == 0) m.first_steps_s += dt;
-    else { m.later_steps_s += dt; ++m.later_steps; }
     if (eo.window > 0 && ((t + 1) % eo.window == 0 || t + 1 == n)) {
       close_window(t + 1);
       if (t + 1 < n) open_window(t + 1);
     }
     if (eo.progress) eo.progress(t + 1, n);
   }
-  m.total_s += detail::seconds_since(run_start);
+  const double seconds = detail::seconds_since(run_start);
+  m.total_s += seconds;
+  m.sample_step_s.push_back(seconds / static_cast<double>(n));
   m.tokens += n;
   ++m.samples;
   const std::vector<int64_t> lengths = d.lengths();
@@ -291,7 +294,9 @@ inline void evaluate_recompute(ContractModel& model, const std::vector<int64_t>&
     m.hits += w.hits;
     m.windows.push_back(w);
   }
-  m.total_s += detail::seconds_since(run_start);
+  const double seconds = detail::seconds_since(run_start);
+  m.total_s += seconds;
+  m.sample_step_s.push_back(seconds / static_cast<double>(n));
   m.tokens += n;
   ++m.samples;
   m.cache_tokens = std::min(context, n);
@@ -305,9 +310,11 @@ inline void evaluate_recompute(ContractModel& model, const std::vector<int64_t>&
 /// warm process: an untimed run of the same shapes goes first -- the prefill, its compression
 /// and decode steps up to the first compression of the decode (cuBLAS heuristics, allocator
 /// growth, TorchScript's profiling executor and its fuser, the GPU's first call of every
-/// scoring and compaction kernel). Returns the generated ids [batch, new_tokens] on the host.
+/// scoring and compaction kernel); `warm_up` false skips it when the same decoder just ran
+/// (a repeat of the measurement). Returns the generated ids [batch, new_tokens] on the host.
 inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64_t new_tokens, RunMetrics& m,
-                           int64_t prefill_chunk = 0, const std::vector<int64_t>& baseline_skip = {0, 1}) {
+                           int64_t prefill_chunk = 0, const std::vector<int64_t>& baseline_skip = {0, 1},
+                           bool warm_up = true) {
   c10::InferenceMode guard;
   if (prompt.empty()) throw Error("generate: the prompt is empty");
   if (new_tokens < 1) throw Error("generate: new_tokens must be >= 1, got " + std::to_string(new_tokens));
@@ -315,7 +322,7 @@ inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64
   const at::Tensor ids = at::tensor(prompt, at::TensorOptions().dtype(at::kLong))
                              .to(d.model().device()).unsqueeze(0).expand({batch, p}).contiguous();
   d.reset();
-  {  // untimed warm-up (see above)
+  if (warm_up) {  // untimed (see above)
     at::Tensor w = d.prefill(ids, prefill_chunk).select(1, -1).argmax(-1, /*keepdim=*/true);
     d.maybe_compress();
     for (int64_t i = 1; i < new_tokens && d.options().compressor; ++i) {
