@@ -144,6 +144,11 @@ int run(int argc, char** argv) {
     total_work += (o.eval ? static_cast<double>(total_tokens) : 0.0) + (r.recompute || o.generate == 0 ? 0.0 : gen_work);
   Progress progress(!o.quiet, total_work);
   rt::PeakMemory memory(device);
+  // First every run's evaluation (quality), then the timed generation in --repeats rounds over
+  // all runs, each on a fresh decoder warmed up on its own: a run's repeats are minutes apart and
+  // use new buffers and a new graph capture, so their spread covers the drift and the placement
+  // that differ between two invocations, not only the jitter of back-to-back steps.
+  const bool timed = o.generate > 0;
   for (size_t r = 0; r < runs.size(); ++r) {
     Run& run = runs[r];
     const auto run_start = std::chrono::steady_clock::now();
@@ -154,7 +159,7 @@ int run(int argc, char** argv) {
       run.metrics.peak_memory_bytes = memory.peak_bytes();
       progress.add_work(static_cast<double>(total_tokens));
       run.seconds = rt::detail::seconds_since(run_start);
-      print_run_line(run, r + 1, runs.size(), baseline_of(runs));
+      print_run_line(run, r + 1, runs.size(), baseline_of(runs), false);
       continue;
     }
     for (size_t s = 0; o.eval && s < samples.size(); ++s) {
@@ -174,21 +179,31 @@ int run(int argc, char** argv) {
         };
       evaluate(run.compressor.get(), samples[s].tokens, run.metrics, eo);
     }
-    if (o.generate > 0) {  // the timed measurement, --repeats times on one decoder (warmed up once)
-      auto d = decoder(run.compressor.get(), o.batch, o.prompt_tokens + o.generate, o.prompt_tokens);
-      for (int64_t k = 0; k < o.repeats; ++k) {
-        progress.generation(k + 1, o.repeats, o.generate);
-        run.generations.emplace_back();
-        rt::generate(*d, prompt, o.generate, run.generations.back(), o.prefill_chunk, o.skip_layers, /*warm_up=*/k == 0);
-        progress.add_work(static_cast<double>(o.generate + 1));
-      }
-    }
     // Windows reset the peak as they go: the run's peak is the largest of theirs and what came after.
     int64_t peak = memory.peak_bytes();
     for (const auto& w : run.metrics.windows) peak = std::max(peak, w.peak_memory_bytes);
-    run.metrics.peak_memory_bytes = peak;
+    run.metrics.peak_memory_bytes = o.eval ? peak : -1;
     run.seconds = rt::detail::seconds_since(run_start);
-    print_run_line(run, r + 1, runs.size(), baseline_of(runs));
+    if (o.eval) print_run_line(run, r + 1, runs.size(), baseline_of(runs), timed);
+  }
+  for (int64_t k = 0; timed && k < o.repeats; ++k) {
+    for (size_t r = 0; r < runs.size(); ++r) {
+      Run& run = runs[r];
+      if (run.recompute) continue;
+      const auto start = std::chrono::steady_clock::now();
+      progress.start_run(run.label, r + 1, runs.size());
+      progress.generation(k + 1, o.repeats, o.generate);
+      memory.reset();
+      {
+        auto d = decoder(run.compressor.get(), o.batch, o.prompt_tokens + o.generate, o.prompt_tokens);
+        run.generations.emplace_back();
+        rt::generate(*d, prompt, o.generate, run.generations.back(), o.prefill_chunk, o.skip_layers);
+      }
+      run.metrics.peak_memory_bytes = std::max(run.metrics.peak_memory_bytes, memory.peak_bytes());
+      progress.add_work(static_cast<double>(o.generate + 1));
+      run.seconds += rt::detail::seconds_since(start);
+      if (k + 1 == o.repeats) print_run_line(run, r + 1, runs.size(), baseline_of(runs), false);
+    }
   }
   trace.close();
   print_tables(o, runs);

@@ -267,8 +267,9 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
       {"tpot_s", "generation: each new token after the first (decode step and compression); median over repeats"},
       {"throughput_tok_s", "generation: batch rows / TPOT; median over repeats"},
       {"eval_step_s", "evaluation: mean step (feed, score, compress) of one pass per sample; min/max over samples"},
-      {"warmup", "untimed: one evaluation of 8 tokens and one generation before the first run; each run's first "
-                 "generation repeat also warms its decoder up (prefill and decode up to its first compression)"}};
+      {"warmup", "untimed: one evaluation of 8 tokens and one generation before the first run; every generation "
+                 "repeat runs on a fresh decoder, warmed up twice first (prefill, its compression, decode up to a "
+                 "compression)"}};
   Json inputs = Json::array();
   for (const auto& s : samples) inputs.push_back(s.source);
   j["inputs"] = inputs;
@@ -362,8 +363,9 @@ inline std::string fixed(double x, int decimals) {
 /// "12.34 (12.1-13.0)": median and range, in milliseconds.
 inline std::string ms_spread(const Spread& s) {
   if (!s.measured()) return "-";
-  const int d = s.median < 10 ? 3 : s.median < 100 ? 2 : 1;
-  const int r = s.max < 10 ? 2 : 1;
+  const double ms = s.median * 1e3, max_ms = s.max * 1e3;
+  const int d = ms < 10 ? 3 : ms < 100 ? 2 : 1;
+  const int r = max_ms < 10 ? 2 : max_ms < 100 ? 1 : 0;
   return fixed(s.median * 1e3, d) + " (" + fixed(s.min * 1e3, r) + "-" + fixed(s.max * 1e3, r) + ")";
 }
 
@@ -373,8 +375,9 @@ inline const Run* baseline_of(const std::vector<Run>& runs) {
   return nullptr;
 }
 
-/// The line a run prints when it finishes (flushed, so a redirected log shows it at once).
-inline void print_run_line(const Run& r, size_t index, size_t count, const Run* baseline) {
+/// The line a run prints when it finishes (flushed, so a redirected log shows it at once); with
+/// `timings_pending`, the line of its evaluation, its timed rounds still to come.
+inline void print_run_line(const Run& r, size_t index, size_t count, const Run* baseline, bool timings_pending) {
   const auto& m = r.metrics;
   const Timings t = timings_of(r);
   std::string quality = "no evaluation";
@@ -386,8 +389,9 @@ inline void print_run_line(const Run& r, size_t index, size_t count, const Run* 
   }
   const int64_t cache = m.scored > 0 || r.generations.empty() ? m.cache_tokens : r.generations.front().gen_cache_tokens;
   std::printf("[%zu/%zu] %-20s %s  cache %lld", index, count, r.label.c_str(), quality.c_str(), (long long)cache);
+  if (t.ttft.measured()) std::printf("  TTFT %s ms", ms_spread(t.ttft).c_str());
   if (t.tpot.measured()) std::printf("  TPOT %s ms", ms_spread(t.tpot).c_str());
-  std::printf("  (%s)\n", duration_text(r.seconds).c_str());
+  std::printf("  (%s%s)\n", duration_text(r.seconds).c_str(), timings_pending ? "; timed after every evaluation" : "");
   std::fflush(stdout);
 }
 
