@@ -104,6 +104,7 @@ def check_result(r, doc, evaluated):
         "spec": lambda v: v is None or (isinstance(v, str) and v.endswith(")")),
         "cache_tokens": nonneg_int, "cache_bytes": nonneg_int, "max_layer_tokens": nonneg_int,
         "peak_memory_bytes": lambda v: isinstance(v, int) and (v == -1 or v > 0),
+        "held_before_bytes": nonneg_int,
         "scored_tokens": nonneg_int,
         "warnings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     }

@@ -4,7 +4,8 @@
 #include <kvcompress/runtime/device.hpp>
 #include <kvcompress/runtime/evaluate.hpp>
 
-#include <CLI/CLI.hpp>
+#include "../common/tool_cli.hpp"
+
 #include <torch/version.h>
 
 #include <algorithm>
@@ -26,36 +27,10 @@ namespace kvbench {
 namespace kvc = kvcompress;
 namespace rt = kvcompress::runtime;
 
-[[noreturn]] inline void fail(const std::string& msg) { throw kvc::Error(msg); }
-
-inline int64_t parse_count(const std::string& flag, const std::string& v, int64_t min) {
-  int64_t x = 0;
-  if (!kvc::params::parse_int(v, x) || x < min)
-    fail(flag + " expects an integer >= " + std::to_string(min) + ", got '" + v + "'");
-  return x;
-}
-
-// `flag`'s value must be one of `options`: "--dtype must be float32, float16 or bfloat16, got 'x'".
-inline std::string parse_choice(const std::string& flag, const std::string& v, const std::vector<std::string>& options) {
-  std::string listed;
-  for (size_t i = 0; i < options.size(); ++i) {
-    if (v == options[i]) return v;
-    listed += (i == 0 ? "" : i + 1 == options.size() ? " or " : ", ") + options[i];
-  }
-  fail(flag + " must be " + listed + ", got '" + v + "'");
-}
-
-inline std::vector<int64_t> parse_int_list(const std::string& flag, const std::string& v) {
-  std::vector<int64_t> out;
-  std::stringstream ss(v);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    item.erase(std::remove_if(item.begin(), item.end(), ::isspace), item.end());
-    if (item.empty()) continue;
-    out.push_back(parse_count(flag, item, 0));
-  }
-  return out;
-}
+using kvtools::fail;
+using kvtools::parse_choice;
+using kvtools::parse_count;
+using kvtools::parse_int_list;
 
 struct Options {
   std::string model = std::string(KVC_DATA_DIR) + "/pg19-neox-tiny.pt";
@@ -91,53 +66,25 @@ inline std::string version_text() {
          TORCH_VERSION + ", runtime " + (rt::built_with_cuda() ? "with" : "without") + " CUDA)";
 }
 
-// The command line, parsed by CLI11 (Debian's libcli11-dev). Values are taken as text and
-// converted here, so that every bad value gets one message naming the flag, its range and what
-// was given; an unknown option is reported as such, not as a stray argument.
+// The command line (examples/common/tool_cli.hpp: CLI11, our conversions and messages).
 inline Options parse_args(int argc, char** argv) {
   Options o;
-  CLI::App app{"Evaluates a contract TorchScript model token by token (feed token t, score token t+1, compress\n"
-               "the cache) for the full cache and each method, as the course project did; then times a greedy\n"
-               "generation (prompt prefill, decode) --repeats times. Writes a results folder (JSON, CSV, plots).",
-               "kvbench"};
-  app.set_help_flag("-h,--help", "print this help and exit");
-  app.set_version_flag("--version", version_text(), "print the version and exit");
-  app.allow_extras();  // reported below as unknown options
-  app.get_formatter()->column_width(30);
+  kvtools::Cli cli("kvbench",
+                   "Evaluates a contract TorchScript model token by token (feed token t, score token t+1, compress\n"
+                   "the cache) for the full cache and each method, as the course project did; then times a greedy\n"
+                   "generation (prompt prefill, decode) --repeats times. Writes a results folder (JSON, CSV, plots).",
+                   version_text());
   const char* inputs = "Inputs";
   const char* methods = "Methods";
   const char* runtime = "Runtime";
   const char* output = "Output";
-  // An option with a value: `convert` parses the text (and throws our message).
-  auto option = [&app](const char* flag, const char* type, const char* group, const std::string& help,
-                       std::function<void(const std::string&)> convert) {
-    return app.add_option_function<std::string>(flag, std::move(convert), help)->type_name(type)->group(group);
-  };
-  // A repeatable option: `add` takes each occurrence's value, in order.
-  auto repeatable = [&app](const char* flag, const char* type, const char* group, const std::string& help,
-                           std::function<void(const std::string&)> add) {
-    app.add_option_function<std::vector<std::string>>(
-           flag, [add](const std::vector<std::string>& values) { for (const auto& v : values) add(v); }, help)
-        ->type_name(type)
-        ->group(group)
-        ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
-  };
-  auto count = [&](const char* flag, int64_t& dst, int64_t min, const char* group, const std::string& help) {
-    option(flag, "N", group, help, [&dst, flag, min](const std::string& v) { dst = parse_count(flag, v, min); });
-  };
-  auto text = [&](const char* flag, std::string& dst, const char* type, const char* group, const std::string& help) {
-    option(flag, type, group, help, [&dst](const std::string& v) { dst = v; });
-  };
+  auto option = [&](auto&&... a) { return cli.option(a...); };
+  auto repeatable = [&](auto&&... a) { return cli.repeatable(a...); };
+  auto count = [&](auto&&... a) { return cli.count(a...); };
+  auto text = [&](auto&&... a) { return cli.text(a...); };
   auto choice = [&](const char* flag, std::string& dst, std::vector<std::string> values, const char* group,
-                    const std::string& help) {
-    std::string type;
-    for (const auto& v : values) type += (type.empty() ? "" : "|") + v;
-    option(flag, "", group, help, [&dst, flag, values](const std::string& v) { dst = parse_choice(flag, v, values); })
-        ->type_name(type);
-  };
-  auto flag = [&](const char* name, const char* group, const std::string& help, std::function<void()> set) {
-    app.add_flag_callback(name, std::move(set), help)->group(group);
-  };
+                    const std::string& help) { return cli.choice(flag, dst, std::move(values), group, help); };
+  auto flag = [&](auto&&... a) { return cli.flag(a...); };
 
   text("--model", o.model, "FILE", inputs, "contract model (default: the bundled data/pg19-neox-tiny.pt)");
   repeatable("--text", "FILE", inputs,
@@ -222,22 +169,7 @@ inline Options parse_args(int argc, char** argv) {
   flag("--wide", output, "one table with every column (default: quality and speed tables)", [&o] { o.wide = true; });
   flag("--quiet", output, "no progress on standard error", [&o] { o.quiet = true; });
 
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp&) {
-    std::cout << app.help();
-    std::exit(0);
-  } catch (const CLI::CallForVersion&) {
-    std::cout << version_text() << '\n';
-    std::exit(0);
-  } catch (const CLI::ParseError& e) {
-    const std::string what = e.what();
-    const auto twice = what.find(": At Most 1 required but received ");
-    if (twice != std::string::npos)  // CLI11's words for an option given more than once
-      fail(what.substr(0, twice) + " is given " + what.substr(twice + 34) + " times, give it once");
-    fail(what + " (see kvbench --help)");
-  }
-  if (!app.remaining().empty()) fail("unknown option '" + app.remaining().front() + "' (see kvbench --help)");
+  cli.parse(argc, argv);
   if (o.dtype.empty()) o.dtype = o.device == "cuda" ? "float16" : "float32";
   if (!o.texts.empty() && !o.token_files.empty()) fail("give either --text or --tokens, not both");
   if (o.cuda_graph && o.device != "cuda") fail("--cuda-graph needs --device cuda");
@@ -302,6 +234,7 @@ struct Run {
   bool recompute = false;  ///< the sliding-window re-computation oracle (no cache)
   std::vector<rt::RunMetrics> generations;  ///< one per repeat of the generation measurement
   double seconds = 0;                       ///< wall time of the whole run (evaluation and generation)
+  int64_t held_before_bytes = 0;            ///< device memory earlier runs still held when this one ran
 };
 
 inline std::vector<Run> make_runs(const Options& o) {
@@ -318,14 +251,7 @@ inline std::vector<Run> make_runs(const Options& o) {
   }
   std::map<std::string, int> seen;
   for (const auto& [label, spec] : methods) {
-    kvc::ParsedSpec parsed = kvc::parse_spec(spec);
-    if (!parsed.args.count("skip_layers")) {  // the benchmark's skip_layers, as the course did
-      kvc::params::SpecValue v;
-      v.is_list = true;
-      for (int64_t l : o.skip_layers) v.items.push_back(std::to_string(l));
-      parsed.args["skip_layers"] = v;
-    }
-    auto c = kvc::make_compressor(parsed);
+    auto c = kvc::make_compressor(kvtools::with_skip_layers(kvc::parse_spec(spec), o.skip_layers));
     std::string name = label.empty() ? c->name() : label;
     if (++seen[name] > 1) name += "_" + std::to_string(seen[name]);
     runs.push_back({name, std::move(c), {}, false, {}});

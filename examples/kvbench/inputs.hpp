@@ -13,16 +13,8 @@
 
 namespace kvbench {
 
-inline std::string read_file(const std::string& path, const char* what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(std::string(what) + " file not found or unreadable: " + path);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 inline std::vector<int64_t> tokenize_text(const std::string& path, const rt::Tokenizer& tokenizer) {
-  const std::string text = read_file(path, "text");
+  const std::string text = kvtools::read_file(path, "text");
   try {
     return tokenizer.encode(text);
   } catch (const kvc::Error& e) {
@@ -61,8 +53,6 @@ inline std::vector<Sample> load_samples(Options& o, const rt::ContractModel& mod
          " input file(s)");
   std::unique_ptr<rt::Tokenizer> tokenizer;  // the model's; an error names the remedies when it has none
   if (!o.texts.empty()) tokenizer = model.tokenizer();
-  if (!o.save_tokens.empty() && !std::filesystem::is_directory(o.save_tokens))
-    fail("--save-tokens " + kvc::params::printable(o.save_tokens) + " is not a directory");
   std::vector<Sample> samples;
   for (int64_t s = 0; s < o.samples; ++s) {
     const std::string& path = inputs[static_cast<size_t>(s)];
@@ -74,12 +64,11 @@ inline std::vector<Sample> load_samples(Options& o, const rt::ContractModel& mod
         fail("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) + " of " + path +
              " is outside the model's vocabulary [0, " + std::to_string(model.info().vocab_size) + ")");
     if (!o.save_tokens.empty()) {  // exactly the ids this run evaluates
-      const std::string out = o.save_tokens + "/" + std::filesystem::path(path).stem().string() + ".ids";
-      std::ofstream f(out);
+      std::ostringstream f;
       rt::write_token_file(f, ids, tokenizer ? tokenizer->vocab_size() : model.info().vocab_size,
                            tokenizer ? tokenizer->kind() : "from-token-file");
-      f.close();
-      if (!f) fail("--save-tokens: cannot write " + kvc::params::printable(out));
+      kvtools::write_atomically("--save-tokens", o.save_tokens + "/" + std::filesystem::path(path).stem().string() + ".ids",
+                                f.str());
     }
     samples.push_back({path, std::move(ids)});
   }

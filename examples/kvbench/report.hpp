@@ -146,35 +146,8 @@ class Progress {
 
 // --- files ------------------------------------------------------------------------------------
 
-// An output file: checked before the run (so a typo does not cost the run), then written whole
-// to a temporary file beside it and renamed over it, every write checked: a failed write is an
-// error and leaves no partial file.
-inline void check_output_path(const std::string& flag, const std::string& path) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  const fs::path p(path);
-  if (path.empty()) fail(flag + " needs a file name");
-  if (fs::exists(p, ec) && !fs::is_regular_file(p, ec))
-    fail(flag + " " + path + " exists and is not a regular file");
-  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
-  if (!fs::is_directory(dir, ec)) fail(flag + " " + path + ": no such directory " + dir.string());
-  if (access(dir.c_str(), W_OK) != 0) fail(flag + " " + path + ": directory " + dir.string() + " is not writable");
-}
-
-inline void write_atomically(const std::string& flag, const std::string& path, const std::string& content) {
-  const std::string tmp = path + ".tmp" + std::to_string(getpid());
-  auto failed = [&](const std::string& why) {
-    std::remove(tmp.c_str());
-    fail("cannot write " + flag + " file " + path + ": " + why);
-  };
-  std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (!f) failed(std::strerror(errno));
-  const bool written = std::fwrite(content.data(), 1, content.size(), f) == content.size() && std::fflush(f) == 0 &&
-                       fsync(fileno(f)) == 0;
-  const int error = errno;
-  if (std::fclose(f) != 0 || !written) failed(std::strerror(written ? errno : error));
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) failed(std::strerror(errno));
-}
+using kvtools::check_output_path;
+using kvtools::write_atomically;
 
 /// The results folder: --out, or results/<run name> with a name from what runs and the time.
 inline std::string results_dir(const Options& o) {
@@ -267,6 +240,9 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
       {"tpot_s", "generation: each new token after the first (decode step and compression); median over repeats"},
       {"throughput_tok_s", "generation: batch rows / TPOT; median over repeats"},
       {"eval_step_s", "evaluation: mean step (feed, score, compress) of one pass per sample; min/max over samples"},
+      {"peak_memory_bytes", cuda ? "the CUDA allocator's peak during the run, less what earlier runs still held "
+                                   "(held_before_bytes: CUDA graphs keep memory after their decoder is gone)"
+                                 : "the process's peak resident set during the run"},
       {"warmup", "untimed: one evaluation of 8 tokens and one generation before the first run; every generation "
                  "repeat runs on a fresh decoder, warmed up twice first (prefill, its compression, decode up to a "
                  "compression)"}};
@@ -292,6 +268,7 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
     x["cache_bytes"] = m.cache_bytes;
     x["max_layer_tokens"] = m.max_layer_tokens;
     x["peak_memory_bytes"] = m.peak_memory_bytes;
+    x["held_before_bytes"] = r.held_before_bytes;
     x["reference"] = r.recompute ? Json("sliding window with re-computation") : Json(nullptr);
     x["warnings"] = m.warnings;
     if (!r.generations.empty()) {

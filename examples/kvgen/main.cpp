@@ -3,6 +3,8 @@
 // text), then the speed and the cache size (standard error). Greedy by default; sampling with
 // --temperature, --top-k and --seed. A small tool over kvcompress::runtime: the prefill, the
 // decode loop and the compression are the runtime's StaticDecoder (decoder.hpp).
+#include "../common/tool_cli.hpp"
+
 #include <kvcompress/runtime/runtime.hpp>
 
 #include <ATen/Parallel.h>
@@ -20,53 +22,7 @@ namespace rt = kvcompress::runtime;
 
 namespace {
 
-const char* kUsage = R"(usage: kvgen (--prompt TEXT | --prompt-file FILE) [options]
-
-Generates a continuation of the prompt with a contract model (docs/MODEL_CONTRACT.md) whose KV
-cache is compressed by --method, printing it as it is produced; then tokens/s and cache size
-on standard error.
-
-  --model FILE          contract model (default: the bundled data/pg19-neox-tiny.pt); its
-                        embedded tokenizer (SentencePiece or tokenizer.json) reads and writes text
-  --prompt TEXT         the prompt
-  --prompt-file FILE    the prompt, from a UTF-8 file
-  --method SPEC         compression method, e.g. 'streaming_llm(start_size=4, recent_size=252)'
-                        (default: none, the full cache); kvbench --list-methods lists them
-  --max-new-tokens N    tokens to generate (default 64)
-  --ignore-eos          keep going after the model's end-of-text token (default: stop there)
-  --temperature T       sample at temperature T (default 0: greedy)
-  --top-k K             sample among the K most likely tokens only (default 0: all)
-  --seed N              random seed for sampling (default 0)
-  --positions original|cache   position rule (default cache: positions count the cache's slots,
-                        so generation can run past the model's context; see docs/ALGORITHMS.md)
-  --skip-layers LIST    layers left uncompressed when the spec does not say (default: none)
-  --schedule every|chunked   compress after every token (default) or once per --slack tokens
-  --slack N             tokens between compressions for --schedule chunked (default 64)
-  --device cpu|cuda     (default cpu)
-  --dtype float32|float16|bfloat16   (default float32 on cpu, float16 on cuda)
-  --cuda-graph          replay each decode step from a CUDA graph
-  --threads N           CPU threads for LibTorch (default: LibTorch's choice)
-  --quiet               the text only, no figures
-  --version, --help
-)";
-
-[[noreturn]] void fail(const std::string& msg) { throw kvc::Error(msg); }
-
-int64_t parse_count(const std::string& flag, const std::string& v, int64_t min) {
-  int64_t x = 0;
-  if (!kvc::params::parse_int(v, x) || x < min)
-    fail(flag + " expects an integer >= " + std::to_string(min) + ", got '" + kvc::params::printable(v) + "'");
-  return x;
-}
-
-std::string parse_choice(const std::string& flag, const std::string& v, std::initializer_list<const char*> options) {
-  std::string listed;
-  for (const char* opt : options) {
-    if (v == opt) return v;
-    listed += (listed.empty() ? "" : ", ") + std::string(opt);
-  }
-  fail(flag + " must be one of " + listed + ", got '" + kvc::params::printable(v) + "'");
-}
+using kvtools::fail;
 
 struct Options {
   std::string model = std::string(KVC_DATA_DIR) + "/pg19-neox-tiny.pt";
@@ -79,56 +35,52 @@ struct Options {
 
 Options parse_args(int argc, char** argv) {
   Options o;
-  auto value = [&](int& i) -> std::string {
-    if (i + 1 >= argc) fail(std::string(argv[i]) + " needs a value");
-    return argv[++i];
+  kvtools::Cli cli("kvgen",
+                   "Generates a continuation of the prompt with a contract model (docs/MODEL_CONTRACT.md) whose KV\n"
+                   "cache is compressed by --method, printing it as it is produced; then tokens/s and the cache size\n"
+                   "on standard error. Usage: kvgen (--prompt TEXT | --prompt-file FILE) [options]",
+                   std::string("kvgen (kvcompress ") + kvc::version_string + ")");
+  const char* input = "Input";
+  const char* generation = "Generation";
+  const char* runtime = "Runtime";
+  auto prompt = [&o](const std::string& text) {
+    if (o.prompt_given) fail("give one of --prompt and --prompt-file, once");
+    o.prompt = text;
+    o.prompt_given = true;
   };
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--help" || a == "-h") { std::fputs(kUsage, stdout); std::exit(0); }
-    else if (a == "--version") { std::printf("kvgen (kvcompress %s)\n", kvc::version_string); std::exit(0); }
-    else if (a == "--model") o.model = value(i);
-    else if (a == "--prompt" || a == "--prompt-file") {
-      if (o.prompt_given) fail("give one of --prompt and --prompt-file, once");
-      const std::string v = value(i);
-      if (a == "--prompt") o.prompt = v;
-      else {
-        std::ifstream in(v, std::ios::binary);
-        if (!in) fail("prompt file not found or unreadable: " + kvc::params::printable(v));
-        std::ostringstream ss;
-        ss << in.rdbuf();
-        o.prompt = ss.str();
-      }
-      o.prompt_given = true;
-    }
-    else if (a == "--method") o.method = value(i);
-    else if (a == "--max-new-tokens") o.max_new_tokens = parse_count(a, value(i), 1);
-    else if (a == "--ignore-eos") o.ignore_eos = true;
-    else if (a == "--temperature") {
-      const std::string v = value(i);
-      char* end = nullptr;
-      o.temperature = std::strtod(v.c_str(), &end);
-      if (v.empty() || *end != '\0' || !std::isfinite(o.temperature) || o.temperature < 0 || o.temperature > 100)
-        fail("--temperature expects a number in [0, 100], got '" + kvc::params::printable(v) + "'");
-    }
-    else if (a == "--top-k") o.top_k = parse_count(a, value(i), 0);
-    else if (a == "--seed") o.seed = parse_count(a, value(i), 0);
-    else if (a == "--positions") o.positions = parse_choice(a, value(i), {"original", "cache"});
-    else if (a == "--skip-layers") {
-      std::stringstream ss(value(i));
-      std::string item;
-      while (std::getline(ss, item, ','))
-        if (!item.empty()) o.skip_layers.push_back(parse_count(a, item, 0));
-    }
-    else if (a == "--schedule") o.schedule = parse_choice(a, value(i), {"every", "chunked"});
-    else if (a == "--slack") o.slack = parse_count(a, value(i), 1);
-    else if (a == "--device") o.device = parse_choice(a, value(i), {"cpu", "cuda"});
-    else if (a == "--dtype") o.dtype = parse_choice(a, value(i), {"float32", "float16", "bfloat16"});
-    else if (a == "--cuda-graph") o.cuda_graph = true;
-    else if (a == "--threads") o.threads = parse_count(a, value(i), 1);
-    else if (a == "--quiet") o.quiet = true;
-    else fail("unknown option '" + kvc::params::printable(a) + "' (see kvgen --help)");
-  }
+  cli.text("--model", o.model, "FILE", input,
+           "contract model (default: the bundled data/pg19-neox-tiny.pt); its embedded\n"
+           "tokenizer (SentencePiece or tokenizer.json) reads and writes text");
+  cli.option("--prompt", "TEXT", input, "the prompt", prompt);
+  cli.option("--prompt-file", "FILE", input, "the prompt, from a UTF-8 file",
+             [prompt](const std::string& path) { prompt(kvtools::read_file(path, "prompt")); });
+  cli.text("--method", o.method, "SPEC", generation,
+           "compression method, e.g. 'streaming_llm(start_size=4, recent_size=252)'\n"
+           "(default: none, the full cache); kvbench --list-methods lists them");
+  cli.count("--max-new-tokens", o.max_new_tokens, 1, generation, "tokens to generate (default 64)");
+  cli.flag("--ignore-eos", generation, "keep going after the model's end-of-text token", [&o] { o.ignore_eos = true; });
+  cli.option("--temperature", "T", generation, "sample at temperature T (default 0: greedy)", [&o](const std::string& v) {
+    char* end = nullptr;
+    o.temperature = std::strtod(v.c_str(), &end);
+    if (v.empty() || *end != '\0' || !std::isfinite(o.temperature) || o.temperature < 0 || o.temperature > 100)
+      fail("--temperature expects a number in [0, 100], got '" + kvc::params::printable(v) + "'");
+  });
+  cli.count("--top-k", o.top_k, 0, generation, "sample among the K most likely tokens only (default 0: all)");
+  cli.count("--seed", o.seed, 0, generation, "random seed for sampling (default 0)");
+  cli.choice("--positions", o.positions, {"original", "cache"}, runtime,
+             "position rule (default cache: positions count the cache's slots, so\n"
+             "generation can run past the model's context; docs/ALGORITHMS.md)");
+  cli.option("--skip-layers", "LIST", runtime, "layers left uncompressed when the spec does not say (default: none)",
+             [&o](const std::string& v) { o.skip_layers = kvtools::parse_int_list("--skip-layers", v); });
+  cli.choice("--schedule", o.schedule, {"every", "chunked"}, runtime,
+             "compress after every token (default) or once per --slack tokens");
+  cli.count("--slack", o.slack, 1, runtime, "tokens between compressions for --schedule chunked (default 64)");
+  cli.choice("--device", o.device, {"cpu", "cuda"}, runtime, "(default cpu)");
+  cli.choice("--dtype", o.dtype, {"float32", "float16", "bfloat16"}, runtime, "(default float32 on cpu, float16 on cuda)");
+  cli.flag("--cuda-graph", runtime, "replay each decode step from a CUDA graph", [&o] { o.cuda_graph = true; });
+  cli.count("--threads", o.threads, 1, runtime, "CPU threads for LibTorch (default: LibTorch's choice)");
+  cli.flag("--quiet", runtime, "the text only, no figures", [&o] { o.quiet = true; });
+  cli.parse(argc, argv);
   if (!o.prompt_given) fail("give a prompt: --prompt TEXT or --prompt-file FILE");
   if (o.dtype.empty()) o.dtype = o.device == "cuda" ? "float16" : "float32";
   if (o.cuda_graph && o.device != "cuda") fail("--cuda-graph needs --device cuda");
@@ -174,16 +126,7 @@ int run(int argc, char** argv) {
   }
   const at::ScalarType dtype = o.dtype == "float16" ? at::kHalf : o.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
   std::unique_ptr<kvc::Compressor> compressor;
-  if (!o.method.empty()) {
-    kvc::ParsedSpec parsed = kvc::parse_spec(o.method);
-    if (!parsed.args.count("skip_layers")) {
-      kvc::params::SpecValue v;
-      v.is_list = true;
-      for (int64_t l : o.skip_layers) v.items.push_back(std::to_string(l));
-      parsed.args["skip_layers"] = v;
-    }
-    compressor = kvc::make_compressor(parsed);
-  }
+  if (!o.method.empty()) compressor = kvc::make_compressor(kvtools::with_skip_layers(kvc::parse_spec(o.method), o.skip_layers));
   rt::ContractModel model = rt::ContractModel::load(o.model, device, dtype);
   const auto tokenizer = model.tokenizer();
   const std::vector<int64_t> prompt = tokenizer->encode(o.prompt);

@@ -4,7 +4,10 @@
 //   kvtok --tokenizer FILE --encode TEXT_FILE [--out IDS_FILE]   ids, kvcompress-tokens v1
 //   kvtok --tokenizer FILE --decode IDS_FILE [--out TEXT_FILE]   the text they spell
 // Without --out the result goes to standard output.
+#include "../common/tool_cli.hpp"
+
 #include <kvcompress/params.hpp>
+#include <kvcompress/runtime/model.hpp>
 #include <kvcompress/runtime/token_file.hpp>
 #include <kvcompress/runtime/tokenizer.hpp>
 #include <kvcompress/version.hpp>
@@ -19,27 +22,7 @@
 
 namespace {
 
-const char* kUsage = R"(usage: kvtok --tokenizer FILE (--encode TEXT_FILE | --decode IDS_FILE) [--out FILE]
-
-  --tokenizer FILE   a tokenizer.json (Hugging Face, byte-level BPE: GPT-2, GPT-NeoX, Pythia),
-                     a SentencePiece .model, or a contract model .pt that embeds one
-  --encode FILE      UTF-8 text -> token ids (kvcompress-tokens v1, the format kvbench --tokens
-                     reads); no special tokens are added
-  --decode FILE      token ids (kvcompress-tokens v1) -> the bytes they spell
-  --out FILE         write there instead of standard output
-  --name NAME        the tokenizer name written in the ids header (default: the file's stem)
-  --version, --help
-)";
-
-[[noreturn]] void fail(const std::string& msg) { throw kvcompress::Error(msg); }
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail("text file not found or unreadable: " + kvcompress::params::printable(path));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using kvtools::fail;
 
 std::string stem(const std::string& path) {
   std::string base = path.substr(path.find_last_of('/') + 1);
@@ -53,22 +36,27 @@ std::string stem(const std::string& path) {
 
 int run(int argc, char** argv) {
   std::string tokenizer, encode, decode, out, name;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--help" || a == "-h") { std::fputs(kUsage, stdout); return 0; }
-    if (a == "--version") { std::printf("kvtok (kvcompress %s)\n", kvcompress::version_string); return 0; }
-    std::string* dest = a == "--tokenizer" ? &tokenizer : a == "--encode" ? &encode : a == "--decode" ? &decode
-                        : a == "--out" ? &out : a == "--name" ? &name : nullptr;
-    if (!dest) fail("unknown option '" + kvcompress::params::printable(a) + "' (see --help)");
-    if (i + 1 >= argc) fail(a + " expects a value");
-    *dest = argv[++i];
-  }
+  kvtools::Cli cli("kvtok",
+                   "Text <-> token ids with any tokenizer kvcompress::runtime reads.\n"
+                   "Usage: kvtok --tokenizer FILE (--encode TEXT_FILE | --decode IDS_FILE) [--out FILE]",
+                   std::string("kvtok (kvcompress ") + kvcompress::version_string + ")");
+  const char* g = "Options";
+  cli.text("--tokenizer", tokenizer, "FILE", g,
+           "a tokenizer.json (Hugging Face, byte-level BPE: GPT-2, GPT-NeoX, Pythia),\n"
+           "a SentencePiece .model, or a contract model .pt that embeds one");
+  cli.text("--encode", encode, "FILE", g,
+           "UTF-8 text -> token ids (kvcompress-tokens v1, the format kvbench --tokens\n"
+           "reads); no special tokens are added");
+  cli.text("--decode", decode, "FILE", g, "token ids (kvcompress-tokens v1) -> the bytes they spell");
+  cli.text("--out", out, "FILE", g, "write there instead of standard output");
+  cli.text("--name", name, "NAME", g, "the tokenizer name written in the ids header (default: the file's stem)");
+  cli.parse(argc, argv);
   if (tokenizer.empty()) fail("--tokenizer FILE is required (see --help)");
   if (encode.empty() == decode.empty()) fail("give exactly one of --encode TEXT_FILE and --decode IDS_FILE");
   const auto tok = kvcompress::runtime::load_tokenizer(tokenizer);
   std::ostringstream result;
   if (!encode.empty()) {
-    const std::string text = slurp(encode);
+    const std::string text = kvtools::read_file(encode, "text");
     std::vector<int64_t> ids;
     try {
       ids = tok->encode(text);
@@ -85,11 +73,7 @@ int run(int argc, char** argv) {
       fail("cannot write to standard output");
     return 0;
   }
-  std::ofstream f(out, std::ios::binary);
-  if (!f) fail("cannot open " + kvcompress::params::printable(out) + " for writing");
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  f.close();
-  if (!f) fail("cannot write " + kvcompress::params::printable(out));
+  kvtools::write_atomically("--out", out, bytes);
   return 0;
 }
 
@@ -99,7 +83,8 @@ int main(int argc, char** argv) {
   try {
     return run(argc, argv);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "kvtok: error: %s\n", kvcompress::params::printable(e.what()).c_str());
+    // One line: an error from LibTorch's .pt reader carries its backtrace after the first.
+    std::fprintf(stderr, "kvtok: error: %s\n", kvcompress::params::printable(kvcompress::runtime::first_line(e)).c_str());
     return 2;
   }
 }

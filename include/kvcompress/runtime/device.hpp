@@ -54,6 +54,8 @@ class CudaEvents {
 /// The CUDA caching allocator's peak of allocated bytes on `device` since the last reset.
 int64_t cuda_peak_allocated_bytes(int device);
 void cuda_reset_peak(int device);
+/// Bytes the CUDA caching allocator holds for live tensors now (-1 without CUDA).
+int64_t cuda_allocated_bytes(int device);
 
 }  // namespace runtime
 }  // namespace kvcompress

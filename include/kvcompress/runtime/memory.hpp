@@ -20,6 +20,10 @@ class PeakMemory {
     else std::ofstream("/proc/self/clear_refs") << "5";  // resets VmHWM to the current RSS
   }
 
+  /// Bytes held now: the allocator's live tensors on CUDA, -1 on the CPU (a resident set
+  /// mixes in what the CPU allocator caches).
+  int64_t current_bytes() const { return device_.is_cuda() ? cuda_allocated_bytes(index()) : -1; }
+
   /// Peak bytes since reset(); -1 when unknown.
   int64_t peak_bytes() const {
     if (device_.is_cuda()) return cuda_peak_allocated_bytes(index());

@@ -78,6 +78,10 @@ int64_t cuda_peak_allocated_bytes(int device) {
 
 void cuda_reset_peak(int device) { c10::cuda::CUDACachingAllocator::resetPeakStats(device); }
 
+int64_t cuda_allocated_bytes(int device) {
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(device).allocated_bytes[0].current;
+}
+
 #else
 
 bool built_with_cuda() { return false; }
@@ -93,6 +97,7 @@ size_t CudaEvents::size() const { return 0; }
 
 int64_t cuda_peak_allocated_bytes(int) { return -1; }
 void cuda_reset_peak(int) {}
+int64_t cuda_allocated_bytes(int) { return -1; }
 
 #endif
 
