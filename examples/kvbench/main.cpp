@@ -146,9 +146,9 @@ int run(int argc, char** argv) {
     total_work += (o.eval ? static_cast<double>(total_tokens) : 0.0) + (r.recompute || o.generate == 0 ? 0.0 : gen_work);
   Progress progress(!o.quiet, total_work);
   rt::PeakMemory memory(device);
-  // What earlier runs leave allocated is not a later run's: on CUDA each captured graph keeps
-  // about 32 MiB after its decoder is gone (measured on an H200; an open issue), so a run's
-  // peak is counted above what was held when it started, beyond the state after the warm-up.
+  // What earlier runs leave allocated is not a later run's (LibTorch keeps, e.g., a cuBLAS
+  // workspace per stream used): a run's peak is counted above what was held when it started,
+  // beyond the state after the warm-up.
   const int64_t floor_bytes = memory.current_bytes();
   auto held_before = [&]() -> int64_t {
     const int64_t now = memory.current_bytes();

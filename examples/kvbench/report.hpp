@@ -241,7 +241,7 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
       {"throughput_tok_s", "generation: batch rows / TPOT; median over repeats"},
       {"eval_step_s", "evaluation: mean step (feed, score, compress) of one pass per sample; min/max over samples"},
       {"peak_memory_bytes", cuda ? "the CUDA allocator's peak during the run, less what earlier runs still held "
-                                   "(held_before_bytes: CUDA graphs keep memory after their decoder is gone)"
+                                   "(held_before_bytes: e.g. a cuBLAS workspace per stream used)"
                                  : "the process's peak resident set during the run"},
       {"warmup", "untimed: one evaluation of 8 tokens and one generation before the first run; every generation "
                  "repeat runs on a fresh decoder, warmed up twice first (prefill, its compression, decode up to a "
