@@ -89,14 +89,14 @@ int run(int argc, char** argv) {
     fail("--recompute-reference: --window " + std::to_string(window) + " exceeds the model's context " +
          std::to_string(info.max_positions));
 
-  std::printf("model %s (%lld layers, %lld heads, head_dim %lld, vocab %lld, context %lld, contract v%lld) on %s/%s\n",
+  std::printf("model %s: %lld layers, %lld heads x %lld, vocab %lld, context %lld, contract v%lld; %s/%s\n",
               info.name.c_str(), (long long)info.num_layers, (long long)info.num_heads, (long long)info.head_dim,
               (long long)info.vocab_size, (long long)info.max_positions, (long long)info.contract_version,
               device.str().c_str(), o.dtype.c_str());
-  std::printf("%zu sample(s), %lld tokens, positions=%s, skip_layers=%s, runtime=%s\n", samples.size(),
-              (long long)total_tokens, o.positions.c_str(), kvc::params::format_int_list(o.skip_layers).c_str(),
-              !o.static_cache() ? "dynamic (concatenating cache)"
-              : (std::string("static, schedule ") + o.schedule + (o.schedule == "chunked" ? " slack " + std::to_string(o.slack) : "") +
+  std::printf("%zu sample(s), %lld tokens; positions %s, skip_layers %s; %s\n", samples.size(), (long long)total_tokens,
+              o.positions.c_str(), kvc::params::format_int_list(o.skip_layers).c_str(),
+              !o.static_cache() ? "concatenating cache"
+              : (std::string("static cache, ") + o.schedule + (o.schedule == "chunked" ? " (slack " + std::to_string(o.slack) + ")" : "") +
                  (o.cuda_graph ? ", CUDA graph" : "")).c_str());
   if (o.generate > 0)
     std::printf("generation: %lld-token prompt, %lld new tokens, batch %lld, %lld repeats (median, min-max)\n",

@@ -361,14 +361,13 @@ inline void print_run_line(const Run& r, size_t index, size_t count, const Run* 
   if (m.scored > 0) {
     quality = "PPL " + fixed(m.ppl(), 3);
     if (baseline && baseline != &r) quality += " (" + std::string(m.ppl() >= baseline->metrics.ppl() ? "+" : "") +
-                                               fixed(100.0 * (m.ppl() / baseline->metrics.ppl() - 1.0), 2) + " %)";
+                                               fixed(100.0 * (m.ppl() / baseline->metrics.ppl() - 1.0), 2) + "%)";
     quality += "  acc " + fixed(m.accuracy(), 4);
   }
   const int64_t cache = m.scored > 0 || r.generations.empty() ? m.cache_tokens : r.generations.front().gen_cache_tokens;
   std::printf("[%zu/%zu] %-20s %s  cache %lld", index, count, r.label.c_str(), quality.c_str(), (long long)cache);
-  if (t.ttft.measured()) std::printf("  TTFT %s ms", ms_spread(t.ttft).c_str());
-  if (t.tpot.measured()) std::printf("  TPOT %s ms", ms_spread(t.tpot).c_str());
-  std::printf("  (%s%s)\n", duration_text(r.seconds).c_str(), timings_pending ? "; timed after every evaluation" : "");
+  if (t.tpot.measured()) std::printf("  TPOT %s ms", ms_spread(t.tpot).c_str());  // TTFT: the speed table
+  std::printf("  (%s%s)\n", duration_text(r.seconds).c_str(), timings_pending ? "; timed later" : "");
   std::fflush(stdout);
 }
 
@@ -403,8 +402,8 @@ inline void print_speed_table(const Options& o, const std::vector<Run>& runs) {
                 fixed(t.tok_s.median, 1).c_str(), fixed(100.0 * t.compress_share.median, 2).c_str(),
                 fixed(ratio, 3).c_str());
   }
-  std::printf("(generation: %lld-token prompt, %lld new tokens, batch %lld; median of %lld repeats; TTFT = prefill "
-              "through the first new token)\n",
+  std::printf("(generation: %lld-token prompt, %lld new tokens, batch %lld; median of %lld repeats;\n"
+              " TTFT = prompt prefill through the first new token)\n",
               (long long)o.prompt_tokens, (long long)o.generate, (long long)o.batch, (long long)o.repeats);
 }
 
