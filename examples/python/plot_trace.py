@@ -86,7 +86,8 @@ def main():
             xs.extend([step] * len(pos))
             ys.extend(pos)
         fig, ax = plt.subplots(figsize=(6.4, 4.8))
-        ax.scatter(xs, ys, s=0.3, marker=".", color="#1f77b4", linewidths=0, rasterized=True)
+        size = min(6.0, max(0.5, 40000.0 / max(len(xs), 1)))  # dots that stay visible at any length
+        ax.scatter(xs, ys, s=size, marker="s", color="#1f4e9c", linewidths=0, rasterized=True)
         last = max(s for s, _ in records)
         ax.plot([0, last], [0, last], color="0.7", lw=0.8, ls="--", label="token just fed")
         ax.set_xlim(0, last * 1.01 + 1)
