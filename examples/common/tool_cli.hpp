@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 namespace kvtools {
 
 namespace kvc = kvcompress;

@@ -78,96 +78,88 @@ inline Options parse_args(int argc, char** argv) {
   const char* methods = "Methods";
   const char* runtime = "Runtime";
   const char* output = "Output";
-  auto option = [&](auto&&... a) { return cli.option(a...); };
-  auto repeatable = [&](auto&&... a) { return cli.repeatable(a...); };
-  auto count = [&](auto&&... a) { return cli.count(a...); };
-  auto text = [&](auto&&... a) { return cli.text(a...); };
-  auto choice = [&](const char* flag, std::string& dst, std::vector<std::string> values, const char* group,
-                    const std::string& help) { return cli.choice(flag, dst, std::move(values), group, help); };
-  auto flag = [&](auto&&... a) { return cli.flag(a...); };
+  cli.text("--model", o.model, "FILE", inputs, "contract model (default: the bundled data/pg19-neox-tiny.pt)");
+  cli.repeatable("--text", "FILE", inputs,
+                 "UTF-8 text, tokenized with the tokenizer the model embeds (repeatable;\n"
+                 "whole bundled books: data/books/*.txt)",
+                 [&o](const std::string& v) { o.texts.push_back(v); });
+  cli.repeatable("--tokens", "FILE", inputs, "token ids (kvtok --encode) (repeatable); default input: the bundled\neval excerpts",
+                 [&o](const std::string& v) { o.token_files.push_back(v); });
+  cli.count("--samples", o.samples, 1, inputs, "inputs to evaluate (default: every input given; 2 bundled excerpts)");
+  cli.option("--max-tokens", "N", inputs, "first N tokens of each sample (default 2000; 0 = the whole text)",
+             [&o](const std::string& v) {
+               o.max_tokens = parse_count("--max-tokens", v, 0);
+               if (o.max_tokens == 1) fail("--max-tokens must be 0 (the whole text) or >= 2, got 1");
+             });
+  cli.count("--window", o.window, 0, inputs,
+            "quality per N-token window too (default 1024 when a sample is longer\nthan the model's context, else 0 = off)");
+  cli.flag("--recompute-reference", inputs,
+           "add the long-text oracle: each window scored by a fresh forward over\nthe model's context (needs windows)",
+           [&o] { o.recompute_reference = true; });
+  cli.text("--save-tokens", o.save_tokens, "DIR", inputs, "write each sample's token ids, as evaluated, to DIR/<stem>.ids");
 
-  text("--model", o.model, "FILE", inputs, "contract model (default: the bundled data/pg19-neox-tiny.pt)");
-  repeatable("--text", "FILE", inputs,
-         "UTF-8 text, tokenized with the tokenizer the model embeds (repeatable;\n"
-         "whole bundled books: data/books/*.txt)",
-         [&o](const std::string& v) { o.texts.push_back(v); });
-  repeatable("--tokens", "FILE", inputs, "token ids (kvtok --encode) (repeatable); default input: the bundled\neval excerpts",
-         [&o](const std::string& v) { o.token_files.push_back(v); });
-  count("--samples", o.samples, 1, inputs, "inputs to evaluate (default: every input given; 2 bundled excerpts)");
-  option("--max-tokens", "N", inputs, "first N tokens of each sample (default 2000; 0 = the whole text)",
-         [&o](const std::string& v) {
-           o.max_tokens = parse_count("--max-tokens", v, 0);
-           if (o.max_tokens == 1) fail("--max-tokens must be 0 (the whole text) or >= 2, got 1");
-         });
-  count("--window", o.window, 0, inputs,
-        "quality per N-token window too (default 1024 when a sample is longer\nthan the model's context, else 0 = off)");
-  flag("--recompute-reference", inputs,
-       "add the long-text oracle: each window scored by a fresh forward over\nthe model's context (needs windows)",
-       [&o] { o.recompute_reference = true; });
-  text("--save-tokens", o.save_tokens, "DIR", inputs, "write each sample's token ids, as evaluated, to DIR/<stem>.ids");
-
-  repeatable("--method", "SPEC", methods,
-         "a method, e.g. 'h2o_l2(heavy_hitter_size=128)', or LABEL=SPEC\n(repeatable)",
-         [&o](const std::string& v) {
-           const auto eq = v.find('='), paren = v.find('(');
-           if (eq != std::string::npos && (paren == std::string::npos || eq < paren))
-             o.methods.emplace_back(v.substr(0, eq), v.substr(eq + 1));
-           else
-             o.methods.emplace_back("", v);
-         });
-  flag("--compare-all", methods, "the course project's seven methods at each budget", [&o] { o.compare_all = true; });
-  flag("--compare-attention", methods,
-       "the attention-aware methods beside their key-norm proxies at each\nbudget",
-       [&o] { o.compare_attention = true; });
-  option("--budgets", "LIST", methods, "budgets for --compare-all / --compare-attention (default 512,1024)",
-         [&o](const std::string& v) { o.budgets = parse_int_list("--budgets", v); });
-  option("--skip-layers", "LIST", methods,
-         "layers left uncompressed by every method whose spec does not set them\n"
-         "(default 0,1 with positions original; none with positions cache; '' none)",
-         [&o](const std::string& v) {
-           o.skip_layers = parse_int_list("--skip-layers", v);
-           o.skip_layers_given = true;
-         });
-  flag("--no-baseline", methods, "skip the full-cache run", [&o] { o.baseline = false; });
-  flag("--list-methods", methods, "print the registered methods (canonical specs) and exit", [] {
+  cli.repeatable("--method", "SPEC", methods,
+                 "a method, e.g. 'h2o_l2(heavy_hitter_size=128)', or LABEL=SPEC\n(repeatable)",
+                 [&o](const std::string& v) {
+                   const auto eq = v.find('='), paren = v.find('(');
+                   if (eq != std::string::npos && (paren == std::string::npos || eq < paren))
+                     o.methods.emplace_back(v.substr(0, eq), v.substr(eq + 1));
+                   else
+                     o.methods.emplace_back("", v);
+                 });
+  cli.flag("--compare-all", methods, "the course project's seven methods at each budget", [&o] { o.compare_all = true; });
+  cli.flag("--compare-attention", methods,
+           "the attention-aware methods beside their key-norm proxies at each\nbudget",
+           [&o] { o.compare_attention = true; });
+  cli.option("--budgets", "LIST", methods, "budgets for --compare-all / --compare-attention (default 512,1024)",
+             [&o](const std::string& v) { o.budgets = parse_int_list("--budgets", v); });
+  cli.option("--skip-layers", "LIST", methods,
+             "layers left uncompressed by every method whose spec does not set them\n"
+             "(default 0,1 with positions original; none with positions cache; '' none)",
+             [&o](const std::string& v) {
+               o.skip_layers = parse_int_list("--skip-layers", v);
+               o.skip_layers_given = true;
+             });
+  cli.flag("--no-baseline", methods, "skip the full-cache run", [&o] { o.baseline = false; });
+  cli.flag("--list-methods", methods, "print the registered methods (canonical specs) and exit", [] {
     for (const auto& m : kvc::list_methods()) std::cout << kvc::make_compressor(m)->spec() << '\n';
     std::exit(0);
   });
 
-  choice("--device", o.device, {"cpu", "cuda"}, runtime, "(default cpu)");
-  choice("--dtype", o.dtype, {"float32", "float16", "bfloat16"}, runtime, "(default float32 on cpu, float16 on cuda)");
-  choice("--positions", o.positions, {"original", "cache"}, runtime,
-         "original: every token keeps its index (the course project); cache:\n"
-         "positions count each layer's slots (StreamingLLM); docs/ALGORITHMS.md");
-  choice("--schedule", o.schedule, {"every", "chunked"}, runtime,
-         "the fixed-capacity in-place cache through the model's `step`,\n"
-         "compressing every token or once per --slack tokens (default: the\n"
-         "course project's concatenating loop)");
-  count("--slack", o.slack, 1, runtime, "tokens between compressions for --schedule chunked (default 64)");
-  flag("--cuda-graph", runtime, "replay each one-token step from a CUDA graph (implies --schedule every)",
-       [&o] { o.cuda_graph = true; });
-  count("--batch", o.batch, 1, runtime, "rows of the generation measurement (default 1)");
-  count("--prefill-chunk", o.prefill_chunk, 0, runtime, "feed the generation prompt N tokens per step (default 0: at once)");
-  flag("--no-eval", runtime, "skip the perplexity evaluation (generation measurement only)", [&o] { o.eval = false; });
-  count("--generate", o.generate, 0, runtime, "new tokens of the timed greedy generation (default 32; 0 = off)");
-  count("--prompt-tokens", o.prompt_tokens, 1, runtime, "prompt length of the generation (default 512)");
-  count("--repeats", o.repeats, 1, runtime,
-        "runs of every timed measurement: figures are their median, with min\nand max (default 3)");
-  count("--threads", o.threads, 1, runtime, "CPU threads for LibTorch (default: LibTorch's choice)");
-  flag("--jit-optimize", runtime, "let TorchScript fuse the model's elementwise ops (default with\n--cuda-graph)",
-       [&o] { o.jit_optimize = 1; });
-  flag("--no-jit-optimize", runtime, "off also with --cuda-graph", [&o] { o.jit_optimize = 0; });
+  cli.choice("--device", o.device, {"cpu", "cuda"}, runtime, "(default cpu)");
+  cli.choice("--dtype", o.dtype, {"float32", "float16", "bfloat16"}, runtime, "(default float32 on cpu, float16 on cuda)");
+  cli.choice("--positions", o.positions, {"original", "cache"}, runtime,
+             "original: every token keeps its index (the course project); cache:\n"
+             "positions count each layer's slots (StreamingLLM); docs/ALGORITHMS.md");
+  cli.choice("--schedule", o.schedule, {"every", "chunked"}, runtime,
+             "the fixed-capacity in-place cache through the model's `step`,\n"
+             "compressing every token or once per --slack tokens (default: the\n"
+             "course project's concatenating loop)");
+  cli.count("--slack", o.slack, 1, runtime, "tokens between compressions for --schedule chunked (default 64)");
+  cli.flag("--cuda-graph", runtime, "replay each one-token step from a CUDA graph (implies --schedule every)",
+           [&o] { o.cuda_graph = true; });
+  cli.count("--batch", o.batch, 1, runtime, "rows of the generation measurement (default 1)");
+  cli.count("--prefill-chunk", o.prefill_chunk, 0, runtime, "feed the generation prompt N tokens per step (default 0: at once)");
+  cli.flag("--no-eval", runtime, "skip the perplexity evaluation (generation measurement only)", [&o] { o.eval = false; });
+  cli.count("--generate", o.generate, 0, runtime, "new tokens of the timed greedy generation (default 32; 0 = off)");
+  cli.count("--prompt-tokens", o.prompt_tokens, 1, runtime, "prompt length of the generation (default 512)");
+  cli.count("--repeats", o.repeats, 1, runtime,
+            "runs of every timed measurement: figures are their median, with min\nand max (default 3)");
+  cli.count("--threads", o.threads, 1, runtime, "CPU threads for LibTorch (default: LibTorch's choice)");
+  cli.flag("--jit-optimize", runtime, "let TorchScript fuse the model's elementwise ops (default with\n--cuda-graph)",
+           [&o] { o.jit_optimize = 1; });
+  cli.flag("--no-jit-optimize", runtime, "off also with --cuda-graph", [&o] { o.jit_optimize = 0; });
 
-  text("--out", o.out_dir, "DIR", output, "results folder (default results/<run name>): results.json,\nresults.csv, plots");
-  text("--run-name", o.run_name, "NAME", output, "name of the default results folder (default: what ran + time)");
-  flag("--no-results", output, "write no results folder (--json / --csv still do)", [&o] { o.results = false; });
-  text("--json", o.json, "FILE", output, "also write the results as JSON to FILE");
-  text("--csv", o.csv, "FILE", output, "also write the results as CSV to FILE");
-  text("--trace", o.trace, "FILE", output,
-       "JSON lines: for every compression of the evaluation, the step, the\nlayer and the kept original positions "
-       "(per head where heads differ)");
-  flag("--wide", output, "one table with every column (default: quality and speed tables)", [&o] { o.wide = true; });
-  flag("--quiet", output, "no progress on standard error", [&o] { o.quiet = true; });
+  cli.text("--out", o.out_dir, "DIR", output, "results folder (default results/<run name>): results.json,\nresults.csv, plots");
+  cli.text("--run-name", o.run_name, "NAME", output, "name of the default results folder (default: what ran + time)");
+  cli.flag("--no-results", output, "write no results folder (--json / --csv still do)", [&o] { o.results = false; });
+  cli.text("--json", o.json, "FILE", output, "also write the results as JSON to FILE");
+  cli.text("--csv", o.csv, "FILE", output, "also write the results as CSV to FILE");
+  cli.text("--trace", o.trace, "FILE", output,
+           "JSON lines: for every compression of the evaluation, the step, the\nlayer and the kept original positions "
+           "(per head where heads differ)");
+  cli.flag("--wide", output, "one table with every column (default: quality and speed tables)", [&o] { o.wide = true; });
+  cli.flag("--quiet", output, "no progress on standard error", [&o] { o.quiet = true; });
 
   cli.parse(argc, argv);
   if (o.dtype.empty()) o.dtype = o.device == "cuda" ? "float16" : "float32";

@@ -146,17 +146,13 @@ int run(int argc, char** argv) {
     total_work += (o.eval ? static_cast<double>(total_tokens) : 0.0) + (r.recompute || o.generate == 0 ? 0.0 : gen_work);
   Progress progress(!o.quiet, total_work);
   rt::PeakMemory memory(device);
-  // What earlier runs leave allocated is not a later run's (LibTorch keeps, e.g., a cuBLAS
-  // workspace per stream used): a run's peak is counted above what was held when it started,
-  // beyond the state after the warm-up.
+  // Device memory earlier runs still hold when a run starts, beyond the state after the
+  // warm-up: reported beside each run's peak (which includes it), so that memory one run leaves
+  // behind shows instead of inflating the next runs' peaks unseen.
   const int64_t floor_bytes = memory.current_bytes();
   auto held_before = [&]() -> int64_t {
     const int64_t now = memory.current_bytes();
     return now < 0 || floor_bytes < 0 ? 0 : std::max<int64_t>(0, now - floor_bytes);
-  };
-  auto own_peak = [&](int64_t held) -> int64_t {
-    const int64_t peak = memory.peak_bytes();
-    return peak < 0 ? peak : peak - held;
   };
   // First every run's evaluation (quality), then the timed generation in --repeats rounds over
   // all runs, each on a fresh decoder warmed up on its own: a run's repeats are minutes apart and
@@ -168,11 +164,10 @@ int run(int argc, char** argv) {
     const auto run_start = std::chrono::steady_clock::now();
     progress.start_run(run.label, r + 1, runs.size());
     memory.reset();
-    const int64_t held = held_before();
-    run.held_before_bytes = held;
+    run.held_before_bytes = held_before();
     if (run.recompute) {
       for (const auto& sample : samples) rt::evaluate_recompute(model, sample.tokens, window, info.max_positions, run.metrics);
-      run.metrics.peak_memory_bytes = own_peak(held);
+      run.metrics.peak_memory_bytes = memory.peak_bytes();
       progress.add_work(static_cast<double>(total_tokens));
       run.seconds = rt::detail::seconds_since(run_start);
       print_run_line(run, r + 1, runs.size(), baseline_of(runs), false);
@@ -196,11 +191,8 @@ int run(int argc, char** argv) {
       evaluate(run.compressor.get(), samples[s].tokens, run.metrics, eo);
     }
     // Windows reset the peak as they go: the run's peak is the largest of theirs and what came after.
-    int64_t peak = own_peak(held);
-    for (auto& w : run.metrics.windows) {
-      if (w.peak_memory_bytes >= 0) w.peak_memory_bytes -= held;
-      peak = std::max(peak, w.peak_memory_bytes);
-    }
+    int64_t peak = memory.peak_bytes();
+    for (const auto& w : run.metrics.windows) peak = std::max(peak, w.peak_memory_bytes);
     run.metrics.peak_memory_bytes = o.eval ? peak : -1;
     run.seconds = rt::detail::seconds_since(run_start);
     if (o.eval) print_run_line(run, r + 1, runs.size(), baseline_of(runs), timed);
@@ -213,14 +205,13 @@ int run(int argc, char** argv) {
       progress.start_run(run.label, r + 1, runs.size());
       progress.generation(k + 1, o.repeats, o.generate);
       memory.reset();
-      const int64_t held = held_before();
-      run.held_before_bytes = std::max(run.held_before_bytes, held);
+      run.held_before_bytes = std::max(run.held_before_bytes, held_before());
       {
         auto d = decoder(run.compressor.get(), o.batch, o.prompt_tokens + o.generate, o.prompt_tokens);
         run.generations.emplace_back();
         rt::generate(*d, prompt, o.generate, run.generations.back(), o.prefill_chunk, o.skip_layers);
       }
-      run.metrics.peak_memory_bytes = std::max(run.metrics.peak_memory_bytes, own_peak(held));
+      run.metrics.peak_memory_bytes = std::max(run.metrics.peak_memory_bytes, memory.peak_bytes());
       progress.add_work(static_cast<double>(o.generate + 1));
       run.seconds += rt::detail::seconds_since(start);
       if (k + 1 == o.repeats) print_run_line(run, r + 1, runs.size(), baseline_of(runs), false);

@@ -54,7 +54,23 @@ struct Timings {
   Spread ttft, tpot, tok_s, first_half, second_half, compress_s, compress_share;
   Spread eval_step;  ///< the evaluation's step (one pass per sample: min/max over samples)
   int64_t repeats = 0;
+  /// Median decode step of the second half over the first: 1 = TPOT flat in generated tokens.
+  double second_over_first() const {
+    return first_half.median > 0 ? second_half.median / first_half.median : std::numeric_limits<double>::quiet_NaN();
+  }
 };
+
+/// Tokens the run's cache kept: the evaluation's, or the generation's when only that ran.
+inline int64_t kept_tokens(const Run& r) {
+  return r.metrics.scored > 0 || r.generations.empty() ? r.metrics.cache_tokens : r.generations.front().gen_cache_tokens;
+}
+
+/// Change of the run's PPL against the full cache's, in %; NaN for the full cache itself or
+/// where either has no evaluation.
+inline double ppl_change_pct(const Run& r, const Run* base) {
+  if (!base || base == &r || r.metrics.scored == 0) return std::numeric_limits<double>::quiet_NaN();
+  return 100.0 * (r.metrics.ppl() / base->metrics.ppl() - 1.0);
+}
 
 inline Timings timings_of(const Run& r) {
   Timings t;
@@ -240,8 +256,8 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
       {"tpot_s", "generation: each new token after the first (decode step and compression); median over repeats"},
       {"throughput_tok_s", "generation: batch rows / TPOT; median over repeats"},
       {"eval_step_s", "evaluation: mean step (feed, score, compress) of one pass per sample; min/max over samples"},
-      {"peak_memory_bytes", cuda ? "the CUDA allocator's peak during the run, less what earlier runs still held "
-                                   "(held_before_bytes: e.g. a cuBLAS workspace per stream used)"
+      {"peak_memory_bytes", cuda ? "the CUDA allocator's peak during the run; held_before_bytes: what earlier runs "
+                                   "still held when it started (included in the peak)"
                                  : "the process's peak resident set during the run"},
       {"warmup", "untimed: one evaluation of 8 tokens and one generation before the first run; every generation "
                  "repeat runs on a fresh decoder, warmed up twice first (prefill, its compression, decode up to a "
@@ -264,7 +280,7 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
     put(x, "ttft_s", t.ttft);
     put(x, "tpot_s", t.tpot);
     put(x, "throughput_tok_s", t.tok_s);
-    x["cache_tokens"] = eval || r.generations.empty() ? m.cache_tokens : r.generations.front().gen_cache_tokens;
+    x["cache_tokens"] = kept_tokens(r);
     x["cache_bytes"] = m.cache_bytes;
     x["max_layer_tokens"] = m.max_layer_tokens;
     x["peak_memory_bytes"] = m.peak_memory_bytes;
@@ -360,12 +376,11 @@ inline void print_run_line(const Run& r, size_t index, size_t count, const Run* 
   std::string quality = "no evaluation";
   if (m.scored > 0) {
     quality = "PPL " + fixed(m.ppl(), 3);
-    if (baseline && baseline != &r) quality += " (" + std::string(m.ppl() >= baseline->metrics.ppl() ? "+" : "") +
-                                               fixed(100.0 * (m.ppl() / baseline->metrics.ppl() - 1.0), 2) + "%)";
+    const double change = ppl_change_pct(r, baseline);
+    if (std::isfinite(change)) quality += " (" + std::string(change >= 0 ? "+" : "") + fixed(change, 2) + "%)";
     quality += "  acc " + fixed(m.accuracy(), 4);
   }
-  const int64_t cache = m.scored > 0 || r.generations.empty() ? m.cache_tokens : r.generations.front().gen_cache_tokens;
-  std::printf("[%zu/%zu] %-20s %s  cache %lld", index, count, r.label.c_str(), quality.c_str(), (long long)cache);
+  std::printf("[%zu/%zu] %-20s %s  cache %lld", index, count, r.label.c_str(), quality.c_str(), (long long)kept_tokens(r));
   if (t.tpot.measured()) std::printf("  TPOT %s ms", ms_spread(t.tpot).c_str());  // TTFT: the speed table
   std::printf("  (%s%s)\n", duration_text(r.seconds).c_str(), timings_pending ? "; timed later" : "");
   std::fflush(stdout);
@@ -379,13 +394,11 @@ inline void print_quality_table(const std::vector<Run>& runs) {
   for (const auto& r : runs) {
     const auto& m = r.metrics;
     const bool eval = m.scored > 0;
-    const bool rel = eval && base && base != &r;
-    const double dppl = rel ? 100.0 * (m.ppl() / base->metrics.ppl() - 1.0) : NAN;
-    const double dacc = rel ? 100.0 * (m.accuracy() - base->metrics.accuracy()) : NAN;
-    const int64_t cache = eval || r.generations.empty() ? m.cache_tokens : r.generations.front().gen_cache_tokens;
+    const double dppl = ppl_change_pct(r, base);
+    const double dacc = std::isfinite(dppl) ? 100.0 * (m.accuracy() - base->metrics.accuracy()) : NAN;
     std::printf("%-22s %9s %8s %8s %8s %7lld %9s %9s\n", r.label.c_str(), eval ? fixed(m.ppl(), 3).c_str() : "-",
                 fixed(dppl, 2).c_str(), eval ? fixed(m.accuracy(), 4).c_str() : "-", fixed(dacc, 2).c_str(),
-                (long long)cache, r.recompute || !eval ? "-" : fixed(m.cache_bytes / kMiB, 2).c_str(),
+                (long long)kept_tokens(r), r.recompute || !eval ? "-" : fixed(m.cache_bytes / kMiB, 2).c_str(),
                 m.peak_memory_bytes < 0 ? "-" : fixed(m.peak_memory_bytes / kMiB, 1).c_str());
   }
 }
@@ -397,10 +410,9 @@ inline void print_speed_table(const Options& o, const std::vector<Run>& runs) {
   for (const auto& r : runs) {
     if (r.recompute) continue;
     const Timings t = timings_of(r);
-    const double ratio = t.first_half.median > 0 ? t.second_half.median / t.first_half.median : NAN;
     std::printf("%-22s %22s %21s %8s %6s %7s\n", r.label.c_str(), ms_spread(t.ttft).c_str(), ms_spread(t.tpot).c_str(),
                 fixed(t.tok_s.median, 1).c_str(), fixed(100.0 * t.compress_share.median, 2).c_str(),
-                fixed(ratio, 3).c_str());
+                fixed(t.second_over_first(), 3).c_str());
   }
   std::printf("(generation: %lld-token prompt, %lld new tokens, batch %lld; median of %lld repeats;\n"
               " TTFT = prompt prefill through the first new token)\n",
@@ -410,23 +422,20 @@ inline void print_speed_table(const Options& o, const std::vector<Run>& runs) {
 /// Every column in one table (--wide).
 inline void print_wide_table(const std::vector<Run>& runs) {
   const Run* base = baseline_of(runs);
-  std::printf("\n%-22s %9s %8s %8s %10s %20s %20s %8s %7s %9s %9s %6s %7s\n", "method", "PPL", "dPPL %", "acc",
+  std::printf("\n%-22s %9s %8s %8s %10s %22s %21s %8s %7s %9s %9s %6s %7s\n", "method", "PPL", "dPPL %", "acc",
               "eval ms", "TTFT ms (min-max)", "TPOT ms (min-max)", "tok/s", "cache", "cache MiB", "peak MiB", "comp%",
               "2nd/1st");
   for (const auto& r : runs) {
     const auto& m = r.metrics;
     const Timings t = timings_of(r);
     const bool eval = m.scored > 0;
-    const double dppl = eval && base && base != &r ? 100.0 * (m.ppl() / base->metrics.ppl() - 1.0) : NAN;
-    const double ratio = t.first_half.median > 0 ? t.second_half.median / t.first_half.median : NAN;
-    const int64_t cache = eval || r.generations.empty() ? m.cache_tokens : r.generations.front().gen_cache_tokens;
-    std::printf("%-22s %9s %8s %8s %10s %20s %20s %8s %7lld %9s %9s %6s %7s\n", r.label.c_str(),
-                eval ? fixed(m.ppl(), 3).c_str() : "-", fixed(dppl, 2).c_str(),
+    std::printf("%-22s %9s %8s %8s %10s %22s %21s %8s %7lld %9s %9s %6s %7s\n", r.label.c_str(),
+                eval ? fixed(m.ppl(), 3).c_str() : "-", fixed(ppl_change_pct(r, base), 2).c_str(),
                 eval ? fixed(m.accuracy(), 4).c_str() : "-", fixed(t.eval_step.median * 1e3, 3).c_str(),
                 ms_spread(t.ttft).c_str(), ms_spread(t.tpot).c_str(), fixed(t.tok_s.median, 1).c_str(),
-                (long long)cache, r.recompute || !eval ? "-" : fixed(m.cache_bytes / kMiB, 2).c_str(),
+                (long long)kept_tokens(r), r.recompute || !eval ? "-" : fixed(m.cache_bytes / kMiB, 2).c_str(),
                 m.peak_memory_bytes < 0 ? "-" : fixed(m.peak_memory_bytes / kMiB, 1).c_str(),
-                fixed(100.0 * t.compress_share.median, 2).c_str(), fixed(ratio, 3).c_str());
+                fixed(100.0 * t.compress_share.median, 2).c_str(), fixed(t.second_over_first(), 3).c_str());
   }
 }
 

@@ -41,8 +41,9 @@ struct WindowMetrics {
 struct RunMetrics {
   double nll_sum = 0;
   int64_t scored = 0, hits = 0, tokens = 0, samples = 0;
-  /// Host time of the evaluation's steps (feed, score, compress), in all and per sample's step.
-  double total_s = 0;
+  /// Mean host time of one evaluation step (feed a token, score the next, compress), per
+  /// sample. Not a TTFT or TPOT: those are the generation measurement's (prompt prefill through
+  /// the first new token; each new token after it).
   std::vector<double> sample_step_s;
   int64_t cache_tokens = 0, cache_bytes = 0, peak_memory_bytes = -1;
   /// Longest layer at the end of any sample (uncompressed layers keep growing).
@@ -61,10 +62,6 @@ struct RunMetrics {
 
   double ppl() const { return std::exp(nll_sum / static_cast<double>(std::max<int64_t>(scored, 1))); }
   double accuracy() const { return static_cast<double>(hits) / static_cast<double>(std::max<int64_t>(scored, 1)); }
-  /// Mean time of one evaluation step (feed a token, score the next, compress) over all
-  /// samples. Not a TTFT or TPOT: those are the generation measurement's (prompt prefill through
-  /// the first new token; each new token after it).
-  double eval_step_s() const { return total_s / static_cast<double>(std::max<int64_t>(tokens, 1)); }
   double gen_tpot_s() const { return gen_later_s / static_cast<double>(std::max<int64_t>(gen_later_steps, 1)); }
   /// Decode throughput of the generation measurement: batch rows per TPOT.
   double gen_tok_s() const { return gen_later_s > 0 ? static_cast<double>(gen_batch) / gen_tpot_s() : 0.0; }
@@ -237,9 +234,7 @@ inline KVCache evaluate(Decoder& d, const std::vector<int64_t>& tokens, RunMetri
     }
     if (eo.progress) eo.progress(t + 1, n);
   }
-  const double seconds = detail::seconds_since(run_start);
-  m.total_s += seconds;
-  m.sample_step_s.push_back(seconds / static_cast<double>(n));
+  m.sample_step_s.push_back(detail::seconds_since(run_start) / static_cast<double>(n));
   m.tokens += n;
   ++m.samples;
   const std::vector<int64_t> lengths = d.lengths();
@@ -294,9 +289,7 @@ inline void evaluate_recompute(ContractModel& model, const std::vector<int64_t>&
     m.hits += w.hits;
     m.windows.push_back(w);
   }
-  const double seconds = detail::seconds_since(run_start);
-  m.total_s += seconds;
-  m.sample_step_s.push_back(seconds / static_cast<double>(n));
+  m.sample_step_s.push_back(detail::seconds_since(run_start) / static_cast<double>(n));
   m.tokens += n;
   ++m.samples;
   m.cache_tokens = std::min(context, n);
@@ -310,11 +303,9 @@ inline void evaluate_recompute(ContractModel& model, const std::vector<int64_t>&
 /// warm process: an untimed run of the same shapes goes first -- the prefill, its compression
 /// and decode steps up to the first compression of the decode (cuBLAS heuristics, allocator
 /// growth, TorchScript's profiling executor and its fuser, the GPU's first call of every
-/// scoring and compaction kernel); `warm_up` false skips it (a caller that just warmed the same
-/// decoder up). Returns the generated ids [batch, new_tokens] on the host.
+/// scoring and compaction kernel). Returns the generated ids [batch, new_tokens] on the host.
 inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64_t new_tokens, RunMetrics& m,
-                           int64_t prefill_chunk = 0, const std::vector<int64_t>& baseline_skip = {0, 1},
-                           bool warm_up = true) {
+                           int64_t prefill_chunk = 0, const std::vector<int64_t>& baseline_skip = {0, 1}) {
   c10::InferenceMode guard;
   if (prompt.empty()) throw Error("generate: the prompt is empty");
   if (new_tokens < 1) throw Error("generate: new_tokens must be >= 1, got " + std::to_string(new_tokens));
@@ -324,14 +315,14 @@ inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64
   // Untimed (see above), twice: TorchScript's profiling executor profiles a shape on its first
   // call and specialises it on the second, so a single warm-up left that cost in the first
   // timed prefill (measured: 4 ms TTFT, first repeat 214 ms, on an H200).
-  for (int round = 0; warm_up && round < 2; ++round) {
+  for (int round = 0; round < 2; ++round) {
     d.reset();
     at::Tensor w = d.prefill(ids, prefill_chunk).select(1, -1).argmax(-1, /*keepdim=*/true);
     d.maybe_compress();
     for (int64_t i = 1; i < new_tokens; ++i) {  // two decode steps at least, up to a compression
       w = d.step(w).select(1, -1).argmax(-1, /*keepdim=*/true);
-      if (d.maybe_compress() && i >= 2) break;
-      if (!d.options().compressor && i >= 2) break;
+      const bool compressed = d.maybe_compress();
+      if (i >= 2 && (compressed || !d.options().compressor)) break;
     }
   }
   d.reset();
