@@ -50,7 +50,7 @@ COMPARE_ALL = {
 TOP = {  # field: check
     "model": lambda v: isinstance(v, str) and v,
     "model_file": lambda v: isinstance(v, str) and v.endswith(".pt"),
-    "contract_version": lambda v: isinstance(v, int) and 1 <= v <= 4,
+    "contract_version": lambda v: isinstance(v, int) and 1 <= v <= 5,
     "model_context": lambda v: isinstance(v, int) and v > 0,
     "device": lambda v: v in ("cpu",) or (isinstance(v, str) and v.startswith("cuda")),
     "dtype": lambda v: v in ("float32", "float16", "bfloat16"),

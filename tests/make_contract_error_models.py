@@ -13,7 +13,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-ATTRS = dict(kvc_contract_version=4, model_name="broken", num_layers=2, num_heads=2, head_dim=4, vocab_size=16,
+ATTRS = dict(kvc_contract_version=5, model_name="broken", num_layers=2, num_heads=2, head_dim=4, vocab_size=16,
              rotary_ndims=2, rotary_base=10000.0, max_positions=64, bos_token_id=-1, eos_token_id=-1)
 
 
@@ -63,7 +63,7 @@ class NoForward(Attrs):
 
 CASES = {
     "version_0": lambda: Good(kvc_contract_version=0),
-    "version_5": lambda: Good(kvc_contract_version=5),
+    "version_6": lambda: Good(kvc_contract_version=6),
     "no_version": lambda: Good(drop=("kvc_contract_version",)),
     "layers_as_text": lambda: Good(num_layers="two"),
     "rotary_base_int": lambda: Good(rotary_base=10000),

@@ -402,10 +402,10 @@ TEST(Runtime, BadModelFilesAreReported) {
   expect_error([&] { rt::ContractModel::load(plain_path, at::kCPU, at::kFloat); },
                "missing attribute 'kvc_contract_version'");
   torch::jit::Module future = torch::jit::load(kModel);
-  future.setattr("kvc_contract_version", 5);
-  const std::string future_path = testing::TempDir() + "kvc_v5.pt";
+  future.setattr("kvc_contract_version", 6);
+  const std::string future_path = testing::TempDir() + "kvc_v6.pt";
   future.save(future_path);
-  expect_error([&] { rt::ContractModel::load(future_path, at::kCPU, at::kFloat); }, "reads versions 1 to 4");
+  expect_error([&] { rt::ContractModel::load(future_path, at::kCPU, at::kFloat); }, "reads versions 1 to 5");
   expect_error([] { rt::SentencePieceBPE("garbage"); }, "tokenizer model");
 }
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 #    attention each cached slot receives and the most recent queries.
 # 4: forward_scored / step_scored take slot_bias, per layer an additive mask over the cached
 #    slots per head (per-head budgets hide evicted slots in a dense cache).
-CONTRACT_VERSION = 4
+CONTRACT_VERSION = 5
 CONFIG_FILE = "kvc/config.json"
 TOKENIZER_FILE = "kvc/tokenizer.model"       # a SentencePiece model
 TOKENIZER_JSON_FILE = "kvc/tokenizer.json"    # a Hugging Face tokenizer.json (Pythia exports)
@@ -285,12 +285,18 @@ class _Layer(nn.Module):
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, key_buffer: Tensor, value_buffer: Tensor,
              slots: Tensor, bias: Tensor, want_mass: bool) -> Tuple[Tensor, Tensor, Tensor]:
         """Writes the new tokens' keys/values into the caller's buffers at `slots` ([T] int64,
-        on the device) and attends with the additive mask `bias` ([T, C]). Static shapes, no
+        on the device; or [B, T], one row's slots per row) and attends with the additive mask
+        `bias` ([T, C], or anything that broadcasts to [B, H, T, C]). Static shapes, no
         host synchronisation: capturable in a CUDA graph. Returns the output, the queries and,
         when want_mass, the attention every slot received (attention_mass; else empty)."""
         q, k, v, carry = self.project(x, cos, sin)
-        key_buffer.index_copy_(2, slots, k)
-        value_buffer.index_copy_(2, slots, v)
+        if slots.dim() == 1:
+            key_buffer.index_copy_(2, slots, k)
+            value_buffer.index_copy_(2, slots, v)
+        else:  # version 5: slots [B, T], each row at its own length
+            index = slots.view(slots.size(0), 1, slots.size(1), 1).expand(k.size())
+            key_buffer.scatter_(2, index, k)
+            value_buffer.scatter_(2, index, v)
         if want_mass:
             o, mass = self.attend_masked_scored(q, key_buffer, value_buffer, bias)
         else:
@@ -444,7 +450,7 @@ def fuse_layers(model: "KVCModel") -> "KVCModel":
 
 
 class KVCModel(nn.Module):
-    """GPT-NeoX causal LM with an explicit, caller-managed KV cache (contract version 3)."""
+    """GPT-NeoX causal LM with an explicit, caller-managed KV cache (contract version 5)."""
 
     def __init__(self, cfg: KVCConfig, attention: str = "portable",
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
@@ -564,7 +570,8 @@ class KVCModel(nn.Module):
              value_buffers: List[Tensor], lengths: Tensor) -> Tensor:
         """Contract `step` (fixed-capacity caches): layer i's cache lives in caller-owned
         buffers [B, H, C_i, D] whose first lengths[i] slots are valid (lengths: int64
-        [num_layers] on the model's device). The T new tokens' keys/values are written to slots
+        [num_layers] on the model's device; version 5: or [num_layers, B], one length per row).
+        The T new tokens' keys/values are written to slots
         lengths[i] .. lengths[i] + T - 1; each token attends to the valid slots and the new ones
         up to itself. Returns float32 logits [B, T, vocab]; the caller advances its lengths."""
         empty: List[Tensor] = []
@@ -585,7 +592,10 @@ class KVCModel(nn.Module):
         Empty lists skip either; with both empty this is `step` exactly. Version 4: slot_bias[i]
         [B, H, C_i] in the model's dtype, added to every query's attention scores over layer i's
         slots (0 = visible, -inf = hidden from that head, as a per-head budget leaves evicted
-        tokens in a dense cache); an empty list = none."""
+        tokens in a dense cache); an empty list = none. Version 5: lengths may be
+        [num_layers, B], each row's own valid length per layer (rows of one batch that hold
+        different caches): row b's new tokens go to its slots lengths[i, b] .. and it attends to
+        its own valid slots only."""
         if len(key_buffers) != self.num_layers or len(value_buffers) != self.num_layers:
             raise RuntimeError("kvc model: got {} key and {} value buffers, expected {} each"
                                .format(len(key_buffers), len(value_buffers), self.num_layers))
@@ -606,20 +616,29 @@ class KVCModel(nn.Module):
         # Mask rows are `width` apart, a multiple of 16, so SDPA's fused kernel takes each
         # layer's [T, C_i] slice without an alignment copy.
         t = input_ids.size(1)
-        slots = lengths.unsqueeze(1) + torch.arange(t, device=input_ids.device)  # [L, T]
+        per_row = lengths.dim() == 2
+        if not ((lengths.dim() == 1 and lengths.size(0) == self.num_layers) or (
+                per_row and lengths.size(0) == self.num_layers and lengths.size(1) == input_ids.size(0))):
+            raise RuntimeError("kvc model: lengths {} must be [{}] or (version 5) [{}, B={}]"
+                               .format(lengths.size(), self.num_layers, self.num_layers, input_ids.size(0)))
+        slots = lengths.unsqueeze(-1) + torch.arange(t, device=input_ids.device)  # [L, T] or [L, B, T]
         width = 16
         for kb in key_buffers:
             width = max(width, (kb.size(2) + 15) // 16 * 16)
-        cols = torch.arange(width, device=input_ids.device).view(1, 1, width)
-        allowed = cols <= slots.unsqueeze(2)  # [L, T, width]
-        bias = torch.full([self.num_layers, t, width], float("-inf"), dtype=x.dtype,
-                          device=x.device).masked_fill(allowed, 0.0)
+        cols = torch.arange(width, device=input_ids.device)
+        allowed = cols <= slots.unsqueeze(-1)  # [L, T, width] or [L, B, T, width]
+        bias = torch.full(allowed.size(), float("-inf"), dtype=x.dtype, device=x.device).masked_fill(allowed, 0.0)
         n = query_slots.size(0)
         for i, layer in enumerate(self.layers):
             kb = key_buffers[i]
-            b = bias[i, :, :kb.size(2)]
-            if want_bias:
-                b = b.unsqueeze(0).unsqueeze(0) + slot_bias[i].unsqueeze(2)  # [B, H, T, C_i]
+            if per_row:
+                b = bias[i, :, :, :kb.size(2)].unsqueeze(1)  # [B, 1, T, C_i]
+                if want_bias:
+                    b = b + slot_bias[i].unsqueeze(2)  # [B, H, T, C_i]
+            else:
+                b = bias[i, :, :kb.size(2)]
+                if want_bias:
+                    b = b.unsqueeze(0).unsqueeze(0) + slot_bias[i].unsqueeze(2)  # [B, H, T, C_i]
             if per_layer:
                 x, q, mass = layer.step(x, cos[i], sin[i], kb, value_buffers[i], slots[i], b, want_mass)
             else:

@@ -107,7 +107,7 @@ def naive_decode(model, tokens, positions, visible):
 def test_scripts_and_exposes_contract_attributes():
     m = tiny_model()
     s = torch.jit.script(m)
-    expect = dict(kvc_contract_version=4, model_name="tiny-test", num_layers=3, num_heads=4, head_dim=16,
+    expect = dict(kvc_contract_version=5, model_name="tiny-test", num_layers=3, num_heads=4, head_dim=16,
                   hidden_size=64, vocab_size=97, rotary_ndims=4, rotary_base=10000.0, max_positions=2048,
                   bos_token_id=1, eos_token_id=2)
     for k, v in expect.items():
@@ -279,6 +279,57 @@ def test_slot_bias_hides_slots_per_head():
             raise AssertionError("a misshapen slot_bias was accepted")
         except torch.jit.Error as e:  # the scripted model's RuntimeError
             assert "slot_bias" in str(e)
+
+
+def test_per_row_lengths_run_each_row_as_its_own_cache():
+    """Contract version 5. lengths [num_layers, B]: each row writes at its own slots and attends
+    to its own valid slots only, as if it ran alone (rows with different caches in one batch),
+    in step and step_scored (attention mass, queries, slot_bias per row)."""
+    m = tiny_model(9)
+    s = torch.jit.script(m)
+    B, C, L = 3, 16, 3
+    torch.manual_seed(1)
+    kb = [torch.randn(B, 4, C, 16) for _ in range(L)]
+    vb = [torch.randn(B, 4, C, 16) for _ in range(L)]
+    row_lengths = [[5, 9, 0], [3, 9, 12], [5, 1, 7]]  # per layer, per row
+    lengths = torch.tensor(row_lengths)
+    ids = torch.randint(0, 97, (B, 2))
+    pos = torch.tensor([[5, 6], [9, 10], [12, 13]])
+    bias = [torch.zeros(B, 4, C) for _ in range(L)]
+    bias[1][1, 2, 0] = float("-inf")
+    att = [torch.rand(B, 4, C) for _ in range(L)]
+    qb = [torch.zeros(B, 4, 3, 16) for _ in range(L)]
+    with torch.no_grad():
+        k2, v2 = [k.clone() for k in kb], [v.clone() for v in vb]
+        got = s.step(ids, pos, k2, v2, lengths)
+        k3, v3, att3 = [k.clone() for k in kb], [v.clone() for v in vb], [a.clone() for a in att]
+        got_scored = s.step_scored(ids, pos, k3, v3, lengths, att3, 0.5, qb, torch.tensor([0, 1]), bias)
+        for r in range(B):
+            alone = torch.tensor([row_lengths[i][r] for i in range(L)])
+            kr, vr = [k[r:r + 1].clone() for k in kb], [v[r:r + 1].clone() for v in vb]
+            want = s.step(ids[r:r + 1], pos[r:r + 1], kr, vr, alone)
+            assert (got[r] - want[0]).abs().max().item() < 1e-4
+            ar = [a[r:r + 1].clone() for a in att]
+            qr = [torch.zeros(1, 4, 3, 16) for _ in range(L)]
+            want_scored = s.step_scored(ids[r:r + 1], pos[r:r + 1], [k[r:r + 1].clone() for k in kb],
+                                        [v[r:r + 1].clone() for v in vb], alone, ar, 0.5, qr,
+                                        torch.tensor([0, 1]), [b[r:r + 1] for b in bias])
+            assert (got_scored[r] - want_scored[0]).abs().max().item() < 1e-4
+            for i in range(L):
+                n = row_lengths[i][r]
+                assert (k2[i][r, :, :n + 2] - kr[i][0, :, :n + 2]).abs().max().item() < 1e-5
+                assert torch.equal(k2[i][r, :, :n], kb[i][r, :, :n])  # the row's valid slots untouched
+                assert torch.equal(k2[i][r, :, n + 2:], kb[i][r, :, n + 2:])  # nothing past its new ones
+                assert torch.equal(v2[i][r, :, n + 2:], vb[i][r, :, n + 2:])
+                assert (att3[i][r] - ar[i][0]).abs().max().item() < 1e-5
+                assert (qb[i][r] - qr[i][0]).abs().max().item() < 1e-5
+        assert att3[1][1, 2, 0].item() == 0.5 * att[1][1, 2, 0].item()  # hidden: no new mass
+        for bad in (torch.zeros(L, B + 1, dtype=torch.long), torch.zeros(L + 1, B, dtype=torch.long)):
+            try:
+                s.step(ids, pos, kb, vb, bad)
+                raise AssertionError("misshapen lengths were accepted")
+            except torch.jit.Error as e:
+                assert "lengths" in str(e)
 
 
 def test_lm_logits_matches_forward():

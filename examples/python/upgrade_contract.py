@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Re-save a contract model file with this checkout's kvc_model.py (today: contract version 4),
+"""Re-save a contract model file with this checkout's kvc_model.py (today: contract version 5),
 keeping its weights bit for bit, its config facts and its tokenizer.
 
 A version-1 file still works for kvbench's `original` positions and for `cache` positions when
 every layer keeps the same number of tokens; per-layer positions (skip_layers, pyramid_kv under
 `--positions cache`) need version 2; attention-aware policies (h2o_attention, h2o, snapkv, tova)
 need version 3's scored methods; per-head budgets (adakv_snapkv, adakv_h2o) need version 4's
-slot_bias. Re-exporting from the checkpoint (export_pythia.py, export_small_model.py) gives the
-same result; this script needs only the old file.
+slot_bias; one-pass evaluation (kvbench --one-pass) needs version 5's per-row lengths.
+Re-exporting from the checkpoint (export_pythia.py, export_small_model.py) gives the same
+result; this script needs only the old file.
 
 Run it with the PyTorch that the C++ driver links against (1.13 on Debian 12), so that the
 file stays loadable there. It checks that the new file's logits equal the old file's.

@@ -1,5 +1,5 @@
 #pragma once
-// A TorchScript model that follows docs/MODEL_CONTRACT.md (versions 1 to 4). Part of
+// A TorchScript model that follows docs/MODEL_CONTRACT.md (versions 1 to 5). Part of
 // kvcompress::runtime: needs <torch/script.h>.
 #include <kvcompress/params.hpp>
 #include <kvcompress/runtime/tokenizer.hpp>
@@ -25,10 +25,13 @@ struct ModelInfo {
   int64_t contract_version = 1;
   /// Version 2: position_ids may be [num_layers, B, T], one position per layer.
   bool per_layer_positions() const { return contract_version >= 2; }
+  /// Version 5: `step`'s lengths may be [num_layers, B], one valid length per row (rows that
+  /// hold different caches, as one-pass evaluation runs them).
+  bool per_row_lengths() const { return contract_version >= 5; }
 };
 
 /// Contract versions this runtime reads.
-constexpr int64_t kMinContractVersion = 1, kMaxContractVersion = 4;
+constexpr int64_t kMinContractVersion = 1, kMaxContractVersion = 5;
 
 /// The first line of an exception's message, without LibTorch's backtrace.
 inline std::string first_line(const std::exception& e) {
