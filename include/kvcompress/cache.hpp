@@ -52,21 +52,15 @@ class StaticCache {
                   std::to_string(num_layers) + " layers");
     if (!options.has_dtype() || !detail::is_supported_dtype(options.dtype().toScalarType()))
       throw Error("StaticCache: dtype must be float32, float16, bfloat16 or float64");
-    int64_t max_cap = 0;
-    for (int64_t c : capacity) {
+    for (int64_t c : capacity)
       if (c < 1) throw Error("StaticCache: capacity must be >= 1, got " + std::to_string(c));
-      max_cap = std::max(max_cap, c);
-    }
-    const auto pos_options = options.dtype(at::kLong);
     try {
       for (int64_t c : capacity) {
         check_elements(batch, heads, c, head_dim);
         keys_.push_back(at::zeros({batch, heads, c, head_dim}, options));
         values_.push_back(at::zeros({batch, heads, c, head_dim}, options));
-        positions_.push_back(at::zeros({batch, heads, c}, pos_options));
       }
-      scratch_ = at::empty({batch, heads, max_cap, head_dim}, options);
-      pos_scratch_ = at::empty({batch, heads, max_cap}, pos_options);
+      allocate_bookkeeping();
     } catch (const Error&) {
       throw;
     } catch (const std::exception& e) {  // out of memory, most often (c10::Error or std::bad_alloc)
@@ -76,8 +70,51 @@ class StaticCache {
                   " (batch " + std::to_string(batch) + ", heads " + std::to_string(heads) + ", head_dim " +
                   std::to_string(head_dim) + ") on " + options.device().str() + ": " + why.substr(0, why.find('\n')));
     }
-    lengths_.assign(static_cast<size_t>(num_layers), 0);
-    pending_.assign(static_cast<size_t>(num_layers), Pending{});
+  }
+
+  /// Buffers a caller owns, for a cache that lives inside them: per layer keys and values
+  /// [batch, heads, C_l, head_dim] (one row of a larger batch, say, that the caller's model call
+  /// writes into) and, optionally, the masks track_hidden() then uses ([batch, heads, C_l] in the
+  /// keys' dtype). Views are fine: compaction writes through them.
+  struct Storage {
+    std::vector<at::Tensor> keys, values, slot_bias;
+  };
+
+  /// A cache over caller-owned buffers (OnePass runs each row of its batch in one); the slots'
+  /// positions and the scratch space are its own.
+  explicit StaticCache(Storage storage) {
+    const size_t n = storage.keys.size();
+    if (n == 0 || storage.values.size() != n || (!storage.slot_bias.empty() && storage.slot_bias.size() != n))
+      throw Error("StaticCache: storage needs as many value buffers (and slot_bias buffers, if any) as key buffers, "
+                  "at least one; got " + std::to_string(n) + " keys, " + std::to_string(storage.values.size()) +
+                  " values, " + std::to_string(storage.slot_bias.size()) + " slot_bias");
+    const at::Tensor& first = storage.keys[0];
+    if (first.dim() != 4 || !detail::is_supported_dtype(first.scalar_type()))
+      throw Error("StaticCache: storage keys must be [batch, heads, capacity, head_dim] float32, float16, bfloat16 "
+                  "or float64, got " + detail::shape_text(first) + " " + std::string(c10::toString(first.scalar_type())));
+    batch_ = first.size(0);
+    heads_ = first.size(1);
+    head_dim_ = first.size(3);
+    auto like_first = [&first](const at::Tensor& t) {
+      return t.scalar_type() == first.scalar_type() && t.device() == first.device();
+    };
+    for (size_t l = 0; l < n; ++l) {
+      const at::Tensor& k = storage.keys[l];
+      const at::Tensor& v = storage.values[l];
+      const bool ok = k.dim() == 4 && k.size(0) == batch_ && k.size(1) == heads_ && k.size(2) >= 1 &&
+                      k.size(3) == head_dim_ && v.sizes() == k.sizes() && like_first(k) && like_first(v) &&
+                      (storage.slot_bias.empty() || (storage.slot_bias[l].sizes() == k.sizes().slice(0, 3) &&
+                                                     like_first(storage.slot_bias[l])));
+      if (!ok)
+        throw Error("StaticCache: storage layer " + std::to_string(l) + ": keys " + detail::shape_text(k) +
+                    " and values " + detail::shape_text(v) + " must be [" + std::to_string(batch_) + ", " +
+                    std::to_string(heads_) + ", capacity >= 1, " + std::to_string(head_dim_) +
+                    "] like layer 0's, with its dtype and device (slot_bias [batch, heads, capacity])");
+    }
+    keys_ = std::move(storage.keys);
+    values_ = std::move(storage.values);
+    given_bias_ = std::move(storage.slot_bias);
+    allocate_bookkeeping();
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(keys_.size()); }
@@ -122,7 +159,9 @@ class StaticCache {
   /// their tokens by every compaction; new slots are visible. Idempotent.
   void track_hidden() {
     if (!slot_bias_.empty()) return;
-    for (const auto& k : keys_) slot_bias_.push_back(at::zeros({batch_, heads_, k.size(2)}, k.options()));
+    for (const auto& b : given_bias_) slot_bias_.push_back(b.zero_());
+    for (size_t l = slot_bias_.size(); l < keys_.size(); ++l)
+      slot_bias_.push_back(at::zeros({batch_, heads_, keys_[l].size(2)}, keys_[l].options()));
     bias_scratch_ = at::empty({batch_, heads_, scratch_.size(2), 1}, keys_[0].options());
   }
   bool tracks_hidden() const { return !slot_bias_.empty(); }
@@ -260,6 +299,20 @@ class StaticCache {
   }
 
  private:
+  // Positions per slot, scratch space and the valid lengths, for the key buffers in place.
+  void allocate_bookkeeping() {
+    const auto pos_options = keys_[0].options().dtype(at::kLong);
+    int64_t max_cap = 0;
+    for (const auto& k : keys_) {
+      max_cap = std::max(max_cap, k.size(2));
+      positions_.push_back(at::zeros({batch_, heads_, k.size(2)}, pos_options));
+    }
+    scratch_ = at::empty({batch_, heads_, max_cap, head_dim_}, keys_[0].options());
+    pos_scratch_ = at::empty({batch_, heads_, max_cap}, pos_options);
+    lengths_.assign(keys_.size(), 0);
+    pending_.assign(keys_.size(), Pending{});
+  }
+
   size_t at(int64_t layer) const {
     if (layer < 0 || layer >= num_layers())
       throw Error("StaticCache: layer " + std::to_string(layer) + " out of range [0, " +
@@ -372,12 +425,13 @@ class StaticCache {
     int64_t slot = 0, first = 0, count = 0;
   };
 
-  int64_t batch_, heads_, head_dim_;
+  int64_t batch_ = 0, heads_ = 0, head_dim_ = 0;
   std::vector<at::Tensor> keys_, values_, positions_;
   mutable std::vector<Pending> pending_;
   std::vector<int64_t> lengths_;
   std::vector<at::Tensor> attention_;  // empty unless track_attention()
   std::vector<at::Tensor> slot_bias_;  // empty unless track_hidden()
+  std::vector<at::Tensor> given_bias_;  // caller-owned masks for track_hidden() (Storage)
   at::Tensor scratch_, pos_scratch_, att_scratch_, bias_scratch_;
   int64_t since_compression_ = 0;
   // The last compressor's skip_layers and spec, so that a full layer's error can say why.

@@ -75,8 +75,7 @@ class Decoder {
                   detail::shape_text(ids) + " " + std::string(c10::toString(ids.scalar_type())));
     const int64_t t = ids.size(1);
     at::Tensor logits = run(ids, t);
-    fed_ += t;
-    since_compression_ += t;
+    advance(t);
     return logits;
   }
 
@@ -133,6 +132,11 @@ class Decoder {
   virtual void compress_now() = 0;
   virtual void clear() = 0;
 
+  /// Counts t tokens fed.
+  void advance(int64_t t) {
+    fed_ += t;
+    since_compression_ += t;
+  }
   /// How many recent queries the policy scores with (0 = none).
   int64_t window() const { return needs_.queries; }
   /// Original positions of the policy's window of queries now, oldest first.
@@ -315,10 +319,21 @@ class StaticDecoder final : public Decoder {
   /// Buffers of `capacity[l]` slots per layer (one value = every layer; peak_lengths() gives
   /// the exact need). `cuda_graph` replays one-token steps from a graph captured on first use.
   StaticDecoder(ContractModel& model, DecoderOptions options, std::vector<int64_t> capacity, bool cuda_graph = false)
-      : Decoder(model, options),
-        cache_(model.info().num_layers, options.batch, model.info().num_heads, model.info().head_dim,
-               std::move(capacity), at::TensorOptions().dtype(model.dtype()).device(model.device())),
-        use_graph_(cuda_graph) {
+      : StaticDecoder(model, options,
+                      StaticCache(model.info().num_layers, options.batch, model.info().num_heads, model.info().head_dim,
+                                  std::move(capacity), at::TensorOptions().dtype(model.dtype()).device(model.device())),
+                      cuda_graph, nullptr) {}
+
+ private:
+  friend class OnePass;
+
+  // A row of a OnePass batch (`ring` given, maybe empty): the cache lives in the batch's
+  // buffers and the queries' ring in `ring` (per layer [1, H, W, D], W the same for all rows),
+  // and the batch's model call replaces run(). Its accumulated attention is always scored from
+  // the ring (deferred): the rows of one call may decay theirs differently.
+  StaticDecoder(ContractModel& model, DecoderOptions options, StaticCache cache, bool cuda_graph,
+                const std::vector<at::Tensor>* ring)
+      : Decoder(model, options), cache_(std::move(cache)), use_graph_(cuda_graph) {
     if (!model.has_step())
       throw Error("the model has no `step` method (fixed-capacity caches, CUDA graphs); re-export it with "
                   "examples/python/export_pythia.py or export_small_model.py");
@@ -347,19 +362,46 @@ class StaticDecoder final : public Decoder {
     // steps only keep their queries (one small write per layer), and the attention of all the
     // queries since the last compression is computed at once when it is next needed
     // (flush_attention). The same scores, a fraction of the per-step kernels.
-    deferred_ = needs_.attention && options.schedule.kind == Schedule::chunked && options.schedule.slack > 1;
-    // Pending queries never outnumber the tokens a layer can hold, so the ring need not be
-    // larger than the largest capacity, whatever the slack.
+    deferred_ = needs_.attention && ((options.schedule.kind == Schedule::chunked && options.schedule.slack > 1) || ring);
     int64_t largest = 0;
     for (int64_t l = 0; l < layers; ++l) largest = std::max(largest, cache_.capacity(l));
-    ring_ = std::max(window(), deferred_ ? std::min(options.schedule.slack, largest) : 0);
+    ring_ = ring ? (ring->empty() ? 0 : ring->front().size(2)) : ring_size(needs_, options.schedule, largest);
+    if (ring && ring_ < std::max<int64_t>(window(), deferred_ ? 1 : 0))
+      throw Error("StaticDecoder: a query ring of " + std::to_string(ring_) + " slots is too small for " +
+                  options.compressor->spec());
     query_slots_ = at::zeros({ring_ > 0 ? 1 : 0}, long_opts);
     for (int64_t l = 0; l < layers && ring_ > 0; ++l) {
-      query_buffers_.push_back(at::zeros({options.batch, model.info().num_heads, ring_, model.info().head_dim},
-                                         at::TensorOptions().dtype(model.dtype()).device(model.device())));
+      query_buffers_.push_back(ring ? (*ring)[static_cast<size_t>(l)]
+                                    : at::zeros({options.batch, model.info().num_heads, ring_, model.info().head_dim},
+                                                at::TensorOptions().dtype(model.dtype()).device(model.device())));
       query_list_.push_back(query_buffers_.back());
     }
   }
+
+  // Queries a decoder keeps: the policy's window, or under a chunked schedule (deferred
+  // attention) those since the last compression. Pending queries never outnumber the tokens a
+  // layer can hold, so the ring need not be larger than the largest capacity, whatever the slack.
+  static int64_t ring_size(const Needs& needs, const Schedule& schedule, int64_t largest) {
+    const bool deferred = needs.attention && schedule.kind == Schedule::chunked && schedule.slack > 1;
+    return std::max(needs.queries, deferred ? std::min(schedule.slack, largest) : 0);
+  }
+
+  // OnePass's step for this row: what run() does before and after the model call.
+  void before_batch_step() {
+    cache_.require_room(1);
+    if (deferred_ && fed_ - flushed_ >= ring_) flush_attention();
+  }
+  void after_batch_step() {
+    cache_.commit_step(1, fed_);
+    advance(1);
+  }
+  // Position of the next token in every layer, [num_layers] on the host.
+  at::Tensor next_layer_positions() const {
+    return next_positions(options_.positions, fed_, cache_.lengths(), 1, 1, true, at::kCPU).view({-1})
+        .expand({cache_.num_layers()});
+  }
+
+ public:
 
   /// The cache, its accumulated attention brought up to date. Compress through the decoder
   /// (maybe_compress): compacting the cache directly would misplace attention still pending.
