@@ -708,8 +708,7 @@ TEST(OnePass, ASingleRowIsItsSeparatePassBitwise) {
       const std::vector<rt::DecoderOptions> rows{options(c.get(), rule)};
       const std::vector<rt::RunMetrics> got = evaluate_rows(model(), rows, tokens);
       rt::RunMetrics separate;
-      auto d = rt::make_decoder(model(), rows[0], true, 120, 1);
-      rt::evaluate(*d, tokens, separate);
+      evaluate_concat(c.get(), tokens, separate, rule);
       EXPECT_EQ(got[0].token_nll, separate.token_nll);
       EXPECT_EQ(got[0].hits, separate.hits);
       ++compared;

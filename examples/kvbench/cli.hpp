@@ -53,6 +53,8 @@ struct Options {
   bool results = true;     // write the results folder
   std::string out_dir, run_name;
   std::string trace;       // JSON lines of what each compression kept
+  int one_pass = -1;       // evaluate every run as a row of one batch; -1: when two or more runs evaluate
+  int64_t workers = 0;     // host threads of the one pass; 0: the machine's cores on a CPU, 1 on CUDA
 
   bool static_cache() const { return !schedule.empty() || cuda_graph; }
   rt::PositionRule rule() const { return positions == "cache" ? rt::PositionRule::cache : rt::PositionRule::original; }
@@ -140,6 +142,20 @@ inline Options parse_args(int argc, char** argv) {
            [&o] { o.cuda_graph = true; });
   cli.count("--batch", o.batch, 1, runtime, "rows of the generation measurement (default 1)");
   cli.count("--prefill-chunk", o.prefill_chunk, 0, runtime, "feed the generation prompt N tokens per step (default 0: at once)");
+  cli.flag("--one-pass", runtime,
+           "evaluate every run as a row of one batched decode (fixed-capacity\n"
+           "cache; default when two or more runs evaluate; contract version 5)",
+           [&o] {
+             if (o.one_pass == 0) fail("give either --one-pass or --no-one-pass, not both");
+             o.one_pass = 1;
+           });
+  cli.count("--workers", o.workers, 1, runtime,
+            "host threads that share the one pass's model calls and compressions\n"
+            "(default: the machine's cores on cpu, 1 on cuda)");
+  cli.flag("--no-one-pass", runtime, "evaluate the runs one at a time", [&o] {
+    if (o.one_pass == 1) fail("give either --one-pass or --no-one-pass, not both");
+    o.one_pass = 0;
+  });
   cli.flag("--no-eval", runtime, "skip the perplexity evaluation (generation measurement only)", [&o] { o.eval = false; });
   cli.count("--generate", o.generate, 0, runtime, "new tokens of the timed greedy generation (default 32; 0 = off)");
   cli.count("--prompt-tokens", o.prompt_tokens, 1, runtime, "prompt length of the generation (default 512)");
@@ -172,6 +188,8 @@ inline Options parse_args(int argc, char** argv) {
   if ((o.compare_all || o.compare_attention) && o.budgets.empty()) fail("--budgets needs at least one budget");
   for (int64_t b : o.budgets)
     if (b < 16) fail("--budgets: each budget must be >= 16, got " + std::to_string(b));
+  if (o.workers > 256) fail("--workers must be <= 256, got " + std::to_string(o.workers));
+  if (o.one_pass == 1 && !o.eval) fail("--one-pass is a way to evaluate: it cannot go with --no-eval");
   if (!o.trace.empty() && !o.eval) fail("--trace records the evaluation's compressions: it cannot go with --no-eval");
   if (!o.results && (!o.out_dir.empty() || !o.run_name.empty())) fail("--no-results cannot go with --out or --run-name");
   if (!o.out_dir.empty() && !o.run_name.empty()) fail("give either --out or --run-name, not both");

@@ -12,10 +12,36 @@
 
 #include <ATen/Parallel.h>
 
+#include <dlfcn.h>
+
 #include <cstdio>
+#include <thread>
 
 namespace kvbench {
 namespace {
+
+// OpenBLAS keeps a thread pool of its own, which at::set_num_threads does not size. A scope that
+// caps it at n threads (n > 0) and restores it; nothing where LibTorch links another BLAS.
+class BlasThreads {
+ public:
+  explicit BlasThreads(int n) {
+    get_ = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+    set_ = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+    if (n <= 0 || !get_ || !set_) return;
+    previous_ = get_();
+    set_(n);
+  }
+  ~BlasThreads() {
+    if (previous_ > 0) set_(previous_);
+  }
+  BlasThreads(const BlasThreads&) = delete;
+  BlasThreads& operator=(const BlasThreads&) = delete;
+
+ private:
+  int (*get_)() = nullptr;
+  void (*set_)(int) = nullptr;
+  int previous_ = 0;
+};
 
 // Under the cache rule a version-1 model takes one position for all layers: refuse up front a
 // run whose layers would hold different numbers of tokens (the decoder would stop mid-run).
@@ -89,6 +115,22 @@ int run(int argc, char** argv) {
     fail("--recompute-reference: --window " + std::to_string(window) + " exceeds the model's context " +
          std::to_string(info.max_positions));
 
+  // One pass: every run that evaluates (all but the re-computation oracle) a row of one batch.
+  std::vector<size_t> rows;
+  for (size_t r = 0; r < runs.size(); ++r)
+    if (!runs[r].recompute) rows.push_back(r);
+  EvalPass pass;
+  pass.one_pass = o.eval && !rows.empty() && (o.one_pass == 1 || (o.one_pass < 0 && rows.size() >= 2));
+  pass.rows = pass.one_pass ? static_cast<int64_t>(rows.size()) : 0;
+  pass.workers = o.workers > 0 ? o.workers : device.is_cuda() ? 1 : std::max<int64_t>(1, std::thread::hardware_concurrency());
+  pass.workers = std::min(pass.workers, std::max<int64_t>(pass.rows, 1));
+  if (pass.one_pass && o.one_pass < 0 && !info.per_row_lengths()) {
+    pass = EvalPass{};
+    std::printf("note: evaluating one method at a time: %s is contract version %lld, and one pass needs version 5 "
+                "(examples/python/upgrade_contract.py upgrades it)\n",
+                o.model.c_str(), (long long)info.contract_version);
+  }
+
   std::printf("model %s: %lld layers, %lld heads x %lld, vocab %lld, context %lld, contract v%lld; %s/%s\n",
               info.name.c_str(), (long long)info.num_layers, (long long)info.num_heads, (long long)info.head_dim,
               (long long)info.vocab_size, (long long)info.max_positions, (long long)info.contract_version,
@@ -98,6 +140,11 @@ int run(int argc, char** argv) {
               !o.static_cache() ? "concatenating cache"
               : (std::string("static cache, ") + o.schedule + (o.schedule == "chunked" ? " (slack " + std::to_string(o.slack) + ")" : "") +
                  (o.cuda_graph ? ", CUDA graph" : "")).c_str());
+  if (pass.one_pass)
+    std::printf("evaluation: one pass, %lld runs as the rows of one batched decode (static cache, %s%s; %lld "
+                "worker%s); TTFT and TPOT from each method's own generation\n",
+                (long long)pass.rows, o.schedule == "chunked" ? ("chunked, slack " + std::to_string(o.slack)).c_str() : "every",
+                o.cuda_graph ? ", CUDA graph" : "", (long long)pass.workers, pass.workers == 1 ? "" : "s");
   if (o.generate > 0)
     std::printf("generation: %lld-token prompt, %lld new tokens, batch %lld, %lld repeats (median, min-max)\n",
                 (long long)o.prompt_tokens, (long long)o.generate, (long long)o.batch, (long long)o.repeats);
@@ -112,15 +159,18 @@ int run(int argc, char** argv) {
     o.prompt_tokens = static_cast<int64_t>(prompt.size());
   }
 
-  // One decoder per (method, measurement): the fixed-capacity one is sized for its tokens.
-  auto decoder = [&](const kvc::Compressor* c, int64_t batch, int64_t total, int64_t first_chunk) {
+  auto decoder_options = [&](const kvc::Compressor* c, int64_t batch) {
     rt::DecoderOptions d;
     d.compressor = c;
     d.positions = o.rule();
     d.schedule = o.compression_schedule();
     d.batch = batch;
     d.track_positions = trace.enabled();
-    return rt::make_decoder(model, d, o.static_cache(), total, first_chunk, o.cuda_graph);
+    return d;
+  };
+  // One decoder per (method, measurement): the fixed-capacity one is sized for its tokens.
+  auto decoder = [&](const kvc::Compressor* c, int64_t batch, int64_t total, int64_t first_chunk) {
+    return rt::make_decoder(model, decoder_options(c, batch), o.static_cache(), total, first_chunk, o.cuda_graph);
   };
   auto evaluate = [&](const kvc::Compressor* c, const std::vector<int64_t>& tokens, rt::RunMetrics& m,
                       const rt::EvalOptions& eo) {
@@ -159,6 +209,72 @@ int run(int argc, char** argv) {
   // use new buffers and a new graph capture, so their spread covers the drift and the placement
   // that differ between two invocations, not only the jitter of back-to-back steps.
   const bool timed = o.generate > 0;
+  if (pass.one_pass) {
+    std::vector<rt::DecoderOptions> row_options;
+    for (size_t r : rows) row_options.push_back(decoder_options(runs[r].compressor.get(), 1));
+    rt::OnePass batch(model, row_options, longest, o.cuda_graph, pass.workers);
+    // Each worker runs its own BLAS calls: OpenBLAS's own threads would only compete for the
+    // same cores (measured here: the batched step 17.5 ms with them off, 24 ms with them on).
+    const BlasThreads single_blas(pass.workers > 1 ? 1 : 0);
+    {  // untimed: the batch's shapes, as the warm-up above does for one run
+      std::vector<rt::RunMetrics> scratch(rows.size());
+      const auto& first = samples.front().tokens;
+      rt::evaluate_one_pass(batch, std::vector<int64_t>(first.begin(), first.begin() + std::min<size_t>(8, first.size())),
+                            scratch);
+    }
+    const auto start = std::chrono::steady_clock::now();
+    progress.start_run("one pass", 1, 1);
+    memory.reset();
+    std::vector<rt::RunMetrics> metrics(rows.size());
+    int64_t peak = -1;
+    for (size_t s = 0; s < samples.size(); ++s) {
+      rt::EvalOptions eo;
+      eo.baseline_skip = o.skip_layers;
+      eo.window = window;
+      eo.memory = window > 0 ? &memory : nullptr;
+      int64_t reported = 0;
+      eo.progress = [&](int64_t done, int64_t total) {
+        progress.add_work(static_cast<double>((done - reported) * pass.rows));
+        reported = done;
+        progress.eval(s + 1, samples.size(), done, total, metrics.front().ppl());
+      };
+      if (trace.enabled())
+        eo.on_compressed = [&](int64_t step, const rt::Decoder& d) {
+          for (size_t i = 0; i < rows.size(); ++i)
+            if (&batch.row(static_cast<int64_t>(i)) == &d) trace.record(runs[rows[i]].label, static_cast<int64_t>(s), step, d);
+        };
+      rt::evaluate_one_pass(batch, samples[s].tokens, metrics, eo);
+      pass.step_s.push_back(metrics.front().sample_step_s.back());
+    }
+    peak = memory.peak_bytes();
+    for (const auto& w : metrics.front().windows) peak = std::max(peak, w.peak_memory_bytes);
+    pass.peak_memory_bytes = peak;
+    pass.seconds = rt::detail::seconds_since(start);
+    // Per method, the step time and peak memory of a shared batch would mislead: the pass's are
+    // reported once (EvalPass), each method's own come from its generation.
+    for (size_t i = 0; i < rows.size(); ++i) {
+      Run& run = runs[rows[i]];
+      run.metrics = std::move(metrics[i]);
+      run.metrics.sample_step_s.clear();
+      run.metrics.peak_memory_bytes = -1;
+      run.held_before_bytes = 0;
+    }
+    std::string calls;
+    for (const auto& g : batch.groups()) {
+      std::string rows_text;
+      for (int64_t r : g.rows) rows_text += (rows_text.empty() ? "" : ",") + std::to_string(rows[static_cast<size_t>(r)] + 1);
+      calls += (calls.empty() ? "" : "; ") + rows_text +
+               (g.shared > 0 ? " (layers 0-" + std::to_string(g.shared - 1) + " once)" : "");
+    }
+    pass.calls = static_cast<int64_t>(batch.groups().size());
+    std::printf("one pass: %lld rows x %lld tokens in %s (%.2f ms per step of all rows); %lld model calls per step, "
+                "runs %s\n",
+                (long long)pass.rows, (long long)total_tokens, duration_text(pass.seconds).c_str(),
+                1e3 * pass.seconds / static_cast<double>(std::max<int64_t>(total_tokens, 1)), (long long)pass.calls,
+                calls.c_str());
+    for (size_t i = 0; i < rows.size(); ++i)
+      print_run_line(runs[rows[i]], rows[i] + 1, runs.size(), baseline_of(runs), timed);
+  }
   for (size_t r = 0; r < runs.size(); ++r) {
     Run& run = runs[r];
     const auto run_start = std::chrono::steady_clock::now();
@@ -173,6 +289,7 @@ int run(int argc, char** argv) {
       print_run_line(run, r + 1, runs.size(), baseline_of(runs), false);
       continue;
     }
+    if (pass.one_pass) continue;  // evaluated above
     for (size_t s = 0; o.eval && s < samples.size(); ++s) {
       rt::EvalOptions eo;
       eo.baseline_skip = o.skip_layers;
@@ -218,9 +335,9 @@ int run(int argc, char** argv) {
     }
   }
   trace.close();
-  print_tables(o, runs);
+  print_tables(o, runs, pass);
   print_windows(runs);
-  const Json results = results_json(o, model, samples, runs, window);
+  const Json results = results_json(o, model, samples, runs, window, pass);
   if (!o.json.empty()) write_atomically("--json", o.json, results.dump(1) + "\n");
   if (!o.csv.empty()) write_atomically("--csv", o.csv, results_csv(results));
   if (o.results) {

@@ -217,8 +217,19 @@ inline void put(Json& j, const std::string& key, const Spread& s) {
   j[key + "_max"] = number(s.max);
 }
 
+/// How the runs were evaluated: one at a time, or as the rows of one batch (OnePass).
+struct EvalPass {
+  bool one_pass = false;
+  int64_t rows = 0;            ///< runs in the one pass
+  int64_t workers = 1;         ///< host threads it ran on
+  int64_t calls = 0;           ///< model calls per step (groups of rows)
+  double seconds = 0;          ///< its wall time over every sample (warm-up excluded)
+  std::vector<double> step_s;  ///< per sample, the mean time of one batched step (all rows)
+  int64_t peak_memory_bytes = -1;
+};
+
 inline Json results_json(const Options& o, const rt::ContractModel& model, const std::vector<Sample>& samples,
-                         const std::vector<Run>& runs, int64_t window) {
+                         const std::vector<Run>& runs, int64_t window, const EvalPass& pass) {
   int64_t tokens = 0;
   for (const auto& s : samples) tokens += static_cast<int64_t>(s.tokens.size());
   const bool cuda = model.device().is_cuda();
@@ -247,6 +258,20 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
   j["prompt_tokens"] = o.prompt_tokens;
   j["batch"] = o.batch;
   j["repeats"] = o.repeats;
+  // Which pass gave which figure: quality from the evaluation (separate passes, or one batched
+  // pass whose step serves every row), timings from each method's own generation measurement.
+  Json ev;
+  ev["mode"] = !o.eval ? "none" : pass.one_pass ? "one_pass" : "separate";
+  if (pass.one_pass) {
+    ev["rows"] = pass.rows;
+    ev["workers"] = pass.workers;
+    ev["calls_per_step"] = pass.calls;
+    ev["runtime"] = "static";
+    ev["seconds"] = number(pass.seconds);
+    put(ev, "step_s", Spread::of(pass.step_s));
+    ev["peak_memory_bytes"] = pass.peak_memory_bytes;
+  }
+  j["evaluation"] = ev;
   // Which clock gave each timing: the host's steady clock around synchronised work, or the
   // device's (CUDA events) for the compression share.
   j["clock"] = {{"ttft_s", "host"}, {"tpot_s", "host"}, {"throughput_tok_s", "host"}, {"eval_step_s", "host"},
@@ -255,10 +280,16 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
       {"ttft_s", "generation: prompt prefill, its compression and the first new token; median over repeats"},
       {"tpot_s", "generation: each new token after the first (decode step and compression); median over repeats"},
       {"throughput_tok_s", "generation: batch rows / TPOT; median over repeats"},
-      {"eval_step_s", "evaluation: mean step (feed, score, compress) of one pass per sample; min/max over samples"},
-      {"peak_memory_bytes", cuda ? "the CUDA allocator's peak during the run; held_before_bytes: what earlier runs "
-                                   "still held when it started (included in the peak)"
-                                 : "the process's peak resident set during the run"},
+      {"eval_step_s", pass.one_pass
+                          ? "evaluation ran as one batched pass: null per method; evaluation.step_s is the batch's "
+                            "mean step (feed every row, score, compress each row), min/max over samples"
+                          : "evaluation: mean step (feed, score, compress) of one pass per sample; min/max over samples"},
+      {"peak_memory_bytes", std::string(cuda ? "the CUDA allocator's peak during the run; held_before_bytes: what "
+                                               "earlier runs still held when it started (included in the peak)"
+                                             : "the process's peak resident set during the run") +
+                                (pass.one_pass ? "; with one-pass evaluation the generation measurement's only "
+                                                 "(evaluation.peak_memory_bytes is the batch's)"
+                                               : "")},
       {"warmup", "untimed: one evaluation of 8 tokens and one generation before the first run; every generation "
                  "repeat runs on a fresh decoder, warmed up twice first (prefill, its compression, decode up to a "
                  "compression)"}};
@@ -382,7 +413,12 @@ inline void print_run_line(const Run& r, size_t index, size_t count, const Run* 
   }
   std::printf("[%zu/%zu] %-20s %s  cache %lld", index, count, r.label.c_str(), quality.c_str(), (long long)kept_tokens(r));
   if (t.tpot.measured()) std::printf("  TPOT %s ms", ms_spread(t.tpot).c_str());  // TTFT: the speed table
-  std::printf("  (%s%s)\n", duration_text(r.seconds).c_str(), timings_pending ? "; timed later" : "");
+  // A row of a one-pass evaluation has no time of its own until its generation has run.
+  const std::string took = r.seconds > 0 ? duration_text(r.seconds) : "";
+  const std::string pending = timings_pending ? "timed later" : "";
+  if (!took.empty() || !pending.empty())
+    std::printf("  (%s%s%s)", took.c_str(), !took.empty() && !pending.empty() ? "; " : "", pending.c_str());
+  std::printf("\n");
   std::fflush(stdout);
 }
 
@@ -439,13 +475,18 @@ inline void print_wide_table(const std::vector<Run>& runs) {
   }
 }
 
-inline void print_tables(const Options& o, const std::vector<Run>& runs) {
+inline void print_tables(const Options& o, const std::vector<Run>& runs, const EvalPass& pass) {
   if (o.wide) {
     print_wide_table(runs);
   } else {
     if (o.eval) print_quality_table(runs);
     if (o.generate > 0) print_speed_table(o, runs);
   }
+  if (pass.one_pass)
+    std::printf("(quality from one pass of %lld rows: %s, %.2f ms per batched step; %s)\n", (long long)pass.rows,
+                duration_text(pass.seconds).c_str(), 1e3 * Spread::of(pass.step_s).median,
+                o.generate > 0 ? "peak memory and timings from each method's own generation"
+                               : "no per-method timings or peak memory: --generate N measures them");
   for (const auto& r : runs)
     for (const auto& w : r.metrics.warnings) std::printf("warning: %s: %s\n", r.label.c_str(), w.c_str());
 }

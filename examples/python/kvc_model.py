@@ -595,7 +595,10 @@ class KVCModel(nn.Module):
         tokens in a dense cache); an empty list = none. Version 5: lengths may be
         [num_layers, B], each row's own valid length per layer (rows of one batch that hold
         different caches): row b's new tokens go to its slots lengths[i, b] .. and it attends to
-        its own valid slots only."""
+        its own valid slots only. And a prefix of layers may have buffers (and attention, query
+        and slot_bias buffers) of one row while the batch has B > 1: those layers run once, on row
+        0, and every row continues from their output -- for rows that feed the same tokens and
+        keep those layers uncompressed, whose keys and values there are the same."""
         if len(key_buffers) != self.num_layers or len(value_buffers) != self.num_layers:
             raise RuntimeError("kvc model: got {} key and {} value buffers, expected {} each"
                                .format(len(key_buffers), len(value_buffers), self.num_layers))
@@ -609,7 +612,15 @@ class KVCModel(nn.Module):
                                "(or none)".format(len(attention_buffers), len(query_buffers), len(slot_bias),
                                                   self.num_layers))
         self.check_positions(input_ids, position_ids)
-        x = self.embed_in(input_ids)
+        rows = input_ids.size(0)
+        # Version 5: a prefix of layers whose buffers hold one row while the batch holds more is
+        # shared: it runs once, on row 0, and every row continues from its output (rows that feed
+        # the same tokens and keep those layers whole hold the same keys and values there).
+        shared = 0
+        if rows > 1:
+            while shared < self.num_layers and key_buffers[shared].size(0) == 1:
+                shared += 1
+        x = self.embed_in(input_ids[:1] if shared > 0 else input_ids)
         cos, sin = self.rotation(position_ids, x.dtype)
         per_layer = position_ids.dim() == 3
         # Slots and masks of all layers at once (a handful of kernels per step, not per layer).
@@ -631,23 +642,33 @@ class KVCModel(nn.Module):
         n = query_slots.size(0)
         for i, layer in enumerate(self.layers):
             kb = key_buffers[i]
+            if i == shared and shared > 0:
+                x = x.expand(rows, x.size(1), x.size(2)).contiguous()
+            if kb.size(0) != x.size(0):
+                raise RuntimeError("kvc model: layer {} buffers hold {} rows for a batch of {} (only a prefix of "
+                                   "layers may hold 1 row, shared by every row)".format(i, kb.size(0), rows))
             if per_row:
-                b = bias[i, :, :, :kb.size(2)].unsqueeze(1)  # [B, 1, T, C_i]
+                b = bias[i, :x.size(0), :, :kb.size(2)].unsqueeze(1)  # [B, 1, T, C_i]
                 if want_bias:
                     b = b + slot_bias[i].unsqueeze(2)  # [B, H, T, C_i]
             else:
                 b = bias[i, :, :kb.size(2)]
                 if want_bias:
                     b = b.unsqueeze(0).unsqueeze(0) + slot_bias[i].unsqueeze(2)  # [B, H, T, C_i]
+            layer_slots = slots[i, :x.size(0)] if per_row else slots[i]
             if per_layer:
-                x, q, mass = layer.step(x, cos[i], sin[i], kb, value_buffers[i], slots[i], b, want_mass)
+                x, q, mass = layer.step(x, cos[i, :x.size(0)], sin[i, :x.size(0)], kb, value_buffers[i], layer_slots, b,
+                                        want_mass)
             else:
-                x, q, mass = layer.step(x, cos, sin, kb, value_buffers[i], slots[i], b, want_mass)
+                x, q, mass = layer.step(x, cos[:x.size(0)], sin[:x.size(0)], kb, value_buffers[i], layer_slots, b,
+                                        want_mass)
             if want_mass:
                 ab = attention_buffers[i]
                 torch.add(mass, ab, alpha=decay, out=ab)
             if want_queries and n > 0:
                 query_buffers[i].index_copy_(2, query_slots, q[:, :, t - n:])
+        if x.size(0) != rows:  # every layer shared
+            x = x.expand(rows, x.size(1), x.size(2)).contiguous()
         return self.embed_out(self.final_layer_norm(x)).float()
 
 

@@ -332,6 +332,41 @@ def test_per_row_lengths_run_each_row_as_its_own_cache():
                 assert "lengths" in str(e)
 
 
+def test_shared_prefix_layers_run_once_for_every_row():
+    """Contract version 5. Rows that feed the same tokens and keep layer 0 whole may share its
+    buffers ([1, H, C, D]): it runs once, on row 0, and every row gets what it would have got
+    with its own copy of that layer; a shared layer after an unshared one is refused."""
+    m = tiny_model(10)
+    s = torch.jit.script(m)
+    B, C, L = 3, 12, 3
+    torch.manual_seed(2)
+    k0, v0 = torch.randn(1, 4, C, 16), torch.randn(1, 4, C, 16)
+    kb = [torch.randn(B, 4, C, 16) for _ in range(L)]
+    vb = [torch.randn(B, 4, C, 16) for _ in range(L)]
+    kb[0], vb[0] = k0.expand(B, 4, C, 16).clone(), v0.expand(B, 4, C, 16).clone()
+    lengths = torch.tensor([[6, 6, 6], [6, 2, 4], [5, 3, 6]])
+    ids = torch.full((B, 1), 11)
+    pos = torch.tensor([[[6], [6], [6]], [[6], [2], [4]], [[5], [3], [6]]])
+    with torch.no_grad():
+        own_k, own_v = [k.clone() for k in kb], [v.clone() for v in vb]
+        want = s.step(ids, pos, own_k, own_v, lengths)
+        sk = [k0.clone()] + [k.clone() for k in kb[1:]]
+        sv = [v0.clone()] + [v.clone() for v in vb[1:]]
+        got = s.step(ids, pos, sk, sv, lengths)
+        assert (got - want).abs().max().item() < 1e-4
+        assert (sk[0][0, :, :7] - own_k[0][1, :, :7]).abs().max().item() < 1e-5
+        assert torch.equal(sk[1], own_k[1]) or (sk[1] - own_k[1]).abs().max().item() < 1e-5
+        bad_k = [k.clone() for k in kb]
+        bad_k[1] = bad_k[1][:1].clone()
+        bad_v = [v.clone() for v in vb]
+        bad_v[1] = bad_v[1][:1].clone()
+        try:
+            s.step(ids, pos, bad_k, bad_v, lengths)
+            raise AssertionError("a shared layer after an unshared one was accepted")
+        except torch.jit.Error as e:
+            assert "prefix" in str(e)
+
+
 def test_lm_logits_matches_forward():
     m = tiny_model(2)
     ids = torch.randint(0, 97, (2, 17))

@@ -98,6 +98,12 @@ class ContractModel {
                 "examples/python/export_pythia.py, which embeds the checkpoint's tokenizer.json");
   }
   const std::string& config_json() const { return config_json_; }
+  /// Bytes of the model's parameters (what one call streams from memory at least once).
+  int64_t parameter_bytes() const {
+    int64_t bytes = 0;
+    for (const auto& p : module_.parameters()) bytes += static_cast<int64_t>(p.numel() * p.element_size());
+    return bytes;
+  }
   at::Device device() const { return device_; }
   at::ScalarType dtype() const { return dtype_; }
 
