@@ -5,12 +5,17 @@ of the right type and range, the CSV equal to the JSON, and what the run was ask
 Usage: check_kvbench_results.py --json F [--csv F] [--compare-all] [--labels L1,L2,...]
                                 [--cache LABEL=N ...] [--expect KEY=VALUE ...] [--no-eval]
                                 [--spec LABEL=SPEC ...] [--gen KEY=VALUE ...] [--gen-cache LABEL=N ...]
+                                [--evaluation MODE] [--same-quality-as F]
 
 --compare-all  the results are README's main command: the baseline, then the course project's
                compare-all table at 512 and 1024 (labels and canonical specs written out below
                from ../shared/SEED_ALGORITHMS.md, independently of kvbench's code), each row's
                cache at the size its rule keeps for a text longer than the budget.
 --cache L=N    result L ends with N cache tokens; --expect K=V: top-level field K equals V.
+--evaluation   how the runs were evaluated: one_pass, separate or none.
+--same-quality-as F  every result's PPL within 1e-4 relative of F's result of the same label,
+               its accuracy within one token per 2,000 scored (at least one token), its cache
+               the same: the one-pass evaluation against the separate passes (issue #13).
 """
 import argparse
 import csv
@@ -78,7 +83,45 @@ TOP = {  # field: check
     "clock": lambda v: isinstance(v, dict) and set(v) == set(TIMINGS) | {"compress_s"}
                        and all(c in ("host", "device") for c in v.values()),
     "timing": lambda v: isinstance(v, dict) and set(TIMINGS) <= set(v) and all(isinstance(x, str) for x in v.values()),
+    "evaluation": lambda v: isinstance(v, dict) and v.get("mode") in ("one_pass", "separate", "none"),
 }
+
+
+def check_evaluation(ev, doc):
+    """The one pass's own figures: its rows, workers, calls, time and peak memory."""
+    if ev["mode"] != "one_pass":
+        if set(ev) != {"mode"}:
+            fail("evaluation %r: figures of a one pass that did not run" % ev)
+        return
+    evaluating = sum(1 for r in doc["results"] if r.get("reference") is None)
+    need = {"rows": lambda v: v == evaluating, "workers": lambda v: isinstance(v, int) and v >= 1,
+            "calls_per_step": lambda v: isinstance(v, int) and 1 <= v <= evaluating, "runtime": lambda v: v == "static",
+            "seconds": positive, "step_s": positive, "step_s_min": positive, "step_s_max": positive,
+            "peak_memory_bytes": lambda v: isinstance(v, int) and (v == -1 or v > 0)}
+    for key, ok in need.items():
+        if key not in ev or not ok(ev[key]):
+            fail("evaluation.%s = %r is missing, or out of type or range" % (key, ev.get(key)))
+    if not ev["step_s_min"] <= ev["step_s"] <= ev["step_s_max"]:
+        fail("evaluation.step_s %r outside its min %r / max %r" % (ev["step_s"], ev["step_s_min"], ev["step_s_max"]))
+
+
+def check_same_quality(doc, path):
+    other = {r["label"]: r for r in json.load(open(path))["results"]}
+    for r in doc["results"]:
+        o = other.get(r["label"])
+        if o is None:
+            fail("%s has no result %r" % (path, r["label"]))
+        if r["ppl"] is None or o["ppl"] is None:
+            continue
+        if abs(r["ppl"] - o["ppl"]) > 1e-4 * o["ppl"]:
+            fail("%s: PPL %r, %s has %r (beyond 1e-4 relative)" % (r["label"], r["ppl"], path, o["ppl"]))
+        scored = r["scored_tokens"]
+        tokens_off = abs(r["accuracy"] - o["accuracy"]) * scored
+        if tokens_off > max(1, scored // 2000) + 1e-6:
+            fail("%s: accuracy %r, %s has %r (%.0f tokens apart of %d)" % (r["label"], r["accuracy"], path,
+                                                                           o["accuracy"], tokens_off, scored))
+        if r["cache_tokens"] != o["cache_tokens"]:
+            fail("%s: %d cache tokens, %s has %d" % (r["label"], r["cache_tokens"], path, o["cache_tokens"]))
 
 # Every result's timings: "<key>" the median over repeats, "<key>_min" and "<key>_max" beside it.
 TIMINGS = ("eval_step_s", "ttft_s", "tpot_s", "throughput_tok_s")
@@ -115,7 +158,7 @@ def check_result(r, doc, evaluated):
     else:
         need.update({k: (lambda v: v is None) for k in ("ppl", "accuracy")})
     # Timings: measured ones positive with min <= median <= max, the others null throughout.
-    measured = {"eval_step_s": evaluated and not recompute,
+    measured = {"eval_step_s": evaluated and not recompute and doc["evaluation"]["mode"] == "separate",
                 "ttft_s": doc["generate"] > 0 and not recompute,
                 "tpot_s": doc["generate"] > 1 and not recompute,
                 "throughput_tok_s": doc["generate"] > 1 and not recompute}
@@ -197,11 +240,16 @@ def main():
     ap.add_argument("--spec", action="append", default=[], help="LABEL=SPEC: that result's canonical spec")
     ap.add_argument("--gen", action="append", default=[], help="KEY=VALUE: every result's generation.KEY")
     ap.add_argument("--gen-cache", action="append", default=[], help="LABEL=N: generation.cache_tokens of LABEL")
+    ap.add_argument("--evaluation", choices=("one_pass", "separate", "none"))
+    ap.add_argument("--same-quality-as", metavar="F")
     a = ap.parse_args()
     doc = json.load(open(a.json))
     for key, ok in TOP.items():
         if key not in doc or not ok(doc[key]):
             fail("top-level %r = %r is missing, or out of type or range" % (key, doc.get(key)))
+    check_evaluation(doc["evaluation"], doc)
+    if a.evaluation and doc["evaluation"]["mode"] != a.evaluation:
+        fail("evaluation.mode %r, expected %s" % (doc["evaluation"]["mode"], a.evaluation))
     if len(doc["inputs"]) != doc["samples"]:
         fail("%d inputs for %d samples" % (len(doc["inputs"]), doc["samples"]))
     for e in a.expect:
@@ -251,6 +299,8 @@ def main():
         got = by_label.get(label, {}).get("generation", {}).get("cache_tokens")
         if got != int(n):
             fail("%s: generation.cache_tokens = %r, expected %s" % (label, got, n))
+    if a.same_quality_as:
+        check_same_quality(doc, a.same_quality_as)
     if a.csv:
         check_csv(a.csv, doc, not a.no_eval)
     print("kvbench results ok: %d results%s" % (len(labels), ", CSV equal" if a.csv else ""))

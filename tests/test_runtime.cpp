@@ -659,10 +659,10 @@ bool expect_row_matches(const rt::RunMetrics& row, const rt::RunMetrics& separat
   return !same;
 }
 
-TEST(OnePass, EveryPolicyAsARowMatchesItsSeparatePass) {
-  // The full cache and every policy (budgets of 40-48, skip_layers [0,1] and [], pyramid_kv's
-  // uneven layers) as the 17 rows of one batch, under both position rules: each row keeps what
-  // its separate fixed-capacity pass keeps, and scores as it does.
+// The full cache and every policy (budgets of 40-48, skip_layers [0,1] and [], pyramid_kv's
+// uneven layers) as the 17 rows of one pass on `m`, under both position rules: each row keeps
+// what its separate fixed-capacity pass keeps, and scores as it does. Returns the near-tie flips.
+int check_every_policy_in_one_pass(rt::ContractModel& m, bool cuda_graph, int64_t workers) {
   const auto tokens = bundled_tokens(150);
   std::vector<std::unique_ptr<kvc::Compressor>> compressors;
   for (const auto& spec : kEveryPolicy) compressors.push_back(kvc::make_compressor(spec));
@@ -670,29 +670,67 @@ TEST(OnePass, EveryPolicyAsARowMatchesItsSeparatePass) {
   for (const auto rule : {rt::PositionRule::original, rt::PositionRule::cache}) {
     std::vector<rt::DecoderOptions> rows{options(nullptr, rule)};
     for (const auto& c : compressors) rows.push_back(options(c.get(), rule));
-    rt::OnePass pass(model(), rows, 150);
+    rt::OnePass pass(m, rows, 150, cuda_graph, workers);
+    EXPECT_EQ(pass.workers(), workers);
     std::vector<rt::RunMetrics> got(rows.size());
     rt::evaluate_one_pass(pass, tokens, got);
     for (size_t r = 0; r < rows.size(); ++r) {
-      SCOPED_TRACE((r == 0 ? std::string("full cache") : kEveryPolicy[r - 1]) + " positions " + rt::to_string(rule));
+      const std::string spec = r == 0 ? "full cache" : kEveryPolicy[r - 1];
+      SCOPED_TRACE(spec + " positions " + rt::to_string(rule));
       rt::RunMetrics separate;
-      auto d = rt::make_decoder(model(), rows[r], true, 150, 1);
+      auto d = rt::make_decoder(m, rows[r], true, 150, 1, cuda_graph);
       rt::evaluate(*d, tokens, separate);
-      const std::string spec = r == 0 ? "" : kEveryPolicy[r - 1];
       const bool scoring = r > 0 && spec.rfind("streaming_llm", 0) != 0 && spec.rfind("recent_only", 0) != 0;
       const bool flipped = expect_row_matches(got[r], separate, scoring);
       flips += flipped ? 1 : 0;
       const rt::Decoder& row = pass.row(static_cast<int64_t>(r));
-      ASSERT_EQ(row.lengths(), d->lengths());
-      for (int64_t l = 0; l < model().info().num_layers && !flipped; ++l) {
+      EXPECT_EQ(row.lengths(), d->lengths());
+      for (int64_t l = 0; l < m.info().num_layers && !flipped; ++l) {
+        const size_t i = static_cast<size_t>(l);
         EXPECT_TRUE(at::equal(row.original_positions(l), d->original_positions(l))) << "layer " << l;
-        EXPECT_TRUE(at::allclose(row.view()[static_cast<size_t>(l)].first, d->view()[static_cast<size_t>(l)].first, 1e-4, 1e-4));
-        EXPECT_TRUE(at::allclose(row.view()[static_cast<size_t>(l)].second, d->view()[static_cast<size_t>(l)].second, 1e-4, 1e-4));
+        EXPECT_TRUE(at::allclose(row.view()[i].first, d->view()[i].first, 1e-4, 1e-4)) << "layer " << l;
+        EXPECT_TRUE(at::allclose(row.view()[i].second, d->view()[i].second, 1e-4, 1e-4)) << "layer " << l;
       }
     }
   }
-  std::printf("one pass: %zu rows x 2 position rules, %d with a near-tie flip\n", kEveryPolicy.size() + 1, flips);
+  std::printf("one pass on %s: %zu rows x 2 position rules, %d with a near-tie flip\n", m.device().str().c_str(),
+              kEveryPolicy.size() + 1, flips);
   EXPECT_LE(flips, 6);  // near-ties are rare: a flip in most rows would be a bug
+  return flips;
+}
+
+TEST(OnePass, EveryPolicyAsARowMatchesItsSeparatePass) { check_every_policy_in_one_pass(model(), false, 1); }
+
+TEST(OnePass, TwoWorkersShareTheCallsAndCompressions) {
+  // Two host workers, each with its own model calls and compressions (the rows split into
+  // groups so that both call the model): every row still matches its separate pass.
+  std::vector<std::unique_ptr<kvc::Compressor>> compressors;
+  std::vector<rt::DecoderOptions> rows{options(nullptr)};
+  for (const auto& spec : kEveryPolicy) {
+    compressors.push_back(kvc::make_compressor(spec));
+    rows.push_back(options(compressors.back().get()));
+  }
+  rt::OnePass pass(model(), rows, 150, false, 2);
+  EXPECT_GE(pass.groups().size(), 2u);
+  check_every_policy_in_one_pass(model(), false, 2);
+  expect_error([&] { rt::OnePass(model(), rows, 150, false, 0); }, "workers must be in [1, 256]");
+}
+
+TEST(OnePass, RowsGroupByCapacityAndShareTheirWholeLayers) {
+  // The full cache beside small budgets: separate calls; rows that all leave layers 0 and 1
+  // whole run those layers once. Every row in exactly one group.
+  auto small = kvc::make_compressor("streaming_llm(start_size=4, recent_size=28, skip_layers=[0,1])");
+  auto other = kvc::make_compressor("h2o_l2(start_size=4, heavy_hitter_size=4, recent_size=24, skip_layers=[0,1,2])");
+  std::vector<rt::DecoderOptions> rows{options(nullptr), options(small.get()), options(other.get()), options(small.get())};
+  rt::OnePass pass(model(), rows, 6000);
+  std::vector<int> seen(rows.size(), 0);
+  for (const auto& g : pass.groups()) {
+    for (int64_t r : g.rows) ++seen[static_cast<size_t>(r)];
+    const bool full = std::find(g.rows.begin(), g.rows.end(), 0) != g.rows.end();
+    if (!full) EXPECT_EQ(g.shared, 2) << "rows that all keep layers 0 and 1 whole share them";
+  }
+  EXPECT_EQ(seen, std::vector<int>(rows.size(), 1));
+  EXPECT_EQ(pass.groups().size(), 2u) << "the full cache of 6,000 tokens apart from budgets of 32";
 }
 
 TEST(OnePass, ASingleRowIsItsSeparatePassBitwise) {
@@ -782,6 +820,13 @@ TEST(OnePass, BadSettingsAreReported) {
 }
 
 // --- CUDA (runs on a GPU machine; skipped elsewhere) -----------------------------------------------
+
+TEST(CudaRuntime, OnePassRowsMatchTheirSeparatePassesWithAndWithoutGraphs) {
+  if (!at::hasCUDA() || !rt::built_with_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA support in this build";
+  static rt::ContractModel gpu = rt::ContractModel::load(kModel, at::Device(at::kCUDA, 0), at::kFloat);
+  check_every_policy_in_one_pass(gpu, false, 1);
+  check_every_policy_in_one_pass(gpu, true, 1);
+}
 
 TEST(CudaRuntime, GraphReplayAgreesWithTheConcatenatingCacheForEveryPolicyAndBothRules) {
   if (!at::hasCUDA() || !rt::built_with_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA support in this build";

@@ -471,7 +471,9 @@ class OnePass {
     }
     StaticDecoder::copy_from_host(g.lengths, lengths);
     StaticDecoder::copy_from_host(g.positions, positions);
-    if (g.ring > 0) StaticDecoder::copy_from_host(g.query_slots, at::full({1}, fed() % g.ring, at::kLong));
+    // The group's own count: another worker may be advancing its rows meanwhile.
+    const int64_t fed = row_at(g.rows.front()).fed();
+    if (g.ring > 0) StaticDecoder::copy_from_host(g.query_slots, at::full({1}, fed % g.ring, at::kLong));
   }
 
   ContractModel& model_;
