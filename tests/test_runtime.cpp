@@ -125,7 +125,8 @@ TEST(Runtime, ModelFollowsTheContract) {
   const auto& info = model().info();
   EXPECT_EQ(info.name, "pg19-neox-tiny");
   EXPECT_EQ(info.num_layers, 6);
-  EXPECT_EQ(info.contract_version, 4);
+  EXPECT_EQ(info.contract_version, 5);
+  EXPECT_TRUE(info.per_row_lengths());
   EXPECT_TRUE(model().has_slot_bias());
   EXPECT_TRUE(model().has_scored());
   EXPECT_TRUE(info.per_layer_positions());
