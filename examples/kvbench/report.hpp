@@ -390,7 +390,11 @@ inline std::string ms_spread(const Spread& s) {
   const double ms = s.median * 1e3, max_ms = s.max * 1e3;
   const int d = ms < 10 ? 3 : ms < 100 ? 2 : 1;
   const int r = max_ms < 10 ? 2 : max_ms < 100 ? 1 : 0;
-  return fixed(s.median * 1e3, d) + " (" + fixed(s.min * 1e3, r) + "-" + fixed(s.max * 1e3, r) + ")";
+  // The range rounded outwards, so that it always contains the median as shown (112.6 ms with
+  // a minimum of 112.6 reads "112.6 (112-116)", not "(113-116)").
+  const double scale = std::pow(10.0, r);
+  return fixed(s.median * 1e3, d) + " (" + fixed(std::floor(s.min * 1e3 * scale) / scale, r) + "-" +
+         fixed(std::ceil(s.max * 1e3 * scale) / scale, r) + ")";
 }
 
 inline const Run* baseline_of(const std::vector<Run>& runs) {
