@@ -800,6 +800,7 @@ TEST(OnePass, BadSettingsAreReported) {
   expect_error([&] { rt::OnePass(model(), {options(nullptr, rt::PositionRule::original, kvc::Schedule::every(), 2)}, 10); },
                "each row is one sequence (batch 1)");
   expect_error([&] { rt::OnePass(model(), {options(nullptr)}, 10, /*cuda_graph=*/true); }, "CUDA");
+  expect_error([&] { rt::OnePass(model(), {options(nullptr)}, 10, false, 300); }, "workers must be in [1, 256], got 300");
   std::vector<rt::RunMetrics> two(2);
   rt::OnePass pass(model(), {options(nullptr)}, 10);
   expect_error([&] { rt::evaluate_one_pass(pass, bundled_tokens(10), two); }, "2 metrics for 1 rows");

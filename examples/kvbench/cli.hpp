@@ -189,6 +189,8 @@ inline Options parse_args(int argc, char** argv) {
   for (int64_t b : o.budgets)
     if (b < 16) fail("--budgets: each budget must be >= 16, got " + std::to_string(b));
   if (o.workers > 256) fail("--workers must be <= 256, got " + std::to_string(o.workers));
+  if (o.workers > 1 && o.cuda_graph) fail("--workers " + std::to_string(o.workers) + " cannot go with --cuda-graph: "
+                                          "graphs are captured on one stream, by one worker");
   if (o.one_pass == 1 && !o.eval) fail("--one-pass is a way to evaluate: it cannot go with --no-eval");
   if (!o.trace.empty() && !o.eval) fail("--trace records the evaluation's compressions: it cannot go with --no-eval");
   if (!o.results && (!o.out_dir.empty() || !o.run_name.empty())) fail("--no-results cannot go with --out or --run-name");

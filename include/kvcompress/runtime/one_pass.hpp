@@ -1,10 +1,13 @@
 #pragma once
 // One-pass evaluation: several runs (the full cache, each method and budget) as the rows of one
 // batch. Every row is fed the same text; each keeps its own fixed-capacity cache -- its own
-// lengths per layer, positions, policy and schedule -- inside buffers the rows share, so that
-// one model call per token serves them all (contract version 5's per-row lengths). A decode of
-// a small model is bound by per-call overhead, not arithmetic: one call for R rows costs little
-// more than one call for one row.
+// lengths per layer, positions, policy and schedule -- inside buffers its group of rows shares,
+// so that a few model calls per token serve them all (contract version 5's per-row lengths). A
+// decode of a small model is bound by per-call overhead, not arithmetic: one call for R rows
+// costs little more than one call for one row. Rows of very different capacities go to
+// different calls (a short row would otherwise attend over the longest row's slots), layers
+// every row of a call keeps whole run once for all of them, and host workers share the calls
+// and the rows' compressions.
 //
 // Each row is a StaticDecoder over its slice of the shared buffers, so compression, positions
 // and scoring are the separate pass's code; only the model call is shared. Rows differ from a
@@ -135,6 +138,9 @@ class OnePass {
                   "evaluate the methods one at a time (kvbench --no-one-pass)");
     if (cuda_graph && !model.device().is_cuda()) throw Error("CUDA graphs need the model on a CUDA device");
     if (cuda_graph && !built_with_cuda()) throw Error("CUDA graphs: this build of kvcompress::runtime has no CUDA support");
+    if (cuda_graph && workers > 1)
+      throw Error("one pass: CUDA graphs need one worker (graphs are captured on one stream), got " +
+                  std::to_string(workers));
     std::vector<Need> need;
     for (size_t r = 0; r < runs.size(); ++r) {
       if (runs[r].batch != 1)
@@ -194,7 +200,7 @@ class OnePass {
 
   int64_t workers() const { return workers_->size(); }
 
-  /// Empties every row for a new sequence.
+  /// Empties every row for a new sequence (also what to do after a step or compression threw).
   void reset() {
     for (auto& r : rows_) r->reset();
   }
