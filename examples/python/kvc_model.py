@@ -283,13 +283,23 @@ class _Layer(nn.Module):
                                .format(self.layer_index, past_k.dtype, past_v.dtype, x.dtype))
 
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, key_buffer: Tensor, value_buffer: Tensor,
-             slots: Tensor, bias: Tensor, want_mass: bool) -> Tuple[Tensor, Tensor, Tensor]:
+             slots: Tensor, bias: Tensor, want_mass: bool, rows: int) -> Tuple[Tensor, Tensor, Tensor]:
         """Writes the new tokens' keys/values into the caller's buffers at `slots` ([T] int64,
         on the device; or [B, T], one row's slots per row) and attends with the additive mask
         `bias` ([T, C], or anything that broadcasts to [B, H, T, C]). Static shapes, no
         host synchronisation: capturable in a CUDA graph. Returns the output, the queries and,
-        when want_mass, the attention every slot received (attention_mass; else empty)."""
-        q, k, v, carry = self.project(x, cos, sin)
+        when want_mass, the attention every slot received (attention_mass; else empty). `rows` > 1
+        with x of one row: every row's input is x (the same tokens), so its projections are
+        computed once, rotated per row (cos / sin of `rows` rows), and only attention and what
+        follows run per row."""
+        if x.size(0) == 1 and rows > 1:
+            qkv, carry = self.linear(x)
+            # Copies, not stride-0 views: the ops after them take their fast, contiguous paths.
+            x = x.expand(rows, x.size(1), x.size(2)).contiguous()
+            q, k, v = self.split(qkv.expand(rows, qkv.size(1), qkv.size(2)).contiguous(), cos, sin)
+            carry = carry.expand(rows, carry.size(1), carry.size(2)).contiguous()
+        else:
+            q, k, v, carry = self.project(x, cos, sin)
         if slots.dim() == 1:
             key_buffer.index_copy_(2, slots, k)
             value_buffer.index_copy_(2, slots, v)
@@ -363,6 +373,13 @@ class NeoXLayer(_Layer):
         q, k, v = self.attention.project(self.input_layernorm(x), cos, sin)
         return q, k, v, x
 
+    def linear(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """project() before the heads are split and rotated: the QKV product and the carry."""
+        return self.attention.query_key_value(self.input_layernorm(x)), x
+
+    def split(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return split_heads(qkv, self.num_heads, self.head_dim, self.attention.rotary_ndims, cos, sin)
+
     def finish(self, x: Tensor, o: Tensor, carry: Tensor) -> Tensor:
         attn_out = self.attention.merge(o)
         # Summation order follows HF (mlp + attn + x) so low-precision results match closely.
@@ -422,6 +439,14 @@ class FusedNeoXLayer(_Layer):
         q, k, v = split_heads(y[..., :3 * self.hidden_size], self.num_heads, self.head_dim, self.rotary_ndims,
                               cos, sin)
         return q, k, v, y[..., 3 * self.hidden_size:]
+
+    def linear(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """project() before the heads are split and rotated: the QKV product and the carry."""
+        y = self.in_proj(F.layer_norm(x, [self.hidden_size], None, None, self.eps))
+        return y[..., :3 * self.hidden_size], y[..., 3 * self.hidden_size:]
+
+    def split(self, qkv: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return split_heads(qkv, self.num_heads, self.head_dim, self.rotary_ndims, cos, sin)
 
     def finish(self, x: Tensor, o: Tensor, carry: Tensor) -> Tensor:
         b = o.size(0)
@@ -505,12 +530,17 @@ class KVCModel(nn.Module):
             shape = [position_ids.size(0), position_ids.size(1), cos.size(2), 1, 1, cos.size(3)]
         return cos.to(dtype).view(shape), sin.to(dtype).view(shape)
 
-    def check_positions(self, input_ids: Tensor, position_ids: Tensor):
+    def check_positions(self, input_ids: Tensor, position_ids: Tensor, one_row_of_tokens: bool = False):
         """position_ids: [B, T] (one position per token, every layer) or [num_layers, B, T]
-        (contract version 2: layer i rotates its new queries and keys at position_ids[i])."""
-        shared = position_ids.dim() == 2 and position_ids.size() == input_ids.size()
+        (contract version 2: layer i rotates its new queries and keys at position_ids[i]).
+        `one_row_of_tokens` (step, version 5): input_ids may also be [1, T], the tokens every
+        row feeds."""
+        ids = input_ids.size()
+        if one_row_of_tokens and input_ids.dim() == 2 and input_ids.size(0) == 1 and position_ids.dim() >= 2:
+            ids = [position_ids.size(-2), input_ids.size(1)]
+        shared = position_ids.dim() == 2 and position_ids.size() == ids
         per_layer = (position_ids.dim() == 3 and position_ids.size(0) == self.num_layers
-                     and position_ids.size()[1:] == input_ids.size())
+                     and position_ids.size()[1:] == ids)
         if input_ids.dim() != 2 or not (shared or per_layer):
             raise RuntimeError("kvc model: input_ids {} must be [B, T] and position_ids {} [B, T] or [{}, B, T]"
                                .format(input_ids.size(), position_ids.size(), self.num_layers))
@@ -611,11 +641,13 @@ class KVCModel(nn.Module):
             raise RuntimeError("kvc model: got {} attention, {} query and {} slot_bias buffers, expected {} each "
                                "(or none)".format(len(attention_buffers), len(query_buffers), len(slot_bias),
                                                   self.num_layers))
-        self.check_positions(input_ids, position_ids)
-        rows = input_ids.size(0)
+        self.check_positions(input_ids, position_ids, True)
+        rows = position_ids.size(-2)
         # Version 5: a prefix of layers whose buffers hold one row while the batch holds more is
         # shared: it runs once, on row 0, and every row continues from its output (rows that feed
-        # the same tokens and keep those layers whole hold the same keys and values there).
+        # the same tokens and keep those layers whole hold the same keys and values there). And
+        # input_ids of one row are the tokens every row feeds: whatever depends on them alone
+        # (the embedding, the shared layers, the next layer's projections) is computed once.
         shared = 0
         if rows > 1:
             while shared < self.num_layers and key_buffers[shared].size(0) == 1:
@@ -629,9 +661,9 @@ class KVCModel(nn.Module):
         t = input_ids.size(1)
         per_row = lengths.dim() == 2
         if not ((lengths.dim() == 1 and lengths.size(0) == self.num_layers) or (
-                per_row and lengths.size(0) == self.num_layers and lengths.size(1) == input_ids.size(0))):
+                per_row and lengths.size(0) == self.num_layers and lengths.size(1) == rows)):
             raise RuntimeError("kvc model: lengths {} must be [{}] or (version 5) [{}, B={}]"
-                               .format(lengths.size(), self.num_layers, self.num_layers, input_ids.size(0)))
+                               .format(lengths.size(), self.num_layers, self.num_layers, rows))
         slots = lengths.unsqueeze(-1) + torch.arange(t, device=input_ids.device)  # [L, T] or [L, B, T]
         width = 16
         for kb in key_buffers:
@@ -642,26 +674,25 @@ class KVCModel(nn.Module):
         n = query_slots.size(0)
         for i, layer in enumerate(self.layers):
             kb = key_buffers[i]
-            if i == shared and shared > 0:
-                x = x.expand(rows, x.size(1), x.size(2)).contiguous()
-            if kb.size(0) != x.size(0):
+            layer_rows = 1 if i < shared else rows
+            if kb.size(0) != layer_rows:
                 raise RuntimeError("kvc model: layer {} buffers hold {} rows for a batch of {} (only a prefix of "
                                    "layers may hold 1 row, shared by every row)".format(i, kb.size(0), rows))
             if per_row:
-                b = bias[i, :x.size(0), :, :kb.size(2)].unsqueeze(1)  # [B, 1, T, C_i]
+                b = bias[i, :layer_rows, :, :kb.size(2)].unsqueeze(1)  # [B, 1, T, C_i]
                 if want_bias:
                     b = b + slot_bias[i].unsqueeze(2)  # [B, H, T, C_i]
             else:
                 b = bias[i, :, :kb.size(2)]
                 if want_bias:
                     b = b.unsqueeze(0).unsqueeze(0) + slot_bias[i].unsqueeze(2)  # [B, H, T, C_i]
-            layer_slots = slots[i, :x.size(0)] if per_row else slots[i]
+            layer_slots = slots[i, :layer_rows] if per_row else slots[i]
             if per_layer:
-                x, q, mass = layer.step(x, cos[i, :x.size(0)], sin[i, :x.size(0)], kb, value_buffers[i], layer_slots, b,
-                                        want_mass)
+                x, q, mass = layer.step(x, cos[i, :layer_rows], sin[i, :layer_rows], kb, value_buffers[i], layer_slots,
+                                        b, want_mass, layer_rows)
             else:
-                x, q, mass = layer.step(x, cos[:x.size(0)], sin[:x.size(0)], kb, value_buffers[i], layer_slots, b,
-                                        want_mass)
+                x, q, mass = layer.step(x, cos[:layer_rows], sin[:layer_rows], kb, value_buffers[i], layer_slots, b,
+                                        want_mass, layer_rows)
             if want_mass:
                 ab = attention_buffers[i]
                 torch.add(mass, ab, alpha=decay, out=ab)

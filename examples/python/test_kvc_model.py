@@ -367,6 +367,37 @@ def test_shared_prefix_layers_run_once_for_every_row():
             assert "prefix" in str(e)
 
 
+def test_one_row_of_tokens_computes_their_projections_once():
+    """Contract version 5. input_ids [1, T] with B rows of positions and lengths: every row
+    feeds those tokens. The first layer's keys and values of each row are bitwise those of the
+    row run alone (its projections are computed once, at one row, and rotated per row), and the
+    logits those of B identical rows of tokens."""
+    m = tiny_model(11)
+    s = torch.jit.script(m)
+    B, C, L = 3, 12, 3
+    torch.manual_seed(3)
+    kb = [torch.randn(B, 4, C, 16) for _ in range(L)]
+    vb = [torch.randn(B, 4, C, 16) for _ in range(L)]
+    lengths = torch.tensor([[4, 7, 2], [4, 1, 6], [3, 3, 3]])
+    pos = lengths.unsqueeze(2).clone()  # the cache rule: each row and layer at its own length
+    with torch.no_grad():
+        k1, v1 = [k.clone() for k in kb], [v.clone() for v in vb]
+        got = s.step(torch.tensor([[9]]), pos, k1, v1, lengths)
+        kB, vB = [k.clone() for k in kb], [v.clone() for v in vb]
+        want = s.step(torch.full((B, 1), 9), pos, kB, vB, lengths)
+        assert (got - want).abs().max().item() < 1e-4
+        for r in range(B):
+            kr, vr = [k[r:r + 1].clone() for k in kb], [v[r:r + 1].clone() for v in vb]
+            s.step(torch.tensor([[9]]), pos[:, r:r + 1], kr, vr, lengths[:, r])
+            n = lengths[0, r].item()
+            assert torch.equal(k1[0][r, :, n], kr[0][0, :, n]) and torch.equal(v1[0][r, :, n], vr[0][0, :, n])
+        try:
+            s.step(torch.tensor([[9, 9]]), pos, kb, vb, lengths)
+            raise AssertionError("tokens of another length than the positions were accepted")
+        except torch.jit.Error as e:
+            assert "position_ids" in str(e)
+
+
 def test_lm_logits_matches_forward():
     m = tiny_model(2)
     ids = torch.randint(0, 97, (2, 17))

@@ -18,6 +18,7 @@
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <exception>
 #include <functional>
@@ -189,12 +190,16 @@ class OnePass {
   }
 
   /// Compresses every row whose schedule says so; `compressed[r]` says whether row r did. Rows
-  /// are independent: the workers share them.
+  /// are independent: each worker takes the next row left until none is (policies differ in
+  /// cost by an order of magnitude, so a fixed share would leave one worker waiting).
   void maybe_compress(std::vector<char>& compressed) {
     compressed.assign(rows_.size(), 0);
-    workers_->run([&](int64_t w) {
-      for (int64_t r : compressions_of_[static_cast<size_t>(w)])
+    std::atomic<size_t> next{0};
+    workers_->run([&](int64_t) {
+      for (size_t i = next++; i < compressing_.size(); i = next++) {
+        const int64_t r = compressing_[i];
         compressed[static_cast<size_t>(r)] = row_at(r).maybe_compress() ? 1 : 0;
+      }
     });
   }
 
@@ -392,7 +397,7 @@ class OnePass {
     for (int64_t i = 0; i < rows; ++i) g.in_order = g.in_order && members[static_cast<size_t>(i)] == i;
     g.in_order = g.in_order && rows == static_cast<int64_t>(runs.size());
     const auto long_opts = opts.dtype(at::kLong);
-    g.ids = at::zeros({rows, 1}, long_opts);
+    g.ids = at::zeros({1, 1}, long_opts);  // one row of tokens: every row feeds it (contract version 5)
     g.positions = at::zeros({layers, rows, 1}, long_opts);
     g.lengths = at::zeros({layers, rows}, long_opts);
     g.query_slots = at::zeros({g.ring > 0 ? 1 : 0}, long_opts);
@@ -400,13 +405,12 @@ class OnePass {
 
   StaticDecoder& row_at(int64_t r) { return *rows_[static_cast<size_t>(r)]; }
 
-  // Calls to workers, costliest first to the least loaded; compressions round-robin in row
-  // order of capacity (rows alike cost alike).
+  // Calls to workers, costliest first to the least loaded; the rows that compress, in the order
+  // workers take them.
   void assign_work(const std::vector<double>& cost, int64_t workers) {
     workers = std::min<int64_t>(workers, rows());
     workers_ = std::make_unique<detail::Workers>(workers);
     calls_of_.assign(static_cast<size_t>(workers), {});
-    compressions_of_.assign(static_cast<size_t>(workers), {});
     std::vector<size_t> by_cost(groups_.size());
     std::iota(by_cost.begin(), by_cost.end(), size_t{0});
     std::stable_sort(by_cost.begin(), by_cost.end(), [&](size_t a, size_t b) { return cost[a] > cost[b]; });
@@ -416,10 +420,16 @@ class OnePass {
       calls_of_[w].push_back(g);
       load[w] += cost[g];
     }
-    size_t next = 0;
-    for (const auto& g : groups_)
-      for (int64_t r : g.rows)
-        if (rows_[static_cast<size_t>(r)]->options().compressor) compressions_of_[next++ % load.size()].push_back(r);
+    // Largest caches first: the costliest compressions start early, the cheap ones fill in.
+    for (int64_t r = 0; r < rows(); ++r)
+      if (rows_[static_cast<size_t>(r)]->options().compressor) compressing_.push_back(r);
+    auto held = [&](int64_t r) {
+      const auto& c = rows_[static_cast<size_t>(r)]->cache_;
+      int64_t n = 0;
+      for (int64_t l = 0; l < c.num_layers(); ++l) n += c.capacity(l);
+      return n;
+    };
+    std::stable_sort(compressing_.begin(), compressing_.end(), [&](int64_t a, int64_t b) { return held(a) > held(b); });
   }
 
   // One group's model call: the rows' bookkeeping around it.
@@ -488,8 +498,8 @@ class OnePass {
   at::Tensor in_row_order_;     // groups' outputs back to row order
   bool use_graph_ = false;
   std::unique_ptr<detail::Workers> workers_;
-  std::vector<std::vector<size_t>> calls_of_;          // per worker, the groups it calls
-  std::vector<std::vector<int64_t>> compressions_of_;  // per worker, the rows it compresses
+  std::vector<std::vector<size_t>> calls_of_;  // per worker, the groups it calls
+  std::vector<int64_t> compressing_;           // rows with a compressor, costliest first
 };
 
 /// evaluate() for every row of `pass` at once: feed token t to all rows, score token t + 1 in
