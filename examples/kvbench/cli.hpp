@@ -149,19 +149,19 @@ inline Options parse_args(int argc, char** argv) {
              if (o.one_pass == 0) fail("give either --one-pass or --no-one-pass, not both");
              o.one_pass = 1;
            });
-  cli.count("--workers", o.workers, 1, runtime,
-            "host threads that share the one pass's model calls and compressions\n"
-            "(default: the machine's cores on cpu, 1 on cuda)");
   cli.flag("--no-one-pass", runtime, "evaluate the runs one at a time", [&o] {
     if (o.one_pass == 1) fail("give either --one-pass or --no-one-pass, not both");
     o.one_pass = 0;
   });
+  cli.count("--workers", o.workers, 1, runtime,
+            "host threads that share the one pass's model calls and compressions\n"
+            "(default: the machine's cores on cpu, 1 on cuda)");
   cli.flag("--no-eval", runtime, "skip the perplexity evaluation (generation measurement only)", [&o] { o.eval = false; });
   cli.count("--generate", o.generate, 0, runtime, "new tokens of the timed greedy generation (default 32; 0 = off)");
   cli.count("--prompt-tokens", o.prompt_tokens, 1, runtime, "prompt length of the generation (default 512)");
   cli.count("--repeats", o.repeats, 1, runtime,
             "runs of every timed measurement: figures are their median, with min\nand max (default 3)");
-  cli.count("--threads", o.threads, 1, runtime, "CPU threads for LibTorch (default: LibTorch's choice)");
+  cli.count("--threads", o.threads, 1, runtime, "CPU threads for LibTorch, per one-pass worker (default: LibTorch's\nchoice)");
   cli.flag("--jit-optimize", runtime, "let TorchScript fuse the model's elementwise ops (default with\n--cuda-graph)",
            [&o] { o.jit_optimize = 1; });
   cli.flag("--no-jit-optimize", runtime, "off also with --cuda-graph", [&o] { o.jit_optimize = 0; });
