@@ -208,6 +208,26 @@ int run(int argc, char** argv) {
   // all runs, each on a fresh decoder warmed up on its own: a run's repeats are minutes apart and
   // use new buffers and a new graph capture, so their spread covers the drift and the placement
   // that differ between two invocations, not only the jitter of back-to-back steps.
+  // What evaluating sample s records: windows, their peaks, progress (`rows` runs per step, the
+  // running PPL of `running`).
+  auto sample_options = [&](size_t s, int64_t rows_per_step, const rt::RunMetrics& running) {
+    rt::EvalOptions eo;
+    eo.baseline_skip = o.skip_layers;
+    eo.window = window;
+    eo.memory = window > 0 ? &memory : nullptr;
+    eo.progress = [&, s, rows_per_step, reported = int64_t{0}](int64_t done, int64_t total) mutable {
+      progress.add_work(static_cast<double>((done - reported) * rows_per_step));
+      reported = done;
+      progress.eval(s + 1, samples.size(), done, total, running.ppl());
+    };
+    return eo;
+  };
+  // Windows reset the peak as they go: a run's peak is the largest of theirs and what came after.
+  auto peak_of = [&](const rt::RunMetrics& m) {
+    int64_t peak = memory.peak_bytes();
+    for (const auto& w : m.windows) peak = std::max(peak, w.peak_memory_bytes);
+    return peak;
+  };
   const bool timed = o.generate > 0;
   if (pass.one_pass) {
     std::vector<rt::DecoderOptions> row_options;
@@ -226,18 +246,8 @@ int run(int argc, char** argv) {
     progress.start_run("one pass", 1, 1);
     memory.reset();
     std::vector<rt::RunMetrics> metrics(rows.size());
-    int64_t peak = -1;
     for (size_t s = 0; s < samples.size(); ++s) {
-      rt::EvalOptions eo;
-      eo.baseline_skip = o.skip_layers;
-      eo.window = window;
-      eo.memory = window > 0 ? &memory : nullptr;
-      int64_t reported = 0;
-      eo.progress = [&](int64_t done, int64_t total) {
-        progress.add_work(static_cast<double>((done - reported) * pass.rows));
-        reported = done;
-        progress.eval(s + 1, samples.size(), done, total, metrics.front().ppl());
-      };
+      rt::EvalOptions eo = sample_options(s, pass.rows, metrics.front());
       if (trace.enabled())
         eo.on_compressed = [&](int64_t step, const rt::Decoder& d) {
           for (size_t i = 0; i < rows.size(); ++i)
@@ -246,9 +256,7 @@ int run(int argc, char** argv) {
       rt::evaluate_one_pass(batch, samples[s].tokens, metrics, eo);
       pass.step_s.push_back(metrics.front().sample_step_s.back());
     }
-    peak = memory.peak_bytes();
-    for (const auto& w : metrics.front().windows) peak = std::max(peak, w.peak_memory_bytes);
-    pass.peak_memory_bytes = peak;
+    pass.peak_memory_bytes = peak_of(metrics.front());
     pass.seconds = rt::detail::seconds_since(start);
     // Per method, the step time and peak memory of a shared batch would mislead: the pass's are
     // reported once (EvalPass), each method's own come from its generation.
@@ -291,26 +299,14 @@ int run(int argc, char** argv) {
     }
     if (pass.one_pass) continue;  // evaluated above
     for (size_t s = 0; o.eval && s < samples.size(); ++s) {
-      rt::EvalOptions eo;
-      eo.baseline_skip = o.skip_layers;
-      eo.window = window;
-      eo.memory = window > 0 ? &memory : nullptr;
-      int64_t reported = 0;
-      eo.progress = [&](int64_t done, int64_t total) {
-        progress.add_work(static_cast<double>(done - reported));
-        reported = done;
-        progress.eval(s + 1, samples.size(), done, total, run.metrics.ppl());
-      };
+      rt::EvalOptions eo = sample_options(s, 1, run.metrics);
       if (trace.enabled())
         eo.on_compressed = [&](int64_t step, const rt::Decoder& d) {
           trace.record(run.label, static_cast<int64_t>(s), step, d);
         };
       evaluate(run.compressor.get(), samples[s].tokens, run.metrics, eo);
     }
-    // Windows reset the peak as they go: the run's peak is the largest of theirs and what came after.
-    int64_t peak = memory.peak_bytes();
-    for (const auto& w : run.metrics.windows) peak = std::max(peak, w.peak_memory_bytes);
-    run.metrics.peak_memory_bytes = o.eval ? peak : -1;
+    run.metrics.peak_memory_bytes = o.eval ? peak_of(run.metrics) : -1;
     run.seconds = rt::detail::seconds_since(run_start);
     if (o.eval) print_run_line(run, r + 1, runs.size(), baseline_of(runs), timed);
   }
