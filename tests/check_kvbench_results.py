@@ -79,6 +79,7 @@ TOP = {  # field: check
     "prompt_tokens": lambda v: isinstance(v, int) and v >= 1,
     "batch": lambda v: isinstance(v, int) and v >= 1,
     "repeats": lambda v: isinstance(v, int) and v >= 1,
+    "process_per_repeat": lambda v: isinstance(v, bool),
     # Which clock gave each timing; what each timing means.
     "clock": lambda v: isinstance(v, dict) and set(v) == set(TIMINGS) | {"compress_s"}
                        and all(c in ("host", "device") for c in v.values()),

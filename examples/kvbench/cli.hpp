@@ -55,6 +55,8 @@ struct Options {
   std::string trace;       // JSON lines of what each compression kept
   int one_pass = -1;       // evaluate every run as a row of one batch; -1: when two or more runs evaluate
   int64_t workers = 0;     // host threads of the one pass; 0: the machine's cores on a CPU, 1 on CUDA
+  int process_per_repeat = -1;   // each generation round in a fresh process; -1: on the CPU
+  int64_t generation_round_fd = 0;  // > 0: this process is one such round (rounds.hpp)
 
   bool static_cache() const { return !schedule.empty() || cuda_graph; }
   rt::PositionRule rule() const { return positions == "cache" ? rt::PositionRule::cache : rt::PositionRule::original; }
@@ -161,6 +163,21 @@ inline Options parse_args(int argc, char** argv) {
   cli.count("--prompt-tokens", o.prompt_tokens, 1, runtime, "prompt length of the generation (default 512)");
   cli.count("--repeats", o.repeats, 1, runtime,
             "runs of every timed measurement: figures are their median, with min\nand max (default 3)");
+  cli.flag("--process-per-repeat", runtime,
+           "time each repeat in a fresh kvbench process, so the spread covers\n"
+           "what differs between invocations (default on cpu; on cuda each\n"
+           "process holds its own copy of the model)",
+           [&o] {
+             if (o.process_per_repeat == 0) fail("give either --process-per-repeat or --no-process-per-repeat, not both");
+             o.process_per_repeat = 1;
+           });
+  cli.flag("--no-process-per-repeat", runtime, "time every repeat in this process (default on cuda)", [&o] {
+    if (o.process_per_repeat == 1) fail("give either --process-per-repeat or --no-process-per-repeat, not both");
+    o.process_per_repeat = 0;
+  });
+  // Internal (no group: not in --help): set by kvbench on the processes it starts.
+  cli.count("--generation-round-fd", o.generation_round_fd, 3, "",
+            "this process times one generation round and writes it to descriptor N");
   cli.count("--threads", o.threads, 1, runtime, "CPU threads for LibTorch, per one-pass worker (default: LibTorch's\nchoice)");
   cli.flag("--jit-optimize", runtime, "let TorchScript fuse the model's elementwise ops (default with\n--cuda-graph)",
            [&o] { o.jit_optimize = 1; });
@@ -179,6 +196,7 @@ inline Options parse_args(int argc, char** argv) {
 
   cli.parse(argc, argv);
   if (o.dtype.empty()) o.dtype = o.device == "cuda" ? "float16" : "float32";
+  if (o.process_per_repeat < 0) o.process_per_repeat = o.device == "cpu" ? 1 : 0;
   if (!o.texts.empty() && !o.token_files.empty()) fail("give either --text or --tokens, not both");
   if (o.cuda_graph && o.device != "cuda") fail("--cuda-graph needs --device cuda");
   if (o.cuda_graph && o.schedule.empty()) o.schedule = "every";
@@ -246,6 +264,8 @@ struct Run {
   bool recompute = false;  ///< the sliding-window re-computation oracle (no cache)
   std::vector<rt::RunMetrics> generations;  ///< one per repeat of the generation measurement
   double seconds = 0;                       ///< wall time of the whole run (evaluation and generation)
+  double generation_seconds = 0;            ///< its generation rounds' share, added to seconds at the end
+  int64_t generation_peak_bytes = -1;       ///< the largest peak of its generation rounds
   int64_t held_before_bytes = 0;            ///< device memory earlier runs still held when this one ran
 };
 

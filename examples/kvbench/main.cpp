@@ -7,14 +7,19 @@
 #include "cli.hpp"
 #include "inputs.hpp"
 #include "report.hpp"
+#include "rounds.hpp"
 
 #include <kvcompress/runtime/runtime.hpp>
 
 #include <ATen/Parallel.h>
 
 #include <dlfcn.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <cstdio>
+#include <limits>
 #include <thread>
 
 namespace kvbench {
@@ -42,6 +47,19 @@ class BlasThreads {
   void (*set_)(int) = nullptr;
   int previous_ = 0;
 };
+
+// glibc gives large freed blocks straight back to the system (mmap'd blocks, and the heap's top
+// beyond the trim threshold), so every prefill touched fresh pages that the kernel had to zero.
+// Measured on the bundled model's generation (CPU, --threads 1, OpenBLAS at two threads): TTFT
+// 113-125 ms with glibc's defaults, 69-74 ms with freed memory kept, as a serving process keeps
+// it (and the CUDA caching allocator does on the GPU). Peaks stay per run: PeakMemory::reset()
+// gives the cached memory back first.
+void keep_freed_memory() {
+#if defined(__GLIBC__)
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);  // glibc's largest: blocks up to 32 MiB come from the heap
+  mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+#endif
+}
 
 // Under the cache rule a version-1 model takes one position for all layers: refuse up front a
 // run whose layers would hold different numbers of tokens (the decoder would stop mid-run).
@@ -76,7 +94,26 @@ void check_model_scores_for(const rt::ContractModel& model, const std::vector<Ru
 
 int run(int argc, char** argv) {
   Options o = parse_args(argc, argv);
+  // A generation round started by another kvbench (rounds.hpp): the same runs, each timed once,
+  // no evaluation and no files; a line per run to the descriptor.
+  RoundWriter round_out(static_cast<int>(o.generation_round_fd));
+  if (round_out.enabled()) {
+    o.eval = false;
+    o.one_pass = -1;
+    o.repeats = 1;
+    o.process_per_repeat = 0;
+    o.results = false;
+    o.json.clear();
+    o.csv.clear();
+    o.trace.clear();
+    o.save_tokens.clear();
+    o.quiet = true;
+  }
+  keep_freed_memory();
   if (o.threads > 0) at::set_num_threads(static_cast<int>(o.threads));
+  // --threads N means N threads: LibTorch's matrix products run on OpenBLAS's own pool, which
+  // at::set_num_threads leaves at the machine's cores (its spare threads spin for work).
+  const BlasThreads blas_threads(static_cast<int>(o.threads));
   torch::jit::setGraphExecutorOptimize(o.jit_optimize == 1 || (o.jit_optimize < 0 && o.cuda_graph));
   at::Device device(at::kCPU);
   if (o.device == "cuda") {
@@ -146,8 +183,9 @@ int run(int argc, char** argv) {
                 (long long)pass.rows, o.schedule == "chunked" ? ("chunked, slack " + std::to_string(o.slack)).c_str() : "every",
                 o.cuda_graph ? ", CUDA graph" : "", (long long)pass.workers, pass.workers == 1 ? "" : "s");
   if (o.generate > 0)
-    std::printf("generation: %lld-token prompt, %lld new tokens, batch %lld, %lld repeats (median, min-max)\n",
-                (long long)o.prompt_tokens, (long long)o.generate, (long long)o.batch, (long long)o.repeats);
+    std::printf("generation: %lld-token prompt, %lld new tokens, batch %lld, %lld repeats%s (median, min-max)\n",
+                (long long)o.prompt_tokens, (long long)o.generate, (long long)o.batch, (long long)o.repeats,
+                o.process_per_repeat == 1 ? ", each in a fresh process" : "");
   std::fflush(stdout);
 
   if (o.results) create_results_dir(out_dir);
@@ -184,7 +222,7 @@ int run(int argc, char** argv) {
     rt::EvalOptions eo;
     eo.baseline_skip = o.skip_layers;
     evaluate(nullptr, std::vector<int64_t>(first.begin(), first.begin() + std::min<size_t>(8, first.size())), scratch, eo);
-    if (o.generate > 0) {
+    if (o.generate > 0 && o.process_per_repeat != 1) {  // else the round's processes time it
       auto d = decoder(nullptr, o.batch, o.prompt_tokens + 2, o.prompt_tokens);
       rt::generate(*d, prompt, 2, scratch, o.prefill_chunk, o.skip_layers);
     }
@@ -228,7 +266,74 @@ int run(int argc, char** argv) {
     for (const auto& w : m.windows) peak = std::max(peak, w.peak_memory_bytes);
     return peak;
   };
+  // The next run a generation round times after run `after` (runs.size() for none), shown as
+  // the progress's current run.
+  auto next_timed = [&](size_t after, int64_t k) {
+    size_t r = after;
+    while (r < runs.size() && runs[r].recompute) ++r;
+    if (r < runs.size()) {
+      progress.start_run(runs[r].label, r + 1, runs.size());
+      progress.generation(k + 1, o.repeats, o.generate);
+    }
+    return r;
+  };
+  // After its last round, a run's line: its figures complete.
+  auto finish_run = [&](size_t r, int64_t k) {
+    if (k + 1 != o.repeats || round_out.enabled()) return;
+    Run& run = runs[r];
+    run.metrics.peak_memory_bytes = std::max(run.metrics.peak_memory_bytes, run.generation_peak_bytes);
+    run.seconds += run.generation_seconds;
+    print_run_line(run, r + 1, runs.size(), baseline_of(runs), false);
+  };
+  // Round k in a fresh kvbench (rounds.hpp): its lines, as they come, are this process's runs'.
+  auto round_in_fresh_process = [&](int64_t k) {
+    const std::string what = "generation round " + std::to_string(k + 1) + "/" + std::to_string(o.repeats);
+    next_timed(0, k);
+    RoundProcess child(argc, argv);
+    for (std::string line; child.next_line(line);) {
+      const size_t r = add_round_line(line, runs);
+      if (runs[r].generations.size() != static_cast<size_t>(k + 1))
+        fail(what + ": its process reported " + runs[r].label + " twice");
+      progress.add_work(static_cast<double>(o.generate + 1));
+      finish_run(r, k);
+      next_timed(r + 1, k);
+    }
+    child.finish(what);
+    for (const auto& run : runs)
+      if (!run.recompute && run.generations.size() != static_cast<size_t>(k + 1))
+        fail(what + ": its process ended without timing " + run.label);
+  };
+  auto time_round = [&](int64_t k) {
+    if (o.process_per_repeat == 1) {
+      round_in_fresh_process(k);
+      return;
+    }
+    for (size_t r = 0; r < runs.size(); ++r) {
+      Run& run = runs[r];
+      if (run.recompute) continue;
+      const auto start = std::chrono::steady_clock::now();
+      next_timed(r, k);
+      memory.reset();
+      run.held_before_bytes = std::max(run.held_before_bytes, held_before());
+      {
+        auto d = decoder(run.compressor.get(), o.batch, o.prompt_tokens + o.generate, o.prompt_tokens);
+        run.generations.emplace_back();
+        rt::generate(*d, prompt, o.generate, run.generations.back(), o.prefill_chunk, o.skip_layers);
+      }
+      const int64_t peak = memory.peak_bytes();
+      run.generation_peak_bytes = std::max(run.generation_peak_bytes, peak);
+      progress.add_work(static_cast<double>(o.generate + 1));
+      const double seconds = rt::detail::seconds_since(start);
+      run.generation_seconds += seconds;
+      if (round_out.enabled()) round_out.write(round_line(r, run, run.generations.back(), seconds, peak));
+      finish_run(r, k);
+    }
+  };
+  // The rounds are spread over the run: with an evaluation and two or more repeats, the first
+  // round goes before it, so the spread also covers the machine's drift over the evaluation.
   const bool timed = o.generate > 0;
+  const int64_t early_rounds = timed && o.eval && o.repeats >= 2 ? 1 : 0;
+  for (int64_t k = 0; k < early_rounds; ++k) time_round(k);
   if (pass.one_pass) {
     std::vector<rt::DecoderOptions> row_options;
     for (size_t r : rows) row_options.push_back(decoder_options(runs[r].compressor.get(), 1));
@@ -265,7 +370,6 @@ int run(int argc, char** argv) {
       run.metrics = std::move(metrics[i]);
       run.metrics.sample_step_s.clear();
       run.metrics.peak_memory_bytes = -1;
-      run.held_before_bytes = 0;
     }
     std::string calls;
     for (const auto& g : batch.groups()) {
@@ -288,7 +392,7 @@ int run(int argc, char** argv) {
     const auto run_start = std::chrono::steady_clock::now();
     progress.start_run(run.label, r + 1, runs.size());
     memory.reset();
-    run.held_before_bytes = held_before();
+    run.held_before_bytes = std::max(run.held_before_bytes, held_before());
     if (run.recompute) {
       for (const auto& sample : samples) rt::evaluate_recompute(model, sample.tokens, window, info.max_positions, run.metrics);
       run.metrics.peak_memory_bytes = memory.peak_bytes();
@@ -310,26 +414,8 @@ int run(int argc, char** argv) {
     run.seconds = rt::detail::seconds_since(run_start);
     if (o.eval) print_run_line(run, r + 1, runs.size(), baseline_of(runs), timed);
   }
-  for (int64_t k = 0; timed && k < o.repeats; ++k) {
-    for (size_t r = 0; r < runs.size(); ++r) {
-      Run& run = runs[r];
-      if (run.recompute) continue;
-      const auto start = std::chrono::steady_clock::now();
-      progress.start_run(run.label, r + 1, runs.size());
-      progress.generation(k + 1, o.repeats, o.generate);
-      memory.reset();
-      run.held_before_bytes = std::max(run.held_before_bytes, held_before());
-      {
-        auto d = decoder(run.compressor.get(), o.batch, o.prompt_tokens + o.generate, o.prompt_tokens);
-        run.generations.emplace_back();
-        rt::generate(*d, prompt, o.generate, run.generations.back(), o.prefill_chunk, o.skip_layers);
-      }
-      run.metrics.peak_memory_bytes = std::max(run.metrics.peak_memory_bytes, memory.peak_bytes());
-      progress.add_work(static_cast<double>(o.generate + 1));
-      run.seconds += rt::detail::seconds_since(start);
-      if (k + 1 == o.repeats) print_run_line(run, r + 1, runs.size(), baseline_of(runs), false);
-    }
-  }
+  for (int64_t k = early_rounds; timed && k < o.repeats; ++k) time_round(k);
+  if (round_out.enabled()) return 0;
   trace.close();
   print_tables(o, runs, pass);
   print_windows(runs);

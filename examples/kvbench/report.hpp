@@ -258,6 +258,7 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
   j["prompt_tokens"] = o.prompt_tokens;
   j["batch"] = o.batch;
   j["repeats"] = o.repeats;
+  j["process_per_repeat"] = o.process_per_repeat == 1;
   // Which pass gave which figure: quality from the evaluation (separate passes, or one batched
   // pass whose step serves every row), timings from each method's own generation measurement.
   Json ev;
@@ -290,9 +291,12 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
                                 (pass.one_pass ? "; with one-pass evaluation the generation measurement's only "
                                                  "(evaluation.peak_memory_bytes is the batch's)"
                                                : "")},
-      {"warmup", "untimed: one evaluation of 8 tokens and one generation before the first run; every generation "
-                 "repeat runs on a fresh decoder, warmed up twice first (prefill, its compression, decode up to a "
-                 "compression)"}};
+      {"warmup", std::string("untimed: one evaluation of 8 tokens and one generation before the first run; every "
+                             "generation repeat runs on a fresh decoder, warmed up twice first (prefill, its "
+                             "compression, decode up to a compression)") +
+                     (o.process_per_repeat == 1 ? "; each repeat (a round over every run) in a fresh kvbench process, "
+                                                  "warmed up as this one"
+                                                : "")}};
   Json inputs = Json::array();
   for (const auto& s : samples) inputs.push_back(s.source);
   j["inputs"] = inputs;
@@ -416,7 +420,7 @@ inline void print_run_line(const Run& r, size_t index, size_t count, const Run* 
     quality += "  acc " + fixed(m.accuracy(), 4);
   }
   std::printf("[%zu/%zu] %-20s %s  cache %lld", index, count, r.label.c_str(), quality.c_str(), (long long)kept_tokens(r));
-  if (t.tpot.measured()) std::printf("  TPOT %s ms", ms_spread(t.tpot).c_str());  // TTFT: the speed table
+  if (t.tpot.measured() && !timings_pending) std::printf("  TPOT %s ms", ms_spread(t.tpot).c_str());  // TTFT: the speed table
   // A row of a one-pass evaluation has no time of its own until its generation has run.
   const std::string took = r.seconds > 0 ? duration_text(r.seconds) : "";
   const std::string pending = timings_pending ? "timed later" : "";
@@ -454,9 +458,10 @@ inline void print_speed_table(const Options& o, const std::vector<Run>& runs) {
                 fixed(t.tok_s.median, 1).c_str(), fixed(100.0 * t.compress_share.median, 2).c_str(),
                 fixed(t.second_over_first(), 3).c_str());
   }
-  std::printf("(generation: %lld-token prompt, %lld new tokens, batch %lld; median of %lld repeats;\n"
+  std::printf("(generation: %lld-token prompt, %lld new tokens, batch %lld; median of %lld repeats%s;\n"
               " TTFT = prompt prefill through the first new token)\n",
-              (long long)o.prompt_tokens, (long long)o.generate, (long long)o.batch, (long long)o.repeats);
+              (long long)o.prompt_tokens, (long long)o.generate, (long long)o.batch, (long long)o.repeats,
+              o.process_per_repeat == 1 ? ", each in a fresh process" : "");
 }
 
 /// Every column in one table (--wide).

@@ -3,6 +3,10 @@
 // peak resident set on the CPU (reset through /proc/self/clear_refs).
 #include <kvcompress/runtime/device.hpp>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include <cstdint>
 #include <fstream>
 #include <string>
@@ -14,10 +18,19 @@ class PeakMemory {
  public:
   explicit PeakMemory(at::Device device) : device_(device) {}
 
-  /// Starts a new measurement window.
+  /// Starts a new measurement window. On the CPU, memory that glibc's allocator holds free is
+  /// first given back to the system, so that the peak counts what this window uses, not what
+  /// earlier ones left cached (a process that keeps freed memory, as kvbench does, would
+  /// otherwise report its largest earlier run as every later run's peak).
   void reset() {
-    if (device_.is_cuda()) cuda_reset_peak(index());
-    else std::ofstream("/proc/self/clear_refs") << "5";  // resets VmHWM to the current RSS
+    if (device_.is_cuda()) {
+      cuda_reset_peak(index());
+      return;
+    }
+#if defined(__GLIBC__)
+    malloc_trim(0);
+#endif
+    std::ofstream("/proc/self/clear_refs") << "5";  // resets VmHWM to the current RSS
   }
 
   /// Bytes held now: the allocator's live tensors on CUDA, -1 on the CPU (a resident set
