@@ -302,7 +302,7 @@ def load(paths):
             schema = 2
         meta = {k: data.get(k) for k in ("model", "device", "dtype", "tokens", "samples", "positions",
                                           "skip_layers", "model_context", "repeats", "generate",
-                                          "prompt_tokens", "batch")}
+                                          "prompt_tokens", "batch", "process_per_repeat")}
         meta.update(schema=schema, path=path, index=index)
         metas.append(meta)
         if not data["results"]:
@@ -389,6 +389,8 @@ def timing_context(runs):
                     m.get("prompt_tokens") if m.get("prompt_tokens") is not None else "?",
                     m.get("generate") if m.get("generate") is not None else "?",
                     m.get("repeats") if m.get("repeats") is not None else "?")
+                if m.get("process_per_repeat"):
+                    text += " (each in a fresh process)"
             if text not in gen:
                 gen.append(text)
         parts.append("; ".join(gen) + "; error bars: min–max")
