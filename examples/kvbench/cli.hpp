@@ -57,6 +57,7 @@ struct Options {
   int64_t workers = 0;     // host threads of the one pass; 0: the machine's cores on a CPU, 1 on CUDA
   int process_per_repeat = -1;   // each generation round in a fresh process; -1: on the CPU
   int64_t generation_round_fd = 0;  // > 0: this process is one such round (rounds.hpp)
+  std::string generation_round_prompt;  // its token ids: the parent's prompt (rounds.hpp)
 
   bool static_cache() const { return !schedule.empty() || cuda_graph; }
   rt::PositionRule rule() const { return positions == "cache" ? rt::PositionRule::cache : rt::PositionRule::original; }
@@ -178,6 +179,8 @@ inline Options parse_args(int argc, char** argv) {
   // Internal (no group: not in --help): set by kvbench on the processes it starts.
   cli.count("--generation-round-fd", o.generation_round_fd, 3, "",
             "this process times one generation round and writes it to descriptor N");
+  cli.text("--generation-round-prompt", o.generation_round_prompt, "FILE", "",
+           "that round's token ids (the first sample's first tokens), written by kvbench");
   cli.count("--threads", o.threads, 1, runtime, "CPU threads for LibTorch, per one-pass worker (default: LibTorch's\nchoice)");
   cli.flag("--jit-optimize", runtime, "let TorchScript fuse the model's elementwise ops (default with\n--cuda-graph)",
            [&o] { o.jit_optimize = 1; });

@@ -61,6 +61,14 @@ void keep_freed_memory() {
 #endif
 }
 
+// What the allocator holds free goes back to the system, e.g. before a generation round's process
+// starts (it should not run beside this one's cached evaluation memory).
+void give_back_freed_memory() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+}
+
 // Under the cache rule a version-1 model takes one position for all layers: refuse up front a
 // run whose layers would hold different numbers of tokens (the decoder would stop mid-run).
 void check_positions_fit_model(const Options& o, const rt::ContractModel& model, const std::vector<Run>& runs,
@@ -97,7 +105,10 @@ int run(int argc, char** argv) {
   // A generation round started by another kvbench (rounds.hpp): the same runs, each timed once,
   // no evaluation and no files; a line per run to the descriptor.
   RoundWriter round_out(static_cast<int>(o.generation_round_fd));
+  if (round_out.enabled() != !o.generation_round_prompt.empty())
+    fail("--generation-round-fd and --generation-round-prompt go together (kvbench passes both to its own rounds)");
   if (round_out.enabled()) {
+    stop_with_parent();
     o.eval = false;
     o.one_pass = -1;
     o.repeats = 1;
@@ -131,7 +142,11 @@ int run(int argc, char** argv) {
   if (o.results) check_results_dir(out_dir);
   Trace trace(o.trace);
   rt::ContractModel model = rt::ContractModel::load(o.model, device, dtype);
-  std::vector<Sample> samples = load_samples(o, model);
+  // A round reads no input of the user's again (standard input or a pipe reads only once; a file
+  // may have changed): it feeds the ids its parent evaluated.
+  std::vector<Sample> samples = round_out.enabled()
+                                    ? std::vector<Sample>{{"the generation's prompt", rt::read_token_file(o.generation_round_prompt)}}
+                                    : load_samples(o, model);
   const auto& info = model.info();
   int64_t total_tokens = 0, longest = 0;
   for (const auto& s : samples) {
@@ -286,10 +301,20 @@ int run(int argc, char** argv) {
     print_run_line(run, r + 1, runs.size(), baseline_of(runs), false);
   };
   // Round k in a fresh kvbench (rounds.hpp): its lines, as they come, are this process's runs'.
+  // What every round's process feeds: the first sample's first tokens (the prompt, and the 8 of
+  // the warm-up evaluation), written once.
+  std::unique_ptr<PromptFile> round_prompt;
   auto round_in_fresh_process = [&](int64_t k) {
     const std::string what = "generation round " + std::to_string(k + 1) + "/" + std::to_string(o.repeats);
+    if (!round_prompt) {
+      const auto& first = samples.front().tokens;
+      round_prompt = std::make_unique<PromptFile>(
+          std::vector<int64_t>(first.begin(), first.begin() + std::max<int64_t>(o.prompt_tokens, std::min<int64_t>(8, first.size()))),
+          info.vocab_size);
+    }
     next_timed(0, k);
-    RoundProcess child(argc, argv);
+    give_back_freed_memory();  // the child's, while it runs
+    RoundProcess child(argc, argv, round_prompt->path());
     for (std::string line; child.next_line(line);) {
       const size_t r = add_round_line(line, runs);
       if (runs[r].generations.size() != static_cast<size_t>(k + 1))
@@ -393,6 +418,7 @@ int run(int argc, char** argv) {
     progress.start_run(run.label, r + 1, runs.size());
     memory.reset();
     run.held_before_bytes = std::max(run.held_before_bytes, held_before());
+    if (run.recompute && !o.eval) continue;  // a generation round's process: nothing to time
     if (run.recompute) {
       for (const auto& sample : samples) rt::evaluate_recompute(model, sample.tokens, window, info.max_positions, run.metrics);
       run.metrics.peak_memory_bytes = memory.peak_bytes();

@@ -258,7 +258,7 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
   j["prompt_tokens"] = o.prompt_tokens;
   j["batch"] = o.batch;
   j["repeats"] = o.repeats;
-  j["process_per_repeat"] = o.process_per_repeat == 1;
+  j["process_per_repeat"] = o.process_per_repeat == 1 && o.generate > 0;
   // Which pass gave which figure: quality from the evaluation (separate passes, or one batched
   // pass whose step serves every row), timings from each method's own generation measurement.
   Json ev;
@@ -287,7 +287,10 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
                           : "evaluation: mean step (feed, score, compress) of one pass per sample; min/max over samples"},
       {"peak_memory_bytes", std::string(cuda ? "the CUDA allocator's peak during the run; held_before_bytes: what "
                                                "earlier runs still held when it started (included in the peak)"
-                                             : "the process's peak resident set during the run") +
+                                             : o.process_per_repeat == 1 && o.generate > 0
+                                                   ? "the peak resident set during the run: the largest of this "
+                                                     "process's (evaluation) and of each generation round's process"
+                                                   : "the process's peak resident set during the run") +
                                 (pass.one_pass ? "; with one-pass evaluation the generation measurement's only "
                                                  "(evaluation.peak_memory_bytes is the batch's)"
                                                : "")},
@@ -295,7 +298,7 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
                              "generation repeat runs on a fresh decoder, warmed up twice first (prefill, its "
                              "compression, decode up to a compression)") +
                      (o.process_per_repeat == 1 ? "; each repeat (a round over every run) in a fresh kvbench process, "
-                                                  "warmed up as this one"
+                                                  "which runs those warm-ups itself (this one only the evaluation's)"
                                                 : "")}};
   Json inputs = Json::array();
   for (const auto& s : samples) inputs.push_back(s.source);

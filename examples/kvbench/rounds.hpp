@@ -4,15 +4,21 @@
 // below another's for every method, most outside both min-max spreads): where a process's memory
 // lands, and the machine's drift over minutes. Repeats inside one process cannot show that, so
 // by default on the CPU each repeat (one round over every run) is kvbench itself, started again
-// with the same command line plus --generation-round-fd: it times one round and writes, per
-// run, one JSON line to that descriptor.
+// with the same command line plus --generation-round-fd and --generation-round-prompt (the ids
+// to feed, so no input is read twice): it times one round and writes, per run, one JSON line to
+// that descriptor.
 #include "cli.hpp"
+
+#include <kvcompress/runtime/token_file.hpp>
 
 #include <nlohmann/json.hpp>
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -21,6 +27,9 @@
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/prctl.h>
+#endif
 
 extern char** environ;
 
@@ -76,13 +85,44 @@ inline size_t add_round_line(const std::string& text, std::vector<Run>& runs) {
 
 // --- the parent's side: one child per round ---------------------------------------------------
 
+/// The ids every round's process feeds, in a temporary token file (removed with this object).
+class PromptFile {
+ public:
+  PromptFile(const std::vector<int64_t>& ids, int64_t vocab_size) {
+    std::string name = (std::filesystem::temp_directory_path() / "kvbench-prompt-XXXXXX").string();
+    const int fd = mkstemp(name.data());
+    if (fd < 0) fail("generation rounds: cannot create a temporary file in " +
+                     std::filesystem::temp_directory_path().string() + ": " + std::strerror(errno));
+    path_ = name;
+    std::ostringstream text;
+    rt::write_token_file(text, ids, vocab_size, "kvbench-prompt");
+    const std::string s = text.str();
+    const bool ok = write(fd, s.data(), s.size()) == static_cast<ssize_t>(s.size());
+    close(fd);
+    if (!ok) {
+      std::remove(path_.c_str());
+      fail("generation rounds: cannot write the temporary file " + path_);
+    }
+  }
+  ~PromptFile() { std::remove(path_.c_str()); }
+  PromptFile(const PromptFile&) = delete;
+  PromptFile& operator=(const PromptFile&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
 /// kvbench run again with `argv` plus --generation-round-fd; its standard output goes to
 /// /dev/null, its standard error stays ours (its progress is off, its errors show).
 class RoundProcess {
  public:
   static constexpr int kChildFd = 3;
 
-  RoundProcess(int argc, char** argv) {
+  RoundProcess(int argc, char** argv, const std::string& prompt_file) {
+    // A SIGCHLD ignored by whoever started us would make the child reap itself: waitpid could
+    // not tell how it ended.
+    signal(SIGCHLD, SIG_DFL);
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0) fail(std::string("generation round: cannot create a pipe: ") + std::strerror(errno));
     // The write end must not already be the child's descriptor: dup2 onto itself would keep
@@ -96,6 +136,8 @@ class RoundProcess {
     std::vector<std::string> args(argv, argv + argc);
     args.push_back("--generation-round-fd");
     args.push_back(std::to_string(kChildFd));
+    args.push_back("--generation-round-prompt");
+    args.push_back(prompt_file);
     std::vector<char*> cargs;
     for (auto& a : args) cargs.push_back(a.data());
     cargs.push_back(nullptr);
@@ -119,27 +161,42 @@ class RoundProcess {
     }
   }
   ~RoundProcess() {
-    if (lines_) std::fclose(lines_);
+    close_lines();
     finish_quietly();
   }
   RoundProcess(const RoundProcess&) = delete;
   RoundProcess& operator=(const RoundProcess&) = delete;
 
-  /// The next line the child wrote; false at its end.
+  /// The next whole line the child wrote; false at its end. A last line without its newline (a
+  /// child stopped mid-write) is not returned: finish() names how the child ended.
   bool next_line(std::string& line) {
     line.clear();
-    for (int c; (c = std::fgetc(lines_)) != EOF;) {
+    while (lines_) {
+      const int c = std::fgetc(lines_);
       if (c == '\n') return true;
-      line.push_back(static_cast<char>(c));
+      if (c != EOF) {
+        line.push_back(static_cast<char>(c));
+        continue;
+      }
+      if (std::ferror(lines_) && errno == EINTR) {
+        std::clearerr(lines_);
+        continue;
+      }
+      cut_short_ = !line.empty();
+      close_lines();
     }
-    return !line.empty();
+    return false;
   }
 
-  /// Waits for the child; an error naming how it ended unless it exited with 0.
+  /// Waits for the child; an error naming how it ended unless it exited with 0 after whole lines.
   void finish(const std::string& what) {
+    close_lines();  // a child still writing gets EPIPE instead of waiting on a full pipe
     const int status = wait_child();
     if (status < 0) fail(what + ": lost its process (" + std::strerror(errno) + ")");
-    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return;
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+      if (cut_short_) fail(what + ": its process exited in the middle of a line");
+      return;
+    }
     const std::string how = WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
                             : WIFSIGNALED(status) ? "was killed by signal " + std::to_string(WTERMSIG(status))
                                                   : "ended abnormally";
@@ -148,6 +205,10 @@ class RoundProcess {
   }
 
  private:
+  void close_lines() {
+    if (lines_) std::fclose(lines_);
+    lines_ = nullptr;
+  }
   int wait_child() {
     if (pid_ <= 0) return 0;
     int status = 0;
@@ -165,7 +226,16 @@ class RoundProcess {
   }
   pid_t pid_ = 0;
   std::FILE* lines_ = nullptr;
+  bool cut_short_ = false;
 };
+
+/// In a round's process: stop when the kvbench that started it ends (killed, or gone before
+/// reading), instead of timing on unseen.
+inline void stop_with_parent() {
+#if defined(__linux__)
+  prctl(PR_SET_PDEATHSIG, SIGTERM);
+#endif
+}
 
 /// The child's side: its lines, flushed one by one so the parent's progress follows.
 class RoundWriter {
