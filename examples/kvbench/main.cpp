@@ -3,17 +3,18 @@
 // next-token accuracy, TTFT, TPOT, throughput, cache size and peak memory (per window too, for
 // texts longer than the model's context); plus a greedy generation measurement. A small tool
 // over kvcompress::runtime: cli.hpp (options), inputs.hpp (texts, token files), report.hpp
-// (table, JSON, CSV). `kvbench --help` lists the options.
+// (table, JSON, CSV), rounds.hpp (generation rounds in fresh processes). `kvbench --help` lists
+// the options.
 #include "cli.hpp"
 #include "inputs.hpp"
 #include "report.hpp"
 #include "rounds.hpp"
+#include "../common/blas_threads.hpp"
 
 #include <kvcompress/runtime/runtime.hpp>
 
 #include <ATen/Parallel.h>
 
-#include <dlfcn.h>
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
@@ -24,29 +25,6 @@
 
 namespace kvbench {
 namespace {
-
-// OpenBLAS keeps a thread pool of its own, which at::set_num_threads does not size. A scope that
-// caps it at n threads (n > 0) and restores it; nothing where LibTorch links another BLAS.
-class BlasThreads {
- public:
-  explicit BlasThreads(int n) {
-    get_ = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
-    set_ = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
-    if (n <= 0 || !get_ || !set_) return;
-    previous_ = get_();
-    set_(n);
-  }
-  ~BlasThreads() {
-    if (previous_ > 0) set_(previous_);
-  }
-  BlasThreads(const BlasThreads&) = delete;
-  BlasThreads& operator=(const BlasThreads&) = delete;
-
- private:
-  int (*get_)() = nullptr;
-  void (*set_)(int) = nullptr;
-  int previous_ = 0;
-};
 
 // glibc gives large freed blocks straight back to the system (mmap'd blocks, and the heap's top
 // beyond the trim threshold), so every prefill touched fresh pages that the kernel had to zero.
@@ -122,9 +100,7 @@ int run(int argc, char** argv) {
   }
   keep_freed_memory();
   if (o.threads > 0) at::set_num_threads(static_cast<int>(o.threads));
-  // --threads N means N threads: LibTorch's matrix products run on OpenBLAS's own pool, which
-  // at::set_num_threads leaves at the machine's cores (its spare threads spin for work).
-  const BlasThreads blas_threads(static_cast<int>(o.threads));
+  const kvtools::BlasThreads blas_threads(static_cast<int>(o.threads));  // --threads N: N threads
   torch::jit::setGraphExecutorOptimize(o.jit_optimize == 1 || (o.jit_optimize < 0 && o.cuda_graph));
   at::Device device(at::kCPU);
   if (o.device == "cuda") {
@@ -365,7 +341,7 @@ int run(int argc, char** argv) {
     rt::OnePass batch(model, row_options, longest, o.cuda_graph, pass.workers);
     // Each worker runs its own BLAS calls: OpenBLAS's own threads would only compete for the
     // same cores (measured here: the batched step 17.5 ms with them off, 24 ms with them on).
-    const BlasThreads single_blas(pass.workers > 1 ? 1 : 0);
+    const kvtools::BlasThreads single_blas(pass.workers > 1 ? 1 : 0);
     {  // untimed: the batch's shapes, as the warm-up above does for one run
       std::vector<rt::RunMetrics> scratch(rows.size());
       const auto& first = samples.front().tokens;

@@ -3,6 +3,7 @@
 // text), then the speed and the cache size (standard error). Greedy by default; sampling with
 // --temperature, --top-k and --seed. A small tool over kvcompress::runtime: the prefill, the
 // decode loop and the compression are the runtime's StaticDecoder (decoder.hpp).
+#include "../common/blas_threads.hpp"
 #include "../common/tool_cli.hpp"
 
 #include <kvcompress/runtime/runtime.hpp>
@@ -118,6 +119,7 @@ void write_out(const std::string& bytes) {
 int run(int argc, char** argv) {
   const Options o = parse_args(argc, argv);
   if (o.threads > 0) at::set_num_threads(static_cast<int>(o.threads));
+  const kvtools::BlasThreads blas_threads(static_cast<int>(o.threads));  // --threads N: N threads
   torch::jit::setGraphExecutorOptimize(o.cuda_graph);
   at::Device device(at::kCPU);
   if (o.device == "cuda") {
