@@ -181,7 +181,7 @@ inline Options parse_args(int argc, char** argv) {
             "this process times one generation round and writes it to descriptor N");
   cli.text("--generation-round-prompt", o.generation_round_prompt, "FILE", "",
            "that round's token ids (the first sample's first tokens), written by kvbench");
-  cli.count("--threads", o.threads, 1, runtime, "CPU threads for LibTorch, per one-pass worker (default: LibTorch's\nchoice)");
+  cli.count("--threads", o.threads, 1, runtime, "CPU threads for LibTorch and its OpenBLAS, per one-pass worker\n(default: LibTorch's choice)");
   cli.flag("--jit-optimize", runtime, "let TorchScript fuse the model's elementwise ops (default with\n--cuda-graph)",
            [&o] { o.jit_optimize = 1; });
   cli.flag("--no-jit-optimize", runtime, "off also with --cuda-graph", [&o] { o.jit_optimize = 0; });

@@ -79,7 +79,7 @@ Options parse_args(int argc, char** argv) {
   cli.choice("--device", o.device, {"cpu", "cuda"}, runtime, "(default cpu)");
   cli.choice("--dtype", o.dtype, {"float32", "float16", "bfloat16"}, runtime, "(default float32 on cpu, float16 on cuda)");
   cli.flag("--cuda-graph", runtime, "replay each decode step from a CUDA graph", [&o] { o.cuda_graph = true; });
-  cli.count("--threads", o.threads, 1, runtime, "CPU threads for LibTorch (default: LibTorch's choice)");
+  cli.count("--threads", o.threads, 1, runtime, "CPU threads for LibTorch and its OpenBLAS (default: LibTorch's\nchoice)");
   cli.flag("--quiet", runtime, "the text only, no figures", [&o] { o.quiet = true; });
   cli.parse(argc, argv);
   if (!o.prompt_given) fail("give a prompt: --prompt TEXT or --prompt-file FILE");
