@@ -153,6 +153,19 @@ class Cli {
   CLI::Option* flag(const char* name, const char* group, const std::string& help, std::function<void()> set) {
     return app_.add_flag_callback(name, std::move(set), help)->group(group);
   }
+  /// `on` sets dst to 1, `off` to 0 (dst stays -1, "the default", with neither); both is an error.
+  void on_off(const char* on, const std::string& on_help, const char* off, const std::string& off_help,
+              const char* group, int& dst) {
+    const std::string both = std::string("give either ") + on + " or " + off + ", not both";
+    flag(on, group, on_help, [&dst, both] {
+      if (dst == 0) fail(both);
+      dst = 1;
+    });
+    flag(off, group, off_help, [&dst, both] {
+      if (dst == 1) fail(both);
+      dst = 0;
+    });
+  }
 
   /// Parses; --help and --version print and exit 0; a bad command line throws kvcompress::Error.
   void parse(int argc, char** argv) {

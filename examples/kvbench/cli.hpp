@@ -145,17 +145,10 @@ inline Options parse_args(int argc, char** argv) {
            [&o] { o.cuda_graph = true; });
   cli.count("--batch", o.batch, 1, runtime, "rows of the generation measurement (default 1)");
   cli.count("--prefill-chunk", o.prefill_chunk, 0, runtime, "feed the generation prompt N tokens per step (default 0: at once)");
-  cli.flag("--one-pass", runtime,
-           "evaluate every run as a row of one batched decode (fixed-capacity\n"
-           "cache; default when two or more runs evaluate; contract version 5)",
-           [&o] {
-             if (o.one_pass == 0) fail("give either --one-pass or --no-one-pass, not both");
-             o.one_pass = 1;
-           });
-  cli.flag("--no-one-pass", runtime, "evaluate the runs one at a time", [&o] {
-    if (o.one_pass == 1) fail("give either --one-pass or --no-one-pass, not both");
-    o.one_pass = 0;
-  });
+  cli.on_off("--one-pass",
+             "evaluate every run as a row of one batched decode (fixed-capacity\n"
+             "cache; default when two or more runs evaluate; contract version 5)",
+             "--no-one-pass", "evaluate the runs one at a time", runtime, o.one_pass);
   cli.count("--workers", o.workers, 1, runtime,
             "host threads that share the one pass's model calls and compressions\n"
             "(default: the machine's cores on cpu, 1 on cuda)");
@@ -164,18 +157,12 @@ inline Options parse_args(int argc, char** argv) {
   cli.count("--prompt-tokens", o.prompt_tokens, 1, runtime, "prompt length of the generation (default 512)");
   cli.count("--repeats", o.repeats, 1, runtime,
             "runs of every timed measurement: figures are their median, with min\nand max (default 3)");
-  cli.flag("--process-per-repeat", runtime,
-           "time each repeat in a fresh kvbench process, so the spread covers\n"
-           "what differs between invocations (default on cpu; on cuda each\n"
-           "process holds its own copy of the model)",
-           [&o] {
-             if (o.process_per_repeat == 0) fail("give either --process-per-repeat or --no-process-per-repeat, not both");
-             o.process_per_repeat = 1;
-           });
-  cli.flag("--no-process-per-repeat", runtime, "time every repeat in this process (default on cuda)", [&o] {
-    if (o.process_per_repeat == 1) fail("give either --process-per-repeat or --no-process-per-repeat, not both");
-    o.process_per_repeat = 0;
-  });
+  cli.on_off("--process-per-repeat",
+             "time each repeat in a fresh kvbench process, so the spread covers\n"
+             "what differs between invocations (default on cpu; on cuda each\n"
+             "process holds its own copy of the model)",
+             "--no-process-per-repeat", "time every repeat in this process (default on cuda)", runtime,
+             o.process_per_repeat);
   // Internal (no group: not in --help): set by kvbench on the processes it starts.
   cli.count("--generation-round-fd", o.generation_round_fd, 3, "",
             "this process times one generation round and writes it to descriptor N");

@@ -39,14 +39,6 @@ void keep_freed_memory() {
 #endif
 }
 
-// What the allocator holds free goes back to the system, e.g. before a generation round's process
-// starts (it should not run beside this one's cached evaluation memory).
-void give_back_freed_memory() {
-#if defined(__GLIBC__)
-  malloc_trim(0);
-#endif
-}
-
 // Under the cache rule a version-1 model takes one position for all layers: refuse up front a
 // run whose layers would hold different numbers of tokens (the decoder would stop mid-run).
 void check_positions_fit_model(const Options& o, const rt::ContractModel& model, const std::vector<Run>& runs,
@@ -289,7 +281,7 @@ int run(int argc, char** argv) {
           info.vocab_size);
     }
     next_timed(0, k);
-    give_back_freed_memory();  // the child's, while it runs
+    rt::release_free_host_memory();  // the child's, while it runs
     RoundProcess child(argc, argv, round_prompt->path());
     for (std::string line; child.next_line(line);) {
       const size_t r = add_round_line(line, runs);
@@ -388,13 +380,12 @@ int run(int argc, char** argv) {
     for (size_t i = 0; i < rows.size(); ++i)
       print_run_line(runs[rows[i]], rows[i] + 1, runs.size(), baseline_of(runs), timed);
   }
-  for (size_t r = 0; r < runs.size(); ++r) {
+  for (size_t r = 0; o.eval && r < runs.size(); ++r) {
     Run& run = runs[r];
     const auto run_start = std::chrono::steady_clock::now();
     progress.start_run(run.label, r + 1, runs.size());
     memory.reset();
     run.held_before_bytes = std::max(run.held_before_bytes, held_before());
-    if (run.recompute && !o.eval) continue;  // a generation round's process: nothing to time
     if (run.recompute) {
       for (const auto& sample : samples) rt::evaluate_recompute(model, sample.tokens, window, info.max_positions, run.metrics);
       run.metrics.peak_memory_bytes = memory.peak_bytes();
@@ -404,7 +395,7 @@ int run(int argc, char** argv) {
       continue;
     }
     if (pass.one_pass) continue;  // evaluated above
-    for (size_t s = 0; o.eval && s < samples.size(); ++s) {
+    for (size_t s = 0; s < samples.size(); ++s) {
       rt::EvalOptions eo = sample_options(s, 1, run.metrics);
       if (trace.enabled())
         eo.on_compressed = [&](int64_t step, const rt::Decoder& d) {
@@ -412,9 +403,9 @@ int run(int argc, char** argv) {
         };
       evaluate(run.compressor.get(), samples[s].tokens, run.metrics, eo);
     }
-    run.metrics.peak_memory_bytes = o.eval ? peak_of(run.metrics) : -1;
+    run.metrics.peak_memory_bytes = peak_of(run.metrics);
     run.seconds = rt::detail::seconds_since(run_start);
-    if (o.eval) print_run_line(run, r + 1, runs.size(), baseline_of(runs), timed);
+    print_run_line(run, r + 1, runs.size(), baseline_of(runs), timed);
   }
   for (int64_t k = early_rounds; timed && k < o.repeats; ++k) time_round(k);
   if (round_out.enabled()) return 0;

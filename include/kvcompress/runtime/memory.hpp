@@ -14,6 +14,14 @@
 namespace kvcompress {
 namespace runtime {
 
+/// Gives the memory the C allocator holds free back to the system (glibc; nothing elsewhere):
+/// before a peak is measured, or before another process should have the room.
+inline void release_free_host_memory() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+}
+
 class PeakMemory {
  public:
   explicit PeakMemory(at::Device device) : device_(device) {}
@@ -27,9 +35,7 @@ class PeakMemory {
       cuda_reset_peak(index());
       return;
     }
-#if defined(__GLIBC__)
-    malloc_trim(0);
-#endif
+    release_free_host_memory();
     std::ofstream("/proc/self/clear_refs") << "5";  // resets VmHWM to the current RSS
   }
 
