@@ -583,6 +583,33 @@ TEST(StaticRuntime, BadStepsAreReported) {
                "CUDA graphs need the fixed-capacity cache");
 }
 
+TEST(StaticRuntime, MasksThatDoNotMatchTheirBuffersAreRefused) {
+  // A slot_bias of one slot would broadcast over a layer's 8 slots inside the step: one slot's
+  // mask for them all. The step refuses it instead, naming the layer and both shapes.
+  c10::InferenceMode guard;
+  const auto& info = model().info();
+  const auto opts = at::TensorOptions().dtype(model().dtype());
+  c10::List<at::Tensor> keys, values, bias, short_bias, too_few;
+  for (int64_t l = 0; l < info.num_layers; ++l) {
+    keys.push_back(at::zeros({1, info.num_heads, 8, info.head_dim}, opts));
+    values.push_back(at::zeros({1, info.num_heads, 8, info.head_dim}, opts));
+    bias.push_back(at::zeros({1, info.num_heads, 8}, opts));
+    short_bias.push_back(at::zeros({1, info.num_heads, l == 2 ? 1 : 8}, opts));
+    if (l > 0) too_few.push_back(at::zeros({1, info.num_heads, 8}, opts));
+  }
+  const at::Tensor ids = at::zeros({1, 1}, at::kLong), lengths = at::zeros({info.num_layers}, at::kLong);
+  const at::Tensor positions = at::zeros({info.num_layers, 1, 1}, at::kLong), slots = at::zeros({0}, at::kLong);
+  const c10::List<at::Tensor> none;
+  auto step = [&](const c10::List<at::Tensor>& b) {
+    return model().step_scored(ids, positions, keys, values, lengths, none, 1.0, none, slots, b);
+  };
+  EXPECT_EQ(step(bias).size(-1), info.vocab_size);
+  for (const char* fragment : {"layer 2's slot_bias is [1, ", ", 1]", "like its key buffer [1, "})
+    expect_error([&] { step(short_bias); }, fragment);
+  expect_error([&] { step(too_few); }, std::to_string(info.num_layers - 1) + " slot_bias masks for " +
+                                           std::to_string(info.num_layers) + " layers");
+}
+
 // --- positions ------------------------------------------------------------------------------------
 
 TEST(Positions, ShiftingAllPositionsIsOneRotationOfEveryCachedKey) {

@@ -165,6 +165,11 @@ int run(int argc, char** argv) {
                 "worker%s); TTFT and TPOT from each method's own generation\n",
                 (long long)pass.rows, o.schedule == "chunked" ? ("chunked, slack " + std::to_string(o.slack)).c_str() : "every",
                 o.cuda_graph ? ", CUDA graph" : "", (long long)pass.workers, pass.workers == 1 ? "" : "s");
+  if (pass.one_pass && o.dtype != "float32")
+    std::printf("note: in %s a row matches its method's separate pass only to %s rounding of the batched products, "
+                "which can also turn a near-tied selection the other way; --no-one-pass evaluates each method on "
+                "its own\n",
+                o.dtype.c_str(), o.dtype.c_str());
   if (o.generate > 0)
     std::printf("generation: %lld-token prompt, %lld new tokens, batch %lld, %lld repeats%s (median, min-max)\n",
                 (long long)o.prompt_tokens, (long long)o.generate, (long long)o.batch, (long long)o.repeats,

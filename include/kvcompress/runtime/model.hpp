@@ -4,6 +4,7 @@
 #include <kvcompress/params.hpp>
 #include <kvcompress/runtime/tokenizer.hpp>
 #include <kvcompress/types.hpp>
+#include <kvcompress/validate.hpp>
 
 #include <torch/script.h>
 
@@ -139,6 +140,7 @@ class ContractModel {
                          const at::Tensor& lengths, const c10::List<at::Tensor>& attention_buffers, double decay,
                          const c10::List<at::Tensor>& query_buffers, const at::Tensor& query_slots,
                          const c10::List<at::Tensor>& slot_bias = c10::List<at::Tensor>()) {
+    check_slot_bias(key_buffers, slot_bias);
     std::vector<at::IValue> args{input_ids, position_ids, key_buffers, value_buffers, lengths,
                                  attention_buffers, decay, query_buffers, query_slots};
     add_slot_bias(args, slot_bias, "step_scored");
@@ -215,6 +217,21 @@ class ContractModel {
 
  private:
   // Version 4's last argument; older files have none, and cannot hide slots.
+  // A step's masks must match its buffers slot for slot: one that is shorter would broadcast
+  // inside the step (a mask of one slot over them all) instead of failing.
+  static void check_slot_bias(const c10::List<at::Tensor>& key_buffers, const c10::List<at::Tensor>& slot_bias) {
+    if (slot_bias.empty()) return;
+    if (slot_bias.size() != key_buffers.size())
+      throw Error("model step_scored: " + std::to_string(slot_bias.size()) + " slot_bias masks for " +
+                  std::to_string(key_buffers.size()) + " layers of key buffers");
+    for (size_t l = 0; l < slot_bias.size(); ++l) {
+      const at::Tensor bias = slot_bias.get(l), keys = key_buffers.get(l);
+      if (bias.dim() != 3 || keys.dim() != 4 || bias.sizes() != keys.sizes().slice(0, 3))
+        throw Error("model step_scored: layer " + std::to_string(l) + "'s slot_bias is " + kvcompress::detail::shape_text(bias) +
+                    "; it must be [B, H, C] like its key buffer " + kvcompress::detail::shape_text(keys));
+    }
+  }
+
   void add_slot_bias(std::vector<at::IValue>& args, const c10::List<at::Tensor>& slot_bias, const char* method) const {
     if (info_.contract_version >= 4) {
       args.emplace_back(slot_bias);

@@ -456,8 +456,10 @@ class OnePass {
     if (!g.scored) return model_.step(g.ids, g.positions, keys, values, g.lengths);
     // Attention is never accumulated inside the batch's step (rows may decay it differently):
     // rows score it from the queries the step writes into their ring.
+    // The masks are cut exactly as the buffers are: a graph reads them whole.
+    const c10::List<at::Tensor>& bias = narrow && !g.bias.empty() ? narrowed(g, g.bias, g.narrow_bias) : g.bias_list;
     return model_.step_scored(g.ids, g.positions, keys, values, g.lengths, c10::List<at::Tensor>(), 1.0, g.query_list,
-                              g.query_slots, g.bias.empty() ? g.bias_list : narrowed(g, g.bias, g.narrow_bias));
+                              g.query_slots, bias);
   }
 
   // The buffers cut after the longest row's next slot: the step attends over every slot it is
