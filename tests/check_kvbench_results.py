@@ -69,6 +69,7 @@ TOP = {  # field: check
     "slack": lambda v: isinstance(v, int) and v >= 0,
     "prefill_chunk": lambda v: isinstance(v, int) and v >= 0,
     "cuda_graph": lambda v: isinstance(v, bool),
+    "native_step": lambda v: isinstance(v, bool),
     "jit_optimize": lambda v: isinstance(v, bool),
     "skip_layers": lambda v: isinstance(v, list) and all(isinstance(x, int) and x >= 0 for x in v),
     "inputs": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),

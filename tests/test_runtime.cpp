@@ -610,6 +610,19 @@ TEST(StaticRuntime, MasksThatDoNotMatchTheirBuffersAreRefused) {
                                            std::to_string(info.num_layers) + " layers");
 }
 
+TEST(StaticRuntime, NativeStepIsRefusedWhereItCannotRun) {
+  auto streaming = kvc::make_compressor("streaming_llm(start_size=4, recent_size=28)");
+  auto attention = kvc::make_compressor("h2o(heavy_hitter_size=12, recent_size=30)");
+  rt::DecoderOptions plain = options(streaming.get()), scored = options(attention.get());
+  plain.native_step = scored.native_step = true;
+  // On a CPU model (or a build without it) the native step names why and the TorchScript step.
+  expect_error([&] { rt::StaticDecoder(model(), plain, {64}); }, "native step: ");
+  expect_error([&] { rt::StaticDecoder(model(), plain, {64}); }, "TorchScript step");
+  expect_error([&] { rt::StaticDecoder(model(), scored, {64}); }, "scores with attention or recent queries");
+  expect_error([&] { rt::make_decoder(model(), plain, false, 64, 1); }, "fixed-capacity cache");
+  expect_error([&] { rt::OnePass(model(), {plain, plain}, 64); }, "one-pass rows");
+}
+
 // --- positions ------------------------------------------------------------------------------------
 
 TEST(Positions, ShiftingAllPositionsIsOneRotationOfEveryCachedKey) {
@@ -855,6 +868,73 @@ TEST(CudaRuntime, OnePassRowsMatchTheirSeparatePassesWithAndWithoutGraphs) {
   static rt::ContractModel gpu = rt::ContractModel::load(kModel, at::Device(at::kCUDA, 0), at::kFloat);
   check_every_policy_in_one_pass(gpu, false, 1);
   check_every_policy_in_one_pass(gpu, true, 1);
+}
+
+// The native step (our CUDA kernels) against the TorchScript step, on the bundled model: a
+// 64-token prompt, then 256 one-token steps compressing every step, the full cache and every
+// policy the native step runs (those that score with neither attention nor queries), in float32
+// with and without a graph, in float16 from graphs under both position rules.
+// Every step's logits agree within the dtype's rounding, relative to the logits' scale, while
+// both keep the same tokens; a near-tie that one breaks the other way ends the comparison of
+// that run (counted, and rare).
+TEST(CudaRuntime, NativeStepMatchesTheTorchScriptStepOverEveryPolicy) {
+  if (!at::hasCUDA() || !rt::built_with_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA support in this build";
+  const auto tokens = bundled_tokens(64 + 256);
+  const at::Tensor prompt = at::tensor(std::vector<int64_t>(tokens.begin(), tokens.begin() + 64), at::kLong)
+                                .view({1, 64}).to(at::kCUDA);
+  int runs = 0, flips = 0;
+  for (const auto dtype : {at::kFloat, at::kHalf}) {
+    rt::ContractModel gpu = rt::ContractModel::load(kModel, at::Device(at::kCUDA, 0), dtype);
+    const double tolerance = dtype == at::kFloat ? 1e-4 : 2e-2;  // of the largest |logit|
+    double worst = 0;
+    std::vector<std::string> specs{""};
+    for (const auto& spec : kEveryPolicy)
+      if (!kvc::make_compressor(spec)->needs().scores()) specs.push_back(spec);
+    // float32: both ways of calling the step; float16 (the speed path): graphs, both rules.
+    const auto rules = dtype == at::kFloat ? std::vector<rt::PositionRule>{rt::PositionRule::original}
+                                           : std::vector<rt::PositionRule>{rt::PositionRule::original, rt::PositionRule::cache};
+    const auto graphs = dtype == at::kFloat ? std::vector<bool>{false, true} : std::vector<bool>{true};
+    for (const auto rule : rules) {
+      for (const auto& spec : specs) {
+        for (bool graph : graphs) {
+          SCOPED_TRACE((spec.empty() ? std::string("full cache") : spec) + " positions " + rt::to_string(rule) +
+                       (graph ? " graph " : " ") + c10::toString(dtype));
+          auto c = spec.empty() ? nullptr : kvc::make_compressor(spec);
+          rt::DecoderOptions mine = options(c.get(), rule);
+          mine.native_step = true;
+          auto reference = rt::make_decoder(gpu, options(c.get(), rule), true, 320, 64, graph);
+          auto native = rt::make_decoder(gpu, mine, true, 320, 64, graph);
+          reference->step(prompt);
+          native->step(prompt);
+          reference->maybe_compress();
+          native->maybe_compress();
+          ++runs;
+          for (size_t t = 64; t < tokens.size(); ++t) {
+            const at::Tensor id = at::full({1, 1}, tokens[t], at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+            const at::Tensor a = reference->step(id).clone(), b = native->step(id).clone();
+            ASSERT_EQ(b.sizes(), a.sizes());
+            ASSERT_EQ(b.scalar_type(), at::kFloat);
+            const double scale = a.abs().max().item<double>(), diff = (a - b).abs().max().item<double>();
+            worst = std::max(worst, diff / scale);
+            ASSERT_LE(diff, tolerance * scale) << "step " << t;
+            reference->maybe_compress();
+            native->maybe_compress();
+            ASSERT_EQ(native->lengths(), reference->lengths()) << "step " << t;
+            bool same = true;
+            for (int64_t l = 0; l < gpu.info().num_layers && same; ++l)
+              same = at::equal(native->original_positions(l), reference->original_positions(l));
+            if (!same) {  // a near-tie broken the other way: the caches differ from here on
+              ++flips;
+              break;
+            }
+          }
+        }
+      }
+    }
+    std::printf("native step, %s: largest logit difference %.2e of the logits' scale\n", c10::toString(dtype), worst);
+  }
+  std::printf("native step: %d runs of 256 steps compared, %d ended early by a near-tie flip\n", runs, flips);
+  EXPECT_LE(flips, runs / 8);
 }
 
 TEST(CudaRuntime, GraphReplayAgreesWithTheConcatenatingCacheForEveryPolicyAndBothRules) {

@@ -45,7 +45,7 @@ struct Options {
   std::string schedule;   // "" = the concatenating cache
   std::string positions = "original";
   int64_t slack = 64, batch = 1, prefill_chunk = 0;
-  bool cuda_graph = false, eval = true, skip_layers_given = false;
+  bool cuda_graph = false, native_step = false, eval = true, skip_layers_given = false;
   std::vector<int64_t> budgets = {512, 1024}, skip_layers = {0, 1};
   std::string json, csv, save_tokens;
   int64_t repeats = 3;     // runs of every timed measurement (median, min, max)
@@ -143,6 +143,11 @@ inline Options parse_args(int argc, char** argv) {
   cli.count("--slack", o.slack, 1, runtime, "tokens between compressions for --schedule chunked (default 64)");
   cli.flag("--cuda-graph", runtime, "replay each one-token step from a CUDA graph (implies --schedule every)",
            [&o] { o.cuda_graph = true; });
+  cli.flag("--native-step", runtime,
+           "one-token steps in kvcompress's own CUDA kernels instead of the model's\nTorchScript step (CUDA; implies "
+           "--schedule every and --no-one-pass;\nnot for methods that score with attention or queries). New: not yet\n"
+           "run on a GPU (docs/PERFORMANCE.md, \"Native decode step\")",
+           [&o] { o.native_step = true; });
   cli.count("--batch", o.batch, 1, runtime, "rows of the generation measurement (default 1)");
   cli.count("--prefill-chunk", o.prefill_chunk, 0, runtime, "feed the generation prompt N tokens per step (default 0: at once)");
   cli.on_off("--one-pass",
@@ -190,6 +195,13 @@ inline Options parse_args(int argc, char** argv) {
   if (!o.texts.empty() && !o.token_files.empty()) fail("give either --text or --tokens, not both");
   if (o.cuda_graph && o.device != "cuda") fail("--cuda-graph needs --device cuda");
   if (o.cuda_graph && o.schedule.empty()) o.schedule = "every";
+  if (o.native_step && o.device != "cuda") fail("--native-step needs --device cuda (the TorchScript step is the CPU path)");
+  if (o.native_step && o.one_pass == 1)
+    fail("--native-step cannot go with --one-pass: one-pass rows run their group's TorchScript step");
+  if (o.native_step) {
+    o.one_pass = 0;
+    if (o.schedule.empty()) o.schedule = "every";
+  }
   if (!o.eval && o.generate == 0) fail("--no-eval with --generate 0 leaves nothing to measure");
   if (o.recompute_reference && (!o.eval || o.window == 0))
     fail("--recompute-reference scores windows: it needs the evaluation and --window > 0");

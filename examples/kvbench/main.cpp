@@ -159,7 +159,7 @@ int run(int argc, char** argv) {
               o.positions.c_str(), kvc::params::format_int_list(o.skip_layers).c_str(),
               !o.static_cache() ? "concatenating cache"
               : (std::string("static cache, ") + o.schedule + (o.schedule == "chunked" ? " (slack " + std::to_string(o.slack) + ")" : "") +
-                 (o.cuda_graph ? ", CUDA graph" : "")).c_str());
+                 (o.cuda_graph ? ", CUDA graph" : "") + (o.native_step ? ", native step" : "")).c_str());
   if (pass.one_pass)
     std::printf("evaluation: one pass, %lld runs as the rows of one batched decode (static cache, %s%s; %lld "
                 "worker%s); TTFT and TPOT from each method's own generation\n",
@@ -192,6 +192,7 @@ int run(int argc, char** argv) {
     d.schedule = o.compression_schedule();
     d.batch = batch;
     d.track_positions = trace.enabled();
+    d.native_step = o.native_step;
     return d;
   };
   // One decoder per (method, measurement): the fixed-capacity one is sized for its tokens.

@@ -252,6 +252,7 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
   j["slack"] = o.schedule == "chunked" ? o.slack : 0;
   j["prefill_chunk"] = o.prefill_chunk;
   j["cuda_graph"] = o.cuda_graph;
+  j["native_step"] = o.native_step;
   j["jit_optimize"] = torch::jit::getGraphExecutorOptimize();
   j["skip_layers"] = o.skip_layers;
   j["generate"] = o.generate;

@@ -33,6 +33,10 @@ struct DecoderOptions {
   /// fixed-capacity cache; the concatenating cache keeps them only when asked or when its
   /// policy scores with queries).
   bool track_positions = false;
+  /// One-token steps in kvcompress's own CUDA kernels (ContractModel::native_step) instead of
+  /// the model's TorchScript step; prompts still run through TorchScript. Fixed-capacity cache
+  /// on a CUDA device; not for policies that score with attention or queries (yet).
+  bool native_step = false;
 };
 
 class Decoder {
@@ -169,7 +173,11 @@ class Decoder {
 /// last queries, all moved with their tokens.
 class ConcatDecoder final : public Decoder {
  public:
-  ConcatDecoder(ContractModel& model, DecoderOptions options) : Decoder(model, options) { clear(); }
+  ConcatDecoder(ContractModel& model, DecoderOptions options) : Decoder(model, options) {
+    if (options.native_step)
+      throw Error("native step: it runs over the fixed-capacity cache (StaticDecoder), not the concatenating one");
+    clear();
+  }
 
   KVCache view() const override { return cache_; }
   std::vector<int64_t> lengths() const override {
@@ -358,6 +366,15 @@ class StaticDecoder final : public Decoder {
       cache_.track_hidden();
       for (int64_t l = 0; l < layers; ++l) bias_list_.push_back(cache_.slot_bias_buffer(l));
     }
+    if (options.native_step) {
+      if (ring)
+        throw Error("native step: one-pass rows run their group's TorchScript step (evaluate the methods one at a "
+                    "time to use the native step)");
+      if (needs_.scores())
+        throw Error("native step: " + options.compressor->spec() + " scores with attention or recent queries, which "
+                    "the native step does not compute yet; run it on the TorchScript step");
+      native_ = &model.native_step();
+    }
     // Under a chunked schedule the accumulated attention is not added inside every step: the
     // steps only keep their queries (one small write per layer), and the attention of all the
     // queries since the last compression is computed at once when it is next needed
@@ -488,6 +505,9 @@ class StaticDecoder final : public Decoder {
   // forces it; `with_bias` false leaves out the masks of hidden slots, when there are none).
   at::Tensor call(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& query_slots,
                   bool add_attention = false, bool with_bias = true) {
+    if (native_ && ids.size(1) == 1)
+      return native_->step(ids, positions, key_list_, value_list_, lengths_,
+                           with_bias ? bias_list_ : c10::List<at::Tensor>());
     if (!scored_) return model_.step(ids, positions, key_list_, value_list_, lengths_);
     const bool in_model = needs_.attention && (!deferred_ || add_attention);
     return model_.step_scored(ids, positions, key_list_, value_list_, lengths_,
@@ -570,6 +590,7 @@ class StaticDecoder final : public Decoder {
   bool deferred_ = false;                  // accumulated attention computed at flush_attention()
   bool hidden_present_ = false;            // a compression may have hidden slots since the reset
   int64_t flushed_ = 0;                    // tokens whose attention the scores hold
+  NativeStep* native_ = nullptr;           // the model's native step (DecoderOptions::native_step)
   CudaGraph graph_;
 };
 

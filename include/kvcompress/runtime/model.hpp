@@ -2,13 +2,16 @@
 // A TorchScript model that follows docs/MODEL_CONTRACT.md (versions 1 to 5). Part of
 // kvcompress::runtime: needs <torch/script.h>.
 #include <kvcompress/params.hpp>
+#include <kvcompress/runtime/native_step.hpp>
 #include <kvcompress/runtime/tokenizer.hpp>
 #include <kvcompress/types.hpp>
 #include <kvcompress/validate.hpp>
 
 #include <torch/script.h>
 
+#include <cstdlib>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -116,6 +119,26 @@ class ContractModel {
       kv.emplace_back(at::empty({batch, info_.num_heads, 0, info_.head_dim}, opts),
                       at::empty({batch, info_.num_heads, 0, info_.head_dim}, opts));
     return kv;
+  }
+
+  /// The one-token `step` in kvcompress's own CUDA kernels (native_step.hpp), built on first use
+  /// from this model's weights and shared by every decoder of it. Throws kvcompress::Error
+  /// naming why when it cannot run here (a CPU model, a build without it, an unsupported model).
+  NativeStep& native_step() {
+    if (!native_step_) {
+      NativeStepModel m;
+      m.name = info_.name;
+      m.num_layers = info_.num_layers;
+      m.num_heads = info_.num_heads;
+      m.head_dim = info_.head_dim;
+      m.rotary_ndims = info_.rotary_ndims;
+      m.rotary_base = info_.rotary_base;
+      m.layer_norm_eps = config_number("layer_norm_eps", 1e-5);
+      m.parallel_residual = config_flag("use_parallel_residual", true);
+      for (const auto& p : module_.named_parameters()) m.parameters.emplace_back(p.name, p.value);
+      native_step_ = std::make_shared<NativeStep>(m);
+    }
+    return *native_step_;
   }
 
   /// Whether the model offers the fixed-capacity `step` method.
@@ -300,11 +323,38 @@ class ContractModel {
     return info;
   }
 
+  // A number or flag of the embedded config (kvc/config.json); `fallback` when the key is absent.
+  double config_number(const std::string& key, double fallback) const {
+    const auto at = config_value(key);
+    if (at == std::string::npos) return fallback;
+    char* end = nullptr;
+    const double v = std::strtod(config_json_.c_str() + at, &end);
+    if (end == config_json_.c_str() + at)
+      throw Error("model " + path_ + ": kvc/config.json's \"" + key + "\" is not a number");
+    return v;
+  }
+  bool config_flag(const std::string& key, bool fallback) const {
+    const auto at = config_value(key);
+    if (at == std::string::npos) return fallback;
+    if (config_json_.compare(at, 4, "true") == 0) return true;
+    if (config_json_.compare(at, 5, "false") == 0) return false;
+    throw Error("model " + path_ + ": kvc/config.json's \"" + key + "\" is not true or false");
+  }
+  // Offset of the value of top-level-or-nested `key` in the config text (npos when absent).
+  size_t config_value(const std::string& key) const {
+    size_t at = config_json_.find("\"" + key + "\"");
+    if (at == std::string::npos) return at;
+    at = config_json_.find(':', at + key.size() + 2);
+    if (at == std::string::npos) return at;
+    return config_json_.find_first_not_of(" \t\r\n", at + 1);
+  }
+
   torch::jit::Module module_;
   ModelInfo info_;
   std::string config_json_, tokenizer_model_, tokenizer_json_, path_;
   at::Device device_ = at::kCPU;
   at::ScalarType dtype_ = at::kFloat;
+  std::shared_ptr<NativeStep> native_step_;  // built by native_step()
 };
 
 }  // namespace runtime

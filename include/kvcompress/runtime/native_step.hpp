@@ -1,0 +1,62 @@
+#pragma once
+// The one-token decode step of a GPT-NeoX (Pythia) contract model in kvcompress's own CUDA
+// kernels, beside the TorchScript `step` (the reference, and the CPU path). Per layer: one
+// kernel adds the previous layer's output bias and normalises, one matrix product computes QKV
+// and the MLP's input at once (the LayerNorms folded into the weights, as export_pythia.py
+// --fuse-layers does), one split-K decode attention applies rotary, writes the new key and value
+// in place and attends over the fixed-capacity cache, one kernel combines its splits and applies
+// GELU, and one matrix product adds attention output and MLP output into the residual. Five
+// kernels a layer where the TorchScript step launches about twelve (docs/PERFORMANCE.md).
+//
+// Declared without CUDA types; defined in the compiled part of kvcompress::runtime
+// (src/native_step.cpp, src/native_step_kernels.cu), built with CUDA when LibTorch has it.
+#include <kvcompress/types.hpp>
+
+#include <ATen/core/List.h>
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace kvcompress {
+namespace runtime {
+
+/// What the native step reads of a model: its shape, its config's LayerNorm epsilon and
+/// residual form, and its parameters by TorchScript name (plain `layers.i.attention...` or
+/// fused `layers.i.in_proj...` layers).
+struct NativeStepModel {
+  std::string name;
+  int64_t num_layers = 0, num_heads = 0, head_dim = 0, rotary_ndims = 0;
+  double rotary_base = 10000.0, layer_norm_eps = 1e-5;
+  bool parallel_residual = true;
+  std::vector<std::pair<std::string, at::Tensor>> parameters;
+};
+
+class NativeStep {
+ public:
+  /// Takes (plain layers: folds) the weights on their device. Throws kvcompress::Error naming
+  /// the reason when the step cannot run: a build without CUDA, a model not on a CUDA device, a
+  /// missing parameter, layers without parallel residual, a head wider than 256.
+  explicit NativeStep(const NativeStepModel& model);
+  ~NativeStep();
+  NativeStep(NativeStep&&) noexcept;
+  NativeStep& operator=(NativeStep&&) noexcept;
+
+  /// The contract's `step` for one new token per row (docs/MODEL_CONTRACT.md): ids [B, 1] (or
+  /// [1, 1]: every row feeds it), position_ids [B, 1] or [L, B, 1], buffers [B, H, C_l, D] per
+  /// layer, lengths [L] or [L, B] (int64, on the model's device); `slot_bias` (optional) per
+  /// layer [B, H, C_l], added to the scores of the past slots. Writes each row's new key and
+  /// value at slot lengths[l](, b) and returns float32 logits [B, 1, vocab] in the step's own
+  /// buffer (the next call overwrites it). Capturable in a CUDA graph: no host synchronisation.
+  at::Tensor step(const at::Tensor& input_ids, const at::Tensor& position_ids, const c10::List<at::Tensor>& key_buffers,
+                  const c10::List<at::Tensor>& value_buffers, const at::Tensor& lengths,
+                  const c10::List<at::Tensor>& slot_bias = c10::List<at::Tensor>());
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace runtime
+}  // namespace kvcompress

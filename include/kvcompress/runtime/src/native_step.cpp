@@ -1,0 +1,282 @@
+// The native decode step (native_step.hpp): weights, checks and the layer loop around the
+// kernels of native_step_kernels.cu. Built with KVC_RUNTIME_NATIVE_STEP (a LibTorch with CUDA and
+// the CUDA compiler, CMakeLists.txt); otherwise it says why not.
+#include <kvcompress/runtime/native_step.hpp>
+#include <kvcompress/validate.hpp>
+
+#if defined(KVC_RUNTIME_CUDA) && defined(KVC_RUNTIME_NATIVE_STEP)
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "native_step_kernels.cuh"
+#endif
+
+#include <cmath>
+#include <map>
+
+namespace kvcompress {
+namespace runtime {
+
+#if defined(KVC_RUNTIME_CUDA) && defined(KVC_RUNTIME_NATIVE_STEP)
+
+namespace {
+
+// Scores per block of the split attention: every split a block of 128 threads, one slot each.
+constexpr int64_t kChunk = 128;
+
+kernels::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kernels::DType::f32;
+    case at::kHalf: return kernels::DType::f16;
+    case at::kBFloat16: return kernels::DType::bf16;
+    default: throw Error(std::string("native step: dtype ") + c10::toString(t) + " is not supported (float32, float16, bfloat16)");
+  }
+}
+
+void check_launch(const char* what) {
+  const std::string error = kernels::last_error();
+  if (!error.empty()) throw Error(std::string("native step: ") + what + " failed to launch: " + error);
+}
+
+}  // namespace
+
+struct NativeStep::Impl {
+  struct Layer {
+    at::Tensor in_weight, in_bias, out_weight, out_bias;  // in: [3h + ffn, h]; out: [h, h + ffn]
+  };
+  NativeStepModel shape;
+  at::Device device = at::kCPU;
+  at::ScalarType dtype = at::kHalf;
+  int64_t hidden = 0, ffn = 0, vocab = 0;
+  std::vector<Layer> layers;
+  at::Tensor embed_in, embed_out, final_weight, final_bias;
+  // The step's scratch, per number of rows, sized for the largest capacity seen. Buffers a
+  // captured graph may point to are never freed: a larger capacity takes new ones and keeps
+  // the old alive.
+  struct Scratch {
+    int64_t capacity = 0;
+    at::Tensor x, normed, projected, joined, logits_model, logits, partial;
+  };
+  std::map<int64_t, Scratch> scratch;
+  std::vector<Scratch> retired;
+
+  Scratch& scratch_for(int64_t rows, int64_t capacity) {
+    Scratch& s = scratch[rows];
+    if (s.x.defined() && capacity <= s.capacity) return s;
+    if (s.x.defined()) retired.push_back(s);
+    const auto opts = at::TensorOptions().dtype(dtype).device(device);
+    s.capacity = capacity;
+    s.x = at::empty({rows, hidden}, opts);
+    s.normed = at::empty({rows, hidden}, opts);
+    s.projected = at::empty({rows, 3 * hidden + ffn}, opts);
+    s.joined = at::empty({rows, hidden + ffn}, opts);
+    s.logits_model = at::empty({rows, vocab}, opts);
+    s.logits = dtype == at::kFloat ? s.logits_model : at::empty({rows, vocab}, opts.dtype(at::kFloat));
+    const int64_t splits = (capacity + kChunk - 1) / kChunk;
+    s.partial = at::empty({rows * shape.num_heads * splits * (shape.head_dim + 2)}, opts.dtype(at::kFloat));
+    return s;
+  }
+};
+
+namespace {
+
+at::Tensor take(const std::map<std::string, at::Tensor>& p, const std::string& name, const std::string& model) {
+  auto it = p.find(name);
+  if (it == p.end())
+    throw Error("native step: model '" + model + "' has no parameter '" + name +
+                "' (a GPT-NeoX contract model from export_pythia.py or export_small_model.py is expected)");
+  return it->second;
+}
+
+}  // namespace
+
+NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.shape = model;
+  m.shape.parameters.clear();
+  if (!model.parallel_residual)
+    throw Error("native step: model '" + model.name + "' has sequential residual layers; the native step computes "
+                "GPT-NeoX's parallel residual (every Pythia model)");
+  if (model.head_dim < 1 || model.head_dim > 256 || model.rotary_ndims % 2 != 0 || model.rotary_ndims > model.head_dim)
+    throw Error("native step: model '" + model.name + "' has head_dim " + std::to_string(model.head_dim) +
+                " and rotary_ndims " + std::to_string(model.rotary_ndims) +
+                "; it supports head_dim up to 256 and an even rotary_ndims <= head_dim");
+  std::map<std::string, at::Tensor> p(model.parameters.begin(), model.parameters.end());
+  m.embed_in = take(p, "embed_in.weight", model.name);
+  m.device = m.embed_in.device();
+  m.dtype = m.embed_in.scalar_type();
+  kernel_dtype(m.dtype);
+  if (!m.device.is_cuda())
+    throw Error("native step: model '" + model.name + "' is on " + m.device.str() +
+                "; the native step runs on CUDA devices (the TorchScript step is the CPU path)");
+  m.hidden = model.num_heads * model.head_dim;
+  m.embed_out = take(p, "embed_out.weight", model.name);
+  m.vocab = m.embed_out.size(0);
+  m.final_weight = take(p, "final_layer_norm.weight", model.name);
+  m.final_bias = take(p, "final_layer_norm.bias", model.name);
+  c10::cuda::CUDAGuard guard(m.device);
+  at::NoGradGuard no_grad;
+  for (int64_t l = 0; l < model.num_layers; ++l) {
+    const std::string at_ = "layers." + std::to_string(l) + ".";
+    Impl::Layer layer;
+    if (p.count(at_ + "in_proj.weight")) {  // fused export: the folded weights as they are
+      layer.in_weight = take(p, at_ + "in_proj.weight", model.name);
+      layer.in_bias = take(p, at_ + "in_proj.bias", model.name);
+      layer.out_weight = take(p, at_ + "out_proj.weight", model.name);
+      layer.out_bias = take(p, at_ + "out_proj.bias", model.name);
+    } else {  // plain layers: fold as FusedNeoXLayer does, in float64, rounded once
+      auto fold = [&](const std::string& lin, const std::string& ln, at::Tensor& w, at::Tensor& b) {
+        const at::Tensor weight = take(p, at_ + lin + ".weight", model.name).to(at::kDouble);
+        w = weight * take(p, at_ + ln + ".weight", model.name).to(at::kDouble).unsqueeze(0);
+        b = take(p, at_ + lin + ".bias", model.name).to(at::kDouble) +
+            at::mv(weight, take(p, at_ + ln + ".bias", model.name).to(at::kDouble));
+      };
+      at::Tensor w_qkv, b_qkv, w_up, b_up;
+      fold("attention.query_key_value", "input_layernorm", w_qkv, b_qkv);
+      fold("mlp.dense_h_to_4h", "post_attention_layernorm", w_up, b_up);
+      layer.in_weight = at::cat({w_qkv, w_up}, 0).to(m.dtype).contiguous();
+      layer.in_bias = at::cat({b_qkv, b_up}, 0).to(m.dtype);
+      layer.out_weight = at::cat({take(p, at_ + "attention.dense.weight", model.name),
+                                  take(p, at_ + "mlp.dense_4h_to_h.weight", model.name)}, 1).contiguous();
+      layer.out_bias = (take(p, at_ + "attention.dense.bias", model.name).to(at::kDouble) +
+                        take(p, at_ + "mlp.dense_4h_to_h.bias", model.name).to(at::kDouble)).to(m.dtype);
+    }
+    const int64_t ffn = layer.in_weight.size(0) - 3 * m.hidden;
+    if (layer.in_weight.dim() != 2 || layer.in_weight.size(1) != m.hidden || ffn < 1 ||
+        layer.out_weight.sizes() != at::IntArrayRef({m.hidden, m.hidden + ffn}) || (l > 0 && ffn != m.ffn))
+      throw Error("native step: model '" + model.name + "' layer " + std::to_string(l) + " has projections " +
+                  detail::shape_text(layer.in_weight) + " and " + detail::shape_text(layer.out_weight) +
+                  ", which do not fit hidden size " + std::to_string(m.hidden));
+    m.ffn = ffn;
+    m.layers.push_back(std::move(layer));
+  }
+}
+
+NativeStep::~NativeStep() = default;
+NativeStep::NativeStep(NativeStep&&) noexcept = default;
+NativeStep& NativeStep::operator=(NativeStep&&) noexcept = default;
+
+at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& position_ids,
+                            const c10::List<at::Tensor>& key_buffers, const c10::List<at::Tensor>& value_buffers,
+                            const at::Tensor& lengths, const c10::List<at::Tensor>& slot_bias) {
+  Impl& m = *impl_;
+  const int64_t layers = m.shape.num_layers, heads = m.shape.num_heads, dim = m.shape.head_dim;
+  const std::string who = "native step: ";
+  if (static_cast<int64_t>(key_buffers.size()) != layers || value_buffers.size() != key_buffers.size() ||
+      (!slot_bias.empty() && slot_bias.size() != key_buffers.size()))
+    throw Error(who + std::to_string(key_buffers.size()) + " key, " + std::to_string(value_buffers.size()) +
+                " value and " + std::to_string(slot_bias.size()) + " slot_bias buffers for " + std::to_string(layers) +
+                " layers");
+  const int64_t rows = key_buffers.get(0).size(0);
+  int64_t capacity = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor k = key_buffers.get(l), v = value_buffers.get(l);
+    if (k.dim() != 4 || k.size(0) != rows || k.size(1) != heads || k.size(3) != dim || k.size(2) < 1 ||
+        v.sizes() != k.sizes() || k.scalar_type() != m.dtype || v.scalar_type() != m.dtype || k.device() != m.device ||
+        v.device() != m.device || !k.is_contiguous() || !v.is_contiguous())
+      throw Error(who + "layer " + std::to_string(l) + " buffers are keys " + detail::shape_text(k) + " and values " +
+                  detail::shape_text(v) + "; both must be contiguous [" + std::to_string(rows) + ", " +
+                  std::to_string(heads) + ", C, " + std::to_string(dim) + "] " + c10::toString(m.dtype) + " on " +
+                  m.device.str() + " (every layer the same rows)");
+    if (!slot_bias.empty()) {
+      const at::Tensor b = slot_bias.get(l);
+      if (b.dim() != 3 || b.sizes() != k.sizes().slice(0, 3) || b.scalar_type() != m.dtype || b.device() != m.device ||
+          !b.is_contiguous())
+        throw Error(who + "layer " + std::to_string(l) + "'s slot_bias is " + detail::shape_text(b) +
+                    "; it must be contiguous [B, H, C] like its key buffer " + detail::shape_text(k));
+    }
+    capacity = std::max(capacity, k.size(2));
+  }
+  const bool per_row = lengths.dim() == 2;
+  if (lengths.scalar_type() != at::kLong || lengths.device() != m.device || !lengths.is_contiguous() ||
+      !((lengths.dim() == 1 && lengths.size(0) == layers) || (per_row && lengths.size(0) == layers && lengths.size(1) == rows)))
+    throw Error(who + "lengths " + detail::shape_text(lengths) + " must be contiguous int64 [" + std::to_string(layers) +
+                "] or [" + std::to_string(layers) + ", " + std::to_string(rows) + "] on " + m.device.str());
+  const bool per_layer = position_ids.dim() == 3;
+  if (position_ids.scalar_type() != at::kLong || position_ids.device() != m.device ||
+      !((position_ids.dim() == 2 && position_ids.size(0) == rows && position_ids.size(1) == 1) ||
+        (per_layer && position_ids.size(0) == layers && position_ids.size(1) == rows && position_ids.size(2) == 1)))
+    throw Error(who + "position_ids " + detail::shape_text(position_ids) + " must be int64 [" + std::to_string(rows) +
+                ", 1] or [" + std::to_string(layers) + ", " + std::to_string(rows) + ", 1] on " + m.device.str() +
+                " (one new token per row)");
+  if (input_ids.scalar_type() != at::kLong || input_ids.device() != m.device || input_ids.dim() != 2 ||
+      input_ids.size(1) != 1 || (input_ids.size(0) != rows && input_ids.size(0) != 1))
+    throw Error(who + "input_ids " + detail::shape_text(input_ids) + " must be int64 [" + std::to_string(rows) +
+                ", 1] or [1, 1] on " + m.device.str() + " (one new token per row)");
+
+  c10::cuda::CUDAGuard guard(m.device);
+  at::NoGradGuard no_grad;
+  Impl::Scratch& w = m.scratch_for(rows, capacity);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor embedded = at::index_select(m.embed_in, 0, input_ids.reshape({-1}));
+  w.x.copy_(embedded.size(0) == rows ? embedded : embedded.expand({rows, m.hidden}));
+  const kernels::DType kd = kernel_dtype(m.dtype);
+  const float eps = static_cast<float>(m.shape.layer_norm_eps);
+  const at::Tensor* pending = nullptr;
+  for (int64_t l = 0; l < layers; ++l) {
+    const Impl::Layer& layer = m.layers[static_cast<size_t>(l)];
+    kernels::add_and_layer_norm(kd, w.x.data_ptr(), pending ? pending->data_ptr() : nullptr, w.normed.data_ptr(),
+                                nullptr, nullptr, rows, m.hidden, eps, stream);
+    check_launch("LayerNorm");
+    at::addmm_out(w.projected, layer.in_bias, w.normed, layer.in_weight.t());
+    const at::Tensor keys = key_buffers.get(l), values = value_buffers.get(l);
+    kernels::AttentionArgs a;
+    a.dtype = kd;
+    a.rows = rows;
+    a.heads = heads;
+    a.head_dim = dim;
+    a.capacity = keys.size(2);
+    a.qkv = w.projected.data_ptr();
+    a.qkv_stride = w.projected.size(1);
+    a.keys = keys.data_ptr();
+    a.values = values.data_ptr();
+    a.lengths = lengths.data_ptr<int64_t>() + (per_row ? l * rows : l);
+    a.lengths_stride = per_row ? 1 : 0;
+    a.positions = position_ids.data_ptr<int64_t>() + (per_layer ? l * position_ids.stride(0) : 0);
+    a.positions_stride = per_layer ? position_ids.stride(1) : position_ids.stride(0);
+    a.rotary_ndims = m.shape.rotary_ndims;
+    a.rotary_base = static_cast<float>(m.shape.rotary_base);
+    a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dim)));
+    a.slot_bias = slot_bias.empty() ? nullptr : slot_bias.get(l).data_ptr();
+    a.chunk = kChunk;
+    a.splits = (a.capacity + kChunk - 1) / kChunk;
+    a.partial = w.partial.data_ptr<float>();
+    a.out = w.joined.data_ptr();
+    a.out_stride = w.joined.size(1);
+    a.carry = static_cast<const char*>(w.projected.data_ptr()) + 3 * m.hidden * w.projected.element_size();
+    a.carry_cols = m.ffn;
+    a.carry_out = static_cast<char*>(w.joined.data_ptr()) + m.hidden * w.joined.element_size();
+    kernels::decode_attention(a, stream);
+    check_launch("decode attention");
+    w.x.addmm_(w.joined, layer.out_weight.t());  // residual + attention and MLP outputs, bias pending
+    pending = &layer.out_bias;
+  }
+  kernels::add_and_layer_norm(kd, w.x.data_ptr(), pending ? pending->data_ptr() : nullptr, w.normed.data_ptr(),
+                              m.final_weight.data_ptr(), m.final_bias.data_ptr(), rows, m.hidden, eps, stream);
+  check_launch("final LayerNorm");
+  at::mm_out(w.logits_model, w.normed, m.embed_out.t());
+  if (w.logits.data_ptr() != w.logits_model.data_ptr()) w.logits.copy_(w.logits_model);
+  return w.logits.view({rows, 1, m.vocab});
+}
+
+#else  // no CUDA, or no CUDA compiler at build time
+
+struct NativeStep::Impl {};
+
+NativeStep::NativeStep(const NativeStepModel& model) {
+  throw Error("native step: this build of kvcompress::runtime has none (it needs a LibTorch with CUDA and the CUDA "
+              "compiler at build time), so model '" + model.name + "' can only run its TorchScript step");
+}
+NativeStep::~NativeStep() = default;
+NativeStep::NativeStep(NativeStep&&) noexcept = default;
+NativeStep& NativeStep::operator=(NativeStep&&) noexcept = default;
+at::Tensor NativeStep::step(const at::Tensor&, const at::Tensor&, const c10::List<at::Tensor>&,
+                            const c10::List<at::Tensor>&, const at::Tensor&, const c10::List<at::Tensor>&) {
+  throw Error("native step: this build of kvcompress::runtime has none");
+}
+
+#endif
+
+}  // namespace runtime
+}  // namespace kvcompress

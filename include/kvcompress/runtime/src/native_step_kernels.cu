@@ -1,0 +1,287 @@
+// The native decode step's kernels (see native_step_kernels.cuh). Arithmetic in float32, inputs
+// and outputs in the model's dtype, rounded where the TorchScript step rounds them (rotated q/k,
+// the cos/sin factors), so that the two steps agree to the dtype's rounding.
+#include "native_step_kernels.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+
+namespace kvcompress {
+namespace runtime {
+namespace kernels {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+__device__ __forceinline__ float round_to(float v) { return to_float<T>(from_float<T>(v)); }
+
+constexpr int kThreads = 128;
+constexpr int kMaxHeadDim = 256;
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// Block-wide max / sum over kThreads threads (every thread gets the result).
+__device__ float block_max(float v, float* scratch) {
+  v = warp_max(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = -INFINITY;
+  for (int w = 0; w < kThreads / 32; ++w) r = fmaxf(r, scratch[w]);
+  return r;
+}
+__device__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = 0.f;
+  for (int w = 0; w < kThreads / 32; ++w) r += scratch[w];
+  return r;
+}
+
+// Rotated value of dim d of x (GPT-NeoX partial rotary, factors rounded to T as the TorchScript
+// step's cos / sin are; the result rounded to T as its q / k are).
+template <typename T>
+__device__ float rotate(const float* x, int d, int64_t rotary_ndims, float rotary_base, float position) {
+  if (d >= rotary_ndims) return x[d];
+  const int half = static_cast<int>(rotary_ndims / 2);
+  const int i = d % half;
+  const float exponent = static_cast<float>(2 * i) / static_cast<float>(rotary_ndims);
+  const float inv_freq = 1.0f / powf(rotary_base, exponent);
+  const float angle = position * inv_freq;
+  const float c = round_to<T>(cosf(angle)), s = round_to<T>(sinf(angle));
+  const float partner = d < half ? -x[d + half] : x[d - half];
+  return round_to<T>(x[d] * c + partner * s);
+}
+
+// grid (splits, heads, rows): one block scores one chunk of one row's head.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
+  __shared__ float q[kMaxHeadDim], k_new[kMaxHeadDim], v_new[kMaxHeadDim], q_rot[kMaxHeadDim], k_rot[kMaxHeadDim];
+  __shared__ float scratch[kThreads / 32];
+  extern __shared__ float scores[];  // chunk floats (chunk >= kThreads)
+  const int64_t s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int D = static_cast<int>(a.head_dim);
+  const int64_t len = a.lengths[b * a.lengths_stride];  // the new token goes to slot len
+  const int64_t start = s * a.chunk, end = min(start + a.chunk, len + 1);
+  float* part = a.partial + ((b * a.heads + h) * a.splits + s) * (a.head_dim + 2);
+  if (start >= end) {  // nothing of this row in this chunk
+    if (threadIdx.x == 0) {
+      part[D] = -INFINITY;
+      part[D + 1] = 0.f;
+    }
+    return;
+  }
+  const T* row = static_cast<const T*>(a.qkv) + b * a.qkv_stride + h * 3 * a.head_dim;
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    q[d] = to_float(row[d]);
+    k_new[d] = to_float(row[D + d]);
+    v_new[d] = to_float(row[2 * D + d]);
+  }
+  __syncthreads();
+  const float position = static_cast<float>(a.positions[b * a.positions_stride]);
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    q_rot[d] = rotate<T>(q, d, a.rotary_ndims, a.rotary_base, position);
+    k_rot[d] = rotate<T>(k_new, d, a.rotary_ndims, a.rotary_base, position);
+  }
+  __syncthreads();
+  const int64_t head_base = ((b * a.heads + h) * a.capacity) * a.head_dim;
+  T* keys = static_cast<T*>(a.keys) + head_base;
+  T* values = static_cast<T*>(a.values) + head_base;
+  const bool owns_new = start <= len && len < end;
+  if (owns_new) {  // the one block that holds the new slot writes it; no other block reads it
+    for (int d = threadIdx.x; d < D; d += kThreads) {
+      keys[len * D + d] = from_float<T>(k_rot[d]);
+      values[len * D + d] = from_float<T>(v_new[d]);
+    }
+  }
+  const T* bias = a.slot_bias ? static_cast<const T*>(a.slot_bias) + (b * a.heads + h) * a.capacity : nullptr;
+  float local_max = -INFINITY;
+  for (int64_t j = start + threadIdx.x; j < end; j += kThreads) {
+    float dot = 0.f;
+    if (j == len) {
+      for (int d = 0; d < D; ++d) dot += q_rot[d] * k_rot[d];
+    } else {
+      const T* kj = keys + j * D;
+      for (int d = 0; d < D; ++d) dot += q_rot[d] * to_float(kj[d]);
+    }
+    float score = dot * a.scale;
+    if (bias && j != len) score += to_float(bias[j]);
+    scores[j - start] = score;
+    local_max = fmaxf(local_max, score);
+  }
+  const float m = block_max(local_max, scratch);
+  float local_sum = 0.f;
+  for (int64_t j = start + threadIdx.x; j < end; j += kThreads) {
+    const float p = m == -INFINITY ? 0.f : expf(scores[j - start] - m);
+    scores[j - start] = p;
+    local_sum += p;
+  }
+  const float l = block_sum(local_sum, scratch);  // its __syncthreads also publishes scores
+  if (D > kThreads) {  // wide heads: each thread sums whole dims
+    for (int d = threadIdx.x; d < D; d += kThreads) {
+      float o = 0.f;
+      for (int64_t j = start; j < end; ++j) o += scores[j - start] * (j == len ? v_new[d] : to_float(values[j * D + d]));
+      part[d] = o;
+    }
+  } else {  // thread (g, d) sums the slots j = start + g, start + g + groups, ...
+    const int groups = kThreads / D, g = threadIdx.x / D, d = threadIdx.x % D;
+    float acc = 0.f;
+    if (g < groups)
+      for (int64_t j = start + g; j < end; j += groups)
+        acc += scores[j - start] * (j == len ? v_new[d] : to_float(values[j * D + d]));
+    __syncthreads();
+    if (g < groups) scores[g * D + d] = acc;  // `scores` reused: chunk >= kThreads >= groups * D
+    __syncthreads();
+    for (int dd = threadIdx.x; dd < D; dd += kThreads) {
+      float o = 0.f;
+      for (int gg = 0; gg < groups; ++gg) o += scores[gg * D + dd];
+      part[dd] = o;
+    }
+  }
+  if (threadIdx.x == 0) {
+    part[D] = m;
+    part[D + 1] = l;
+  }
+}
+
+__device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
+
+// grid (rows * heads + gelu blocks): blocks below rows * heads combine one head's splits; the
+// others apply GELU to the carry.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_and_gelu(AttentionArgs a) {
+  const int64_t heads_total = a.rows * a.heads;
+  const int D = static_cast<int>(a.head_dim);
+  if (blockIdx.x < heads_total) {
+    const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
+    const float* part = a.partial + (b * a.heads + h) * a.splits * (a.head_dim + 2);
+    float m = -INFINITY;
+    for (int64_t s = 0; s < a.splits; ++s)
+      if (part[s * (D + 2) + D + 1] > 0.f) m = fmaxf(m, part[s * (D + 2) + D]);
+    for (int d = threadIdx.x; d < D; d += kThreads) {
+      float o = 0.f, l = 0.f;
+      for (int64_t s = 0; s < a.splits; ++s) {
+        const float* p = part + s * (D + 2);
+        if (p[D + 1] <= 0.f) continue;
+        const float w = expf(p[D] - m);
+        o += w * p[d];
+        l += w * p[D + 1];
+      }
+      static_cast<T*>(a.out)[b * a.out_stride + h * D + d] = from_float<T>(l > 0.f ? o / l : 0.f);
+    }
+    return;
+  }
+  const int64_t e = (blockIdx.x - heads_total) * kThreads + threadIdx.x;
+  if (!a.carry || e >= a.rows * a.carry_cols) return;
+  const int64_t b = e / a.carry_cols, c = e % a.carry_cols;
+  const float x = to_float(static_cast<const T*>(a.carry)[b * a.qkv_stride + c]);
+  static_cast<T*>(a.carry_out)[b * a.out_stride + c] = from_float<T>(gelu(x));
+}
+
+// grid rows: x += pending; out = LayerNorm(x) (* gamma + beta).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) add_and_layer_norm_kernel(T* x, const T* pending, T* out, const T* gamma,
+                                                                      const T* beta, int64_t cols, float eps) {
+  __shared__ float scratch[kThreads / 32];
+  T* xr = x + blockIdx.x * cols;
+  T* outr = out + blockIdx.x * cols;
+  float sum = 0.f;
+  for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
+    float v = to_float(xr[c]);
+    if (pending) {
+      v = round_to<T>(v + to_float(pending[c]));
+      xr[c] = from_float<T>(v);
+    }
+    sum += v;
+  }
+  const float mean = block_sum(sum, scratch) / static_cast<float>(cols);
+  float sq = 0.f;
+  for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
+    const float dv = to_float(xr[c]) - mean;
+    sq += dv * dv;
+  }
+  const float rstd = rsqrtf(block_sum(sq, scratch) / static_cast<float>(cols) + eps);
+  for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
+    float v = (to_float(xr[c]) - mean) * rstd;
+    if (gamma) v = v * to_float(gamma[c]);
+    if (beta) v = v + to_float(beta[c]);
+    outr[c] = from_float<T>(v);
+  }
+}
+
+template <typename T>
+void launch_attention(const AttentionArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.heads), static_cast<unsigned>(a.rows));
+  split_attention<T><<<grid, kThreads, static_cast<size_t>(a.chunk) * sizeof(float), stream>>>(a);
+  const int64_t gelu_blocks = a.carry ? (a.rows * a.carry_cols + kThreads - 1) / kThreads : 0;
+  combine_and_gelu<T><<<static_cast<unsigned>(a.rows * a.heads + gelu_blocks), kThreads, 0, stream>>>(a);
+}
+
+}  // namespace
+
+void decode_attention(const AttentionArgs& args, cudaStream_t stream) {
+  switch (args.dtype) {
+    case DType::f32: return launch_attention<float>(args, stream);
+    case DType::f16: return launch_attention<__half>(args, stream);
+    case DType::bf16: return launch_attention<__nv_bfloat16>(args, stream);
+  }
+}
+
+void add_and_layer_norm(DType dtype, void* x, const void* pending, void* out, const void* gamma, const void* beta,
+                        int64_t rows, int64_t cols, float eps, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(rows);
+  switch (dtype) {
+    case DType::f32:
+      return add_and_layer_norm_kernel<float><<<grid, kThreads, 0, stream>>>(
+          static_cast<float*>(x), static_cast<const float*>(pending), static_cast<float*>(out),
+          static_cast<const float*>(gamma), static_cast<const float*>(beta), cols, eps);
+    case DType::f16:
+      return add_and_layer_norm_kernel<__half><<<grid, kThreads, 0, stream>>>(
+          static_cast<__half*>(x), static_cast<const __half*>(pending), static_cast<__half*>(out),
+          static_cast<const __half*>(gamma), static_cast<const __half*>(beta), cols, eps);
+    case DType::bf16:
+      return add_and_layer_norm_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
+          static_cast<__nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(pending),
+          static_cast<__nv_bfloat16*>(out), static_cast<const __nv_bfloat16*>(gamma),
+          static_cast<const __nv_bfloat16*>(beta), cols, eps);
+  }
+}
+
+const char* last_error() {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? "" : cudaGetErrorString(e);
+}
+
+}  // namespace kernels
+}  // namespace runtime
+}  // namespace kvcompress

@@ -1,0 +1,54 @@
+#pragma once
+// The native decode step's CUDA kernels (native_step_kernels.cu), declared without ATen: raw
+// pointers, one CUDA stream. native_step.cpp is the only caller; it checks every shape first.
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace kvcompress {
+namespace runtime {
+namespace kernels {
+
+enum class DType { f32, f16, bf16 };
+
+/// One layer's decode attention for one new token per row, split over the cache length
+/// (FlashDecoding): rotary on the new query and key, the new key and value written in place at
+/// slot lengths[b], attention over slots [0, lengths[b]], then the splits combined. Also writes
+/// GELU of the MLP's input (the fused layer's carry) beside the attention output, so that the
+/// layer's second product reads one contiguous row [o | gelu(carry)].
+struct AttentionArgs {
+  DType dtype = DType::f16;
+  int64_t rows = 0, heads = 0, head_dim = 0, capacity = 0;
+  const void* qkv = nullptr;  ///< [rows, *] row stride qkv_stride; per head [q | k | v] (GPT-NeoX layout)
+  int64_t qkv_stride = 0;
+  void* keys = nullptr;    ///< [rows, heads, capacity, head_dim], contiguous
+  void* values = nullptr;  ///< same
+  const int64_t* lengths = nullptr;  ///< valid slots of row b at lengths[b * lengths_stride]
+  int64_t lengths_stride = 0;
+  const int64_t* positions = nullptr;  ///< position of row b's new token at positions[b * positions_stride]
+  int64_t positions_stride = 0;
+  int64_t rotary_ndims = 0;
+  float rotary_base = 10000.f;
+  float scale = 1.f;
+  const void* slot_bias = nullptr;  ///< optional [rows, heads, capacity], added to the past slots' scores
+  int64_t splits = 1, chunk = 1;    ///< splits * chunk >= capacity
+  float* partial = nullptr;         ///< workspace: rows * heads * splits * (head_dim + 2) floats
+  void* out = nullptr;              ///< attention output at out[b * out_stride + h * head_dim + d]
+  int64_t out_stride = 0;
+  const void* carry = nullptr;  ///< optional: carry_cols inputs of the MLP per row (row stride qkv_stride)
+  int64_t carry_cols = 0;
+  void* carry_out = nullptr;  ///< GELU(carry) at carry_out[b * out_stride + c]
+};
+void decode_attention(const AttentionArgs& args, cudaStream_t stream);
+
+/// x += pending (a bias the previous product left out; optional), then
+/// out = LayerNorm(x) * gamma + beta (gamma / beta optional), per row of `cols` values.
+void add_and_layer_norm(DType dtype, void* x, const void* pending, void* out, const void* gamma, const void* beta,
+                        int64_t rows, int64_t cols, float eps, cudaStream_t stream);
+
+/// The CUDA error of the last launch, as text ("" when none).
+const char* last_error();
+
+}  // namespace kernels
+}  // namespace runtime
+}  // namespace kvcompress
