@@ -68,6 +68,7 @@ TOP = {  # field: check
     "schedule": lambda v: v in ("every", "chunked"),
     "slack": lambda v: isinstance(v, int) and v >= 0,
     "prefill_chunk": lambda v: isinstance(v, int) and v >= 0,
+    "compress_prefill": lambda v: isinstance(v, bool),
     "cuda_graph": lambda v: isinstance(v, bool),
     "native_step": lambda v: isinstance(v, bool),
     "jit_optimize": lambda v: isinstance(v, bool),

@@ -566,6 +566,41 @@ TEST(StaticRuntime, ChunkedPrefillFillsTheSameCache) {
   expect_error([&] { chunked.prefill(ids, -1); }, "chunk must be >= 0");
 }
 
+TEST(StaticRuntime, CompressingBetweenPromptPiecesHoldsALongPromptInABudgetSizedCache) {
+  // 200 prompt tokens in pieces of 32, compressing between them: buffers of 32 + 32 slots
+  // instead of 200. streaming_llm keeps the same tokens either way (the sinks and the most
+  // recent), so the caches equal the one-shot prefill's in positions, and in keys and values
+  // up to the rounding of attention over fewer slots. Both caches agree on what is kept.
+  auto c = kvc::make_compressor("streaming_llm(start_size=4, recent_size=28, skip_layers=[])");
+  const int64_t layers = model().info().num_layers;
+  EXPECT_EQ(rt::peak_lengths(c.get(), layers, 210, 200, kvc::Schedule::every(), 32),
+            std::vector<int64_t>(static_cast<size_t>(layers), 64));
+  EXPECT_EQ(rt::peak_lengths(c.get(), layers, 210, 200, kvc::Schedule::every()),
+            std::vector<int64_t>(static_cast<size_t>(layers), 200));
+  // Under a chunked schedule (slack 40) the pieces pile up until the slack is reached.
+  EXPECT_EQ(rt::peak_lengths(c.get(), layers, 210, 200, kvc::Schedule::chunk(40), 32),
+            std::vector<int64_t>(static_cast<size_t>(layers), 96));
+  expect_error([&] { rt::peak_lengths(c.get(), layers, 210, 200, kvc::Schedule::every(), -1); }, "piece must be >= 0");
+  const at::Tensor ids = at::tensor(bundled_tokens(200), at::kLong).unsqueeze(0);
+  auto streamed = rt::make_decoder(model(), options(c.get()), true, 210, 200, false, 32);
+  auto whole = rt::make_decoder(model(), options(c.get()), true, 210, 200);
+  auto concat = rt::make_decoder(model(), options(c.get()), false, 210, 200);
+  ASSERT_EQ(streamed->prefill(ids, 32, true).size(1), 200 - 6 * 32);
+  whole->prefill(ids, 0);
+  concat->prefill(ids, 32, true);
+  for (auto* d : {streamed.get(), whole.get(), concat.get()}) d->maybe_compress();
+  EXPECT_EQ(static_cast<rt::StaticDecoder*>(streamed.get())->cache().capacity(0), 64);
+  for (int64_t l = 0; l < layers; ++l) {
+    EXPECT_EQ(streamed->lengths()[static_cast<size_t>(l)], 32);
+    EXPECT_TRUE(at::equal(streamed->original_positions(l), whole->original_positions(l))) << "layer " << l;
+    const auto a = streamed->view()[static_cast<size_t>(l)], b = concat->view()[static_cast<size_t>(l)];
+    EXPECT_TRUE(at::allclose(a.first, b.first, 1e-4, 1e-4)) << "layer " << l;
+    EXPECT_TRUE(at::allclose(a.second, b.second, 1e-4, 1e-4)) << "layer " << l;
+  }
+  // The first layer's keys depend on the token and position alone: equal to the one-shot's.
+  EXPECT_TRUE(at::allclose(streamed->view()[0].first, whole->view()[0].first, 1e-4, 1e-4));
+}
+
 TEST(StaticRuntime, ACacheTooSmallForAnUncompressedLayerNamesSkipLayers) {
   const auto tokens = bundled_tokens(100);
   auto c = kvc::make_compressor("recent_only(window_size=16, skip_layers=[0,1])");

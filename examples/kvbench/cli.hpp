@@ -45,7 +45,7 @@ struct Options {
   std::string schedule;   // "" = the concatenating cache
   std::string positions = "original";
   int64_t slack = 64, batch = 1, prefill_chunk = 0;
-  bool cuda_graph = false, native_step = false, eval = true, skip_layers_given = false;
+  bool cuda_graph = false, native_step = false, compress_prefill = false, eval = true, skip_layers_given = false;
   std::vector<int64_t> budgets = {512, 1024}, skip_layers = {0, 1};
   std::string json, csv, save_tokens;
   int64_t repeats = 3;     // runs of every timed measurement (median, min, max)
@@ -150,6 +150,10 @@ inline Options parse_args(int argc, char** argv) {
            [&o] { o.native_step = true; });
   cli.count("--batch", o.batch, 1, runtime, "rows of the generation measurement (default 1)");
   cli.count("--prefill-chunk", o.prefill_chunk, 0, runtime, "feed the generation prompt N tokens per step (default 0: at once)");
+  cli.flag("--compress-prefill", runtime,
+           "compress between the generation prompt's pieces (needs --prefill-chunk N):\na prompt far past the budget "
+           "held in about budget + N slots; the kept\ntokens then differ from compressing once after the prompt",
+           [&o] { o.compress_prefill = true; });
   cli.on_off("--one-pass",
              "evaluate every run as a row of one batched decode (fixed-capacity\n"
              "cache; default when two or more runs evaluate; contract version 5)",
@@ -203,6 +207,8 @@ inline Options parse_args(int argc, char** argv) {
     if (o.schedule.empty()) o.schedule = "every";
   }
   if (!o.eval && o.generate == 0) fail("--no-eval with --generate 0 leaves nothing to measure");
+  if (o.compress_prefill && o.prefill_chunk == 0)
+    fail("--compress-prefill compresses between the prompt's pieces: it needs --prefill-chunk N");
   if (o.recompute_reference && (!o.eval || o.window == 0))
     fail("--recompute-reference scores windows: it needs the evaluation and --window > 0");
   if ((o.compare_all || o.compare_attention) && o.budgets.empty()) fail("--budgets needs at least one budget");

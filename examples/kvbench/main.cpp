@@ -197,7 +197,8 @@ int run(int argc, char** argv) {
   };
   // One decoder per (method, measurement): the fixed-capacity one is sized for its tokens.
   auto decoder = [&](const kvc::Compressor* c, int64_t batch, int64_t total, int64_t first_chunk) {
-    return rt::make_decoder(model, decoder_options(c, batch), o.static_cache(), total, first_chunk, o.cuda_graph);
+    return rt::make_decoder(model, decoder_options(c, batch), o.static_cache(), total, first_chunk, o.cuda_graph,
+                            o.compress_prefill ? o.prefill_chunk : 0);
   };
   auto evaluate = [&](const kvc::Compressor* c, const std::vector<int64_t>& tokens, rt::RunMetrics& m,
                       const rt::EvalOptions& eo) {
@@ -213,7 +214,7 @@ int run(int argc, char** argv) {
     evaluate(nullptr, std::vector<int64_t>(first.begin(), first.begin() + std::min<size_t>(8, first.size())), scratch, eo);
     if (o.generate > 0 && o.process_per_repeat != 1) {  // else the round's processes time it
       auto d = decoder(nullptr, o.batch, o.prompt_tokens + 2, o.prompt_tokens);
-      rt::generate(*d, prompt, 2, scratch, o.prefill_chunk, o.skip_layers);
+      rt::generate(*d, prompt, 2, scratch, o.prefill_chunk, o.skip_layers, o.compress_prefill);
     }
   }
   // Work units for the ETA: an evaluation step, or a generated token (a prompt counts as one).
@@ -317,7 +318,7 @@ int run(int argc, char** argv) {
       {
         auto d = decoder(run.compressor.get(), o.batch, o.prompt_tokens + o.generate, o.prompt_tokens);
         run.generations.emplace_back();
-        rt::generate(*d, prompt, o.generate, run.generations.back(), o.prefill_chunk, o.skip_layers);
+        rt::generate(*d, prompt, o.generate, run.generations.back(), o.prefill_chunk, o.skip_layers, o.compress_prefill);
       }
       const int64_t peak = memory.peak_bytes();
       run.generation_peak_bytes = std::max(run.generation_peak_bytes, peak);

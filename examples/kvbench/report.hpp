@@ -251,6 +251,7 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
   j["schedule"] = o.static_cache() ? o.schedule : "every";
   j["slack"] = o.schedule == "chunked" ? o.slack : 0;
   j["prefill_chunk"] = o.prefill_chunk;
+  j["compress_prefill"] = o.compress_prefill;
   j["cuda_graph"] = o.cuda_graph;
   j["native_step"] = o.native_step;
   j["jit_optimize"] = torch::jit::getGraphExecutorOptimize();

@@ -88,12 +88,20 @@ class Decoder {
   /// logits of every fed position, attention scores); the keys and values end up the same. (A
   /// step's attention is summed over its tokens and decayed once, so with a decay below 1 the
   /// accumulated scores depend on the pieces, as they would in the course project's loop.)
-  at::Tensor prefill(const at::Tensor& ids, int64_t chunk) {
+  ///
+  /// `compress_between`: the schedule's compression also runs between the pieces (not after the
+  /// last: the caller compresses as after any step), so that a prompt far longer than the
+  /// budget fits in a cache of about the budget plus one piece; what is kept then differs from
+  /// compressing once after the whole prompt, as in any streaming decode.
+  at::Tensor prefill(const at::Tensor& ids, int64_t chunk, bool compress_between = false) {
     if (chunk < 0) throw Error("prefill: chunk must be >= 0, got " + std::to_string(chunk));
     const int64_t p = ids.size(1);
     if (chunk == 0 || chunk >= p) return step(ids);
     at::Tensor logits;
-    for (int64_t s = 0; s < p; s += chunk) logits = step(ids.narrow(1, s, std::min(chunk, p - s)).contiguous());
+    for (int64_t s = 0; s < p; s += chunk) {
+      if (compress_between && s > 0) maybe_compress();
+      logits = step(ids.narrow(1, s, std::min(chunk, p - s)).contiguous());
+    }
     return logits;
   }
 
@@ -293,17 +301,21 @@ class ConcatDecoder final : public Decoder {
 };
 
 /// Largest length every layer reaches when `total` tokens arrive (the first `first_chunk` at
-/// once, then one by one) and `compressor` runs on `schedule`. Selections depend only on
+/// once -- or, `piece` > 0, in pieces of `piece` tokens with the schedule's compression after
+/// each, as prefill(ids, piece, true) feeds them -- then one by one) and `compressor` runs on
+/// `schedule`. Selections depend only on
 /// lengths, so this is exact: it sizes the buffers of a StaticDecoder. Each (layer, length) is
 /// asked of the policy once: past its budget a layer cycles through the same few lengths, so a
 /// long text costs a handful of probes per layer instead of one per token.
 inline std::vector<int64_t> peak_lengths(const Compressor* compressor, int64_t num_layers, int64_t total,
-                                         int64_t first_chunk, const Schedule& schedule) {
+                                         int64_t first_chunk, const Schedule& schedule, int64_t piece = 0) {
+  if (piece < 0) throw Error("peak_lengths: piece must be >= 0, got " + std::to_string(piece));
   std::vector<int64_t> len(static_cast<size_t>(num_layers), 0), peak(static_cast<size_t>(num_layers), 0);
   std::map<std::pair<int64_t, int64_t>, int64_t> kept;  // (layer, length) -> tokens kept
   int64_t since = 0;
+  const int64_t first = std::max<int64_t>(1, std::min(first_chunk, total));
   for (int64_t done = 0; done < total;) {
-    const int64_t t = done == 0 ? std::max<int64_t>(1, std::min(first_chunk, total)) : 1;
+    const int64_t t = done >= first ? 1 : piece > 0 ? std::min(piece, first - done) : first;
     done += t;
     since += t;
     for (auto& l : len) l += t;
@@ -595,15 +607,17 @@ class StaticDecoder final : public Decoder {
 };
 
 /// A decoder of either kind: `fixed_capacity` false -> ConcatDecoder; true -> StaticDecoder
-/// with buffers sized exactly for `total` tokens whose first `first_chunk` arrive at once.
+/// with buffers sized exactly for `total` tokens whose first `first_chunk` arrive at once (or,
+/// `piece` > 0, in pieces with compression between: prefill(ids, piece, true)).
 inline std::unique_ptr<Decoder> make_decoder(ContractModel& model, const DecoderOptions& options, bool fixed_capacity,
-                                             int64_t total, int64_t first_chunk, bool cuda_graph = false) {
+                                             int64_t total, int64_t first_chunk, bool cuda_graph = false,
+                                             int64_t piece = 0) {
   if (!fixed_capacity) {
     if (cuda_graph) throw Error("CUDA graphs need the fixed-capacity cache");
     return std::make_unique<ConcatDecoder>(model, options);
   }
   return std::make_unique<StaticDecoder>(
-      model, options, peak_lengths(options.compressor, model.info().num_layers, total, first_chunk, options.schedule),
+      model, options, peak_lengths(options.compressor, model.info().num_layers, total, first_chunk, options.schedule, piece),
       cuda_graph);
 }
 

@@ -297,7 +297,8 @@ inline void evaluate_recompute(ContractModel& model, const std::vector<int64_t>&
 }
 
 /// Greedy generation: prefill `prompt` (the same prompt in every row of the decoder's batch,
-/// in pieces of `prefill_chunk` tokens, 0 = at once), compress, then `new_tokens` - 1 one-token
+/// in pieces of `prefill_chunk` tokens, 0 = at once; `compress_prefill`: compressing between
+/// them, Decoder::prefill), compress, then `new_tokens` - 1 one-token
 /// steps, compressing on the decoder's schedule. TTFT = prefill + compression + first token;
 /// TPOT = the rest, with one synchronisation at the end (no per-step stall). A serving loop's
 /// warm process: an untimed run of the same shapes goes first -- the prefill, its compression
@@ -305,7 +306,8 @@ inline void evaluate_recompute(ContractModel& model, const std::vector<int64_t>&
 /// growth, TorchScript's profiling executor and its fuser, the GPU's first call of every
 /// scoring and compaction kernel). Returns the generated ids [batch, new_tokens] on the host.
 inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64_t new_tokens, RunMetrics& m,
-                           int64_t prefill_chunk = 0, const std::vector<int64_t>& baseline_skip = {0, 1}) {
+                           int64_t prefill_chunk = 0, const std::vector<int64_t>& baseline_skip = {0, 1},
+                           bool compress_prefill = false) {
   c10::InferenceMode guard;
   if (prompt.empty()) throw Error("generate: the prompt is empty");
   if (new_tokens < 1) throw Error("generate: new_tokens must be >= 1, got " + std::to_string(new_tokens));
@@ -317,7 +319,7 @@ inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64
   // timed prefill (measured: 4 ms TTFT, first repeat 214 ms, on an H200).
   for (int round = 0; round < 2; ++round) {
     d.reset();
-    at::Tensor w = d.prefill(ids, prefill_chunk).select(1, -1).argmax(-1, /*keepdim=*/true);
+    at::Tensor w = d.prefill(ids, prefill_chunk, compress_prefill).select(1, -1).argmax(-1, /*keepdim=*/true);
     d.maybe_compress();
     for (int64_t i = 1; i < new_tokens; ++i) {  // two decode steps at least, up to a compression
       w = d.step(w).select(1, -1).argmax(-1, /*keepdim=*/true);
@@ -329,7 +331,7 @@ inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64
   d.prepare();
   std::vector<at::Tensor> out;
   auto start = std::chrono::steady_clock::now();
-  at::Tensor next = d.prefill(ids, prefill_chunk).select(1, -1).argmax(-1, /*keepdim=*/true);  // [batch, 1]
+  at::Tensor next = d.prefill(ids, prefill_chunk, compress_prefill).select(1, -1).argmax(-1, /*keepdim=*/true);  // [batch, 1]
   d.maybe_compress();
   out.push_back(next);
   next.sum().item<int64_t>();  // synchronise: the first token exists
