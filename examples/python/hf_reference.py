@@ -12,6 +12,11 @@ weight-streaming limit is weight bytes / that bandwidth.
   python3 examples/python/hf_reference.py --random-init pythia-2.8b --dtype float16 \\
       --prompt-tokens 2000 --generate 128 --batch 1 --json hf.json
 
+`--runtime static-compile --hf-attention sdpa` measures transformers' fastest path instead:
+generate(..., cache_implementation="static") with the forward under torch.compile
+(mode="reduce-overhead": CUDA graphs); TTFT is a one-token generate(), TPOT the extra time of
+the other tokens.
+
 Needs PyTorch 2.x with CUDA and `transformers` (a GPU machine).
 """
 
@@ -36,6 +41,11 @@ def parse_args(argv):
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--hf-attention", default="eager", choices=["eager", "sdpa"],
                     help="transformers attention implementation (default: %(default)s)")
+    ap.add_argument("--runtime", default="eager", choices=["eager", "static-compile"],
+                    help="eager: a Python loop over the model with transformers' dynamic cache; static-compile: "
+                         "generate(..., cache_implementation='static') with the model's forward under "
+                         "torch.compile(mode='reduce-overhead') (CUDA graphs), the fastest transformers path "
+                         "(default: %(default)s)")
     ap.add_argument("--prompt-tokens", type=int, default=2000)
     ap.add_argument("--generate", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
@@ -120,7 +130,34 @@ def main(argv=None):
         peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else -1
         return ttft, sum(steps) / len(steps), peak
 
-    decode(4)  # warm-up: kernels, allocator
+    def generate(n):
+        """Seconds of generate() for n new tokens (forced: no early stop), and the peak memory."""
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            sync(torch, args.device)
+            t0 = time.perf_counter()
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, cache_implementation="static", pad_token_id=0)
+            sync(torch, args.device)
+            seconds = time.perf_counter() - t0
+        if out.shape[1] != ids.shape[1] + n:
+            fail(__file__, "generate() gave %d new tokens, asked for %d" % (out.shape[1] - ids.shape[1], n))
+        return seconds, torch.cuda.max_memory_allocated() if args.device == "cuda" else -1
+
+    def compiled(n):
+        """TTFT = generate() of one token; TPOT = the extra time of n tokens over one, per token."""
+        first, _ = generate(1)
+        whole, peak = generate(n)
+        return first, (whole - first) / (n - 1), peak
+
+    if args.runtime == "static-compile":
+        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+        for n in (1, args.generate, args.generate):  # compilation and graph capture of both shapes
+            generate(n)
+        decode = compiled
+    else:
+        decode(4)  # warm-up: kernels, allocator
     runs = [decode(args.generate) for _ in range(args.repeats)]
     ttft = statistics.median(r[0] for r in runs)
     tpot = statistics.median(r[1] for r in runs)
@@ -130,14 +167,15 @@ def main(argv=None):
     res = {
         "source": source, "transformers": tf_version, "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "dtype": args.dtype, "attention": args.hf_attention, "batch": args.batch,
+        "dtype": args.dtype, "attention": args.hf_attention, "runtime": args.runtime, "batch": args.batch,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.generate,
         "ttft_s": ttft, "tpot_s": tpot, "tok_s": args.batch / tpot, "peak_memory_bytes": peak,
         "repeats_tpot_s": [r[1] for r in runs], "host_cpu": host_cpu(),
         "weight_bytes": weight_bytes, "copy_bandwidth_bytes_s": bw, "weight_streaming_limit_s": limit,
     }
-    print("transformers %s (%s attention), %s %s, batch %d, prompt %d, %d new tokens"
-          % (tf_version, args.hf_attention, res["device"], args.dtype, args.batch, args.prompt_tokens, args.generate))
+    print("transformers %s (%s, %s attention), %s %s, batch %d, prompt %d, %d new tokens"
+          % (tf_version, args.runtime, args.hf_attention, res["device"], args.dtype, args.batch, args.prompt_tokens,
+             args.generate))
     print("TTFT %.2f ms  TPOT %.3f ms  (%.1f tok/s)  peak %.2f GiB  [median of %d; TPOT of each: %s ms; host %s]"
           % (ttft * 1e3, tpot * 1e3, res["tok_s"], peak / 2**30, args.repeats,
              " ".join("%.3f" % (r[1] * 1e3) for r in runs), res["host_cpu"]))
