@@ -47,8 +47,9 @@ class NativeStep {
   /// [1, 1]: every row feeds it), position_ids [B, 1] or [L, B, 1], buffers [B, H, C_l, D] per
   /// layer, lengths [L] or [L, B] (int64, on the model's device); `slot_bias` (optional) per
   /// layer [B, H, C_l], added to the scores of the past slots. Writes each row's new key and
-  /// value at slot lengths[l](, b) and returns float32 logits [B, 1, vocab] in the step's own
-  /// buffer (the next call overwrites it). Capturable in a CUDA graph: no host synchronisation.
+  /// value at slot lengths[l](, b) (a length outside the buffer stops the kernel with a
+  /// device-side trap: StaticDecoder makes room first) and returns float32 logits [B, 1, vocab].
+  /// Capturable in a CUDA graph: no host synchronisation.
   at::Tensor step(const at::Tensor& input_ids, const at::Tensor& position_ids, const c10::List<at::Tensor>& key_buffers,
                   const c10::List<at::Tensor>& value_buffers, const at::Tensor& lengths,
                   const c10::List<at::Tensor>& slot_bias = c10::List<at::Tensor>());

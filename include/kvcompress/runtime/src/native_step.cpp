@@ -13,6 +13,7 @@
 #endif
 
 #include <cmath>
+#include <cstdint>
 #include <map>
 
 namespace kvcompress {
@@ -22,8 +23,9 @@ namespace runtime {
 
 namespace {
 
-// Scores per block of the split attention: every split a block of 128 threads, one slot each.
-constexpr int64_t kChunk = 128;
+// Slots per block of the split attention: small enough that a compressed cache of a few hundred
+// slots still spreads over more blocks than the GPU has multiprocessors.
+constexpr int64_t kChunk = 64;
 
 kernels::DType kernel_dtype(at::ScalarType t) {
   switch (t) {
@@ -36,7 +38,7 @@ kernels::DType kernel_dtype(at::ScalarType t) {
 
 void check_launch(const char* what) {
   const std::string error = kernels::last_error();
-  if (!error.empty()) throw Error(std::string("native step: ") + what + " failed to launch: " + error);
+  if (!error.empty()) throw Error(std::string("native step: ") + what + ": CUDA error: " + error);
 }
 
 }  // namespace
@@ -56,7 +58,7 @@ struct NativeStep::Impl {
   // the old alive.
   struct Scratch {
     int64_t capacity = 0;
-    at::Tensor x, normed, projected, joined, logits_model, logits, partial;
+    at::Tensor x, normed, projected, joined, logits_model, partial;
   };
   std::map<int64_t, Scratch> scratch;
   std::vector<Scratch> retired;
@@ -72,7 +74,6 @@ struct NativeStep::Impl {
     s.projected = at::empty({rows, 3 * hidden + ffn}, opts);
     s.joined = at::empty({rows, hidden + ffn}, opts);
     s.logits_model = at::empty({rows, vocab}, opts);
-    s.logits = dtype == at::kFloat ? s.logits_model : at::empty({rows, vocab}, opts.dtype(at::kFloat));
     const int64_t splits = (capacity + kChunk - 1) / kChunk;
     s.partial = at::empty({rows * shape.num_heads * splits * (shape.head_dim + 2)}, opts.dtype(at::kFloat));
     return s;
@@ -116,7 +117,7 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
   m.final_weight = take(p, "final_layer_norm.weight", model.name);
   m.final_bias = take(p, "final_layer_norm.bias", model.name);
   c10::cuda::CUDAGuard guard(m.device);
-  at::NoGradGuard no_grad;
+  c10::InferenceMode inference;
   for (int64_t l = 0; l < model.num_layers; ++l) {
     const std::string at_ = "layers." + std::to_string(l) + ".";
     Impl::Layer layer;
@@ -206,7 +207,8 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
                 ", 1] or [1, 1] on " + m.device.str() + " (one new token per row)");
 
   c10::cuda::CUDAGuard guard(m.device);
-  at::NoGradGuard no_grad;
+  // Inside or outside the caller's inference mode alike: the scratch is shared by every caller.
+  c10::InferenceMode inference;
   Impl::Scratch& w = m.scratch_for(rows, capacity);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor embedded = at::index_select(m.embed_in, 0, input_ids.reshape({-1}));
@@ -219,7 +221,7 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
     kernels::add_and_layer_norm(kd, w.x.data_ptr(), pending ? pending->data_ptr() : nullptr, w.normed.data_ptr(),
                                 nullptr, nullptr, rows, m.hidden, eps, stream);
     check_launch("LayerNorm");
-    at::addmm_out(w.projected, layer.in_bias, w.normed, layer.in_weight.t());
+    at::mm_out(w.projected, w.normed, layer.in_weight.t());  // its bias added by the attention kernels
     const at::Tensor keys = key_buffers.get(l), values = value_buffers.get(l);
     kernels::AttentionArgs a;
     a.dtype = kd;
@@ -229,8 +231,11 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
     a.capacity = keys.size(2);
     a.qkv = w.projected.data_ptr();
     a.qkv_stride = w.projected.size(1);
+    a.qkv_bias = layer.in_bias.data_ptr();
     a.keys = keys.data_ptr();
     a.values = values.data_ptr();
+    a.vectorized = (dim * keys.element_size()) % 16 == 0 && reinterpret_cast<uintptr_t>(keys.data_ptr()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(values.data_ptr()) % 16 == 0;
     a.lengths = lengths.data_ptr<int64_t>() + (per_row ? l * rows : l);
     a.lengths_stride = per_row ? 1 : 0;
     a.positions = position_ids.data_ptr<int64_t>() + (per_layer ? l * position_ids.stride(0) : 0);
@@ -245,6 +250,7 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
     a.out = w.joined.data_ptr();
     a.out_stride = w.joined.size(1);
     a.carry = static_cast<const char*>(w.projected.data_ptr()) + 3 * m.hidden * w.projected.element_size();
+    a.carry_bias = static_cast<const char*>(layer.in_bias.data_ptr()) + 3 * m.hidden * layer.in_bias.element_size();
     a.carry_cols = m.ffn;
     a.carry_out = static_cast<char*>(w.joined.data_ptr()) + m.hidden * w.joined.element_size();
     kernels::decode_attention(a, stream);
@@ -256,8 +262,8 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
                               m.final_weight.data_ptr(), m.final_bias.data_ptr(), rows, m.hidden, eps, stream);
   check_launch("final LayerNorm");
   at::mm_out(w.logits_model, w.normed, m.embed_out.t());
-  if (w.logits.data_ptr() != w.logits_model.data_ptr()) w.logits.copy_(w.logits_model);
-  return w.logits.view({rows, 1, m.vocab});
+  // A tensor of the caller's own (a graph's memory when captured), not the shared scratch.
+  return w.logits_model.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).view({rows, 1, m.vocab});
 }
 
 #else  // no CUDA, or no CUDA compiler at build time

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cfloat>
+#include <cstdio>
 
 namespace kvcompress {
 namespace runtime {
@@ -83,15 +84,35 @@ __device__ float rotate(const float* x, int d, int64_t rotary_ndims, float rotar
   return round_to<T>(x[d] * c + partner * s);
 }
 
+// V values of T in 16 bytes: one vector load (the caller checked alignment).
+template <typename T>
+struct Vec {
+  static constexpr int kWidth = 16 / static_cast<int>(sizeof(T));
+  __device__ static void load(const T* p, float* out) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) out[i] = to_float(v[i]);
+  }
+};
+
 // grid (splits, heads, rows): one block scores one chunk of one row's head.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
+  constexpr int W = Vec<T>::kWidth;
   __shared__ float q[kMaxHeadDim], k_new[kMaxHeadDim], v_new[kMaxHeadDim], q_rot[kMaxHeadDim], k_rot[kMaxHeadDim];
   __shared__ float scratch[kThreads / 32];
-  extern __shared__ float scores[];  // chunk floats (chunk >= kThreads)
+  __shared__ float sums[kThreads * W];  // the slot groups' partial outputs
+  extern __shared__ float scores[];     // chunk floats
   const int64_t s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int D = static_cast<int>(a.head_dim);
   const int64_t len = a.lengths[b * a.lengths_stride];  // the new token goes to slot len
+  if (len < 0 || len >= a.capacity) {  // the caller's bug: stop loudly, as an index check would
+    if (threadIdx.x == 0 && s == 0)
+      printf("kvcompress native step: row %lld holds %lld of its %lld slots: no room for the new token\n",
+             static_cast<long long>(b), static_cast<long long>(len), static_cast<long long>(a.capacity));
+    __trap();
+  }
   const int64_t start = s * a.chunk, end = min(start + a.chunk, len + 1);
   float* part = a.partial + ((b * a.heads + h) * a.splits + s) * (a.head_dim + 2);
   if (start >= end) {  // nothing of this row in this chunk
@@ -102,10 +123,11 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
     return;
   }
   const T* row = static_cast<const T*>(a.qkv) + b * a.qkv_stride + h * 3 * a.head_dim;
-  for (int d = threadIdx.x; d < D; d += kThreads) {
-    q[d] = to_float(row[d]);
-    k_new[d] = to_float(row[D + d]);
-    v_new[d] = to_float(row[2 * D + d]);
+  const T* row_bias = static_cast<const T*>(a.qkv_bias) + h * 3 * a.head_dim;
+  for (int d = threadIdx.x; d < D; d += kThreads) {  // + the product's bias, rounded as the step's y
+    q[d] = round_to<T>(to_float(row[d]) + to_float(row_bias[d]));
+    k_new[d] = round_to<T>(to_float(row[D + d]) + to_float(row_bias[D + d]));
+    v_new[d] = round_to<T>(to_float(row[2 * D + d]) + to_float(row_bias[2 * D + d]));
   }
   __syncthreads();
   const float position = static_cast<float>(a.positions[b * a.positions_stride]);
@@ -130,6 +152,14 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
     float dot = 0.f;
     if (j == len) {
       for (int d = 0; d < D; ++d) dot += q_rot[d] * k_rot[d];
+    } else if (a.vectorized) {
+      const T* kj = keys + j * D;
+      for (int d = 0; d < D; d += W) {
+        float k[W];
+        Vec<T>::load(kj + d, k);
+#pragma unroll
+        for (int i = 0; i < W; ++i) dot += q_rot[d + i] * k[i];
+      }
     } else {
       const T* kj = keys + j * D;
       for (int d = 0; d < D; ++d) dot += q_rot[d] * to_float(kj[d]);
@@ -147,25 +177,46 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
     local_sum += p;
   }
   const float l = block_sum(local_sum, scratch);  // its __syncthreads also publishes scores
-  if (D > kThreads) {  // wide heads: each thread sums whole dims
+  // P V: a head's dims in `segments` of `width` values (one vector load each); thread
+  // (g, seg) sums the slots j = start + g, start + g + groups, ... of its segment.
+  const int width = a.vectorized ? W : 1, segments = D / width;
+  if (segments > kThreads) {  // wide heads, scalar loads: each thread sums whole dims
     for (int d = threadIdx.x; d < D; d += kThreads) {
       float o = 0.f;
       for (int64_t j = start; j < end; ++j) o += scores[j - start] * (j == len ? v_new[d] : to_float(values[j * D + d]));
       part[d] = o;
     }
-  } else {  // thread (g, d) sums the slots j = start + g, start + g + groups, ...
-    const int groups = kThreads / D, g = threadIdx.x / D, d = threadIdx.x % D;
-    float acc = 0.f;
-    if (g < groups)
-      for (int64_t j = start + g; j < end; j += groups)
-        acc += scores[j - start] * (j == len ? v_new[d] : to_float(values[j * D + d]));
+  } else {
+    const int groups = kThreads / segments, g = threadIdx.x / segments, seg = threadIdx.x % segments;
+    float acc[W];
+#pragma unroll
+    for (int i = 0; i < W; ++i) acc[i] = 0.f;
+    if (g < groups) {
+      const int d0 = seg * width;
+      for (int64_t j = start + g; j < end; j += groups) {
+        const float p = scores[j - start];
+        if (j == len) {
+#pragma unroll
+          for (int i = 0; i < W; ++i)
+            if (i < width) acc[i] += p * v_new[d0 + i];
+        } else if (a.vectorized) {
+          float v[W];
+          Vec<T>::load(values + j * D + d0, v);
+#pragma unroll
+          for (int i = 0; i < W; ++i) acc[i] += p * v[i];
+        } else {
+          acc[0] += p * to_float(values[j * D + d0]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < W; ++i)
+        if (i < width) sums[g * D + d0 + i] = acc[i];  // groups * D <= kThreads * W
+    }
     __syncthreads();
-    if (g < groups) scores[g * D + d] = acc;  // `scores` reused: chunk >= kThreads >= groups * D
-    __syncthreads();
-    for (int dd = threadIdx.x; dd < D; dd += kThreads) {
+    for (int d = threadIdx.x; d < D; d += kThreads) {
       float o = 0.f;
-      for (int gg = 0; gg < groups; ++gg) o += scores[gg * D + dd];
-      part[dd] = o;
+      for (int gg = 0; gg < groups; ++gg) o += sums[gg * D + d];
+      part[d] = o;
     }
   }
   if (threadIdx.x == 0) {
@@ -204,7 +255,8 @@ __global__ void __launch_bounds__(kThreads) combine_and_gelu(AttentionArgs a) {
   const int64_t e = (blockIdx.x - heads_total) * kThreads + threadIdx.x;
   if (!a.carry || e >= a.rows * a.carry_cols) return;
   const int64_t b = e / a.carry_cols, c = e % a.carry_cols;
-  const float x = to_float(static_cast<const T*>(a.carry)[b * a.qkv_stride + c]);
+  const float x = round_to<T>(to_float(static_cast<const T*>(a.carry)[b * a.qkv_stride + c]) +
+                              to_float(static_cast<const T*>(a.carry_bias)[c]));
   static_cast<T*>(a.carry_out)[b * a.out_stride + c] = from_float<T>(gelu(x));
 }
 

@@ -13,7 +13,8 @@ enum class DType { f32, f16, bf16 };
 
 /// One layer's decode attention for one new token per row, split over the cache length
 /// (FlashDecoding): rotary on the new query and key, the new key and value written in place at
-/// slot lengths[b], attention over slots [0, lengths[b]], then the splits combined. Also writes
+/// slot lengths[b], attention over slots [0, lengths[b]], then the splits combined (a length
+/// outside [0, capacity) stops the kernel with a device-side trap, as an index check would). Also writes
 /// GELU of the MLP's input (the fused layer's carry) beside the attention output, so that the
 /// layer's second product reads one contiguous row [o | gelu(carry)].
 struct AttentionArgs {
@@ -21,8 +22,10 @@ struct AttentionArgs {
   int64_t rows = 0, heads = 0, head_dim = 0, capacity = 0;
   const void* qkv = nullptr;  ///< [rows, *] row stride qkv_stride; per head [q | k | v] (GPT-NeoX layout)
   int64_t qkv_stride = 0;
+  const void* qkv_bias = nullptr;  ///< the product's bias for those columns (added here, rounded to the dtype)
   void* keys = nullptr;    ///< [rows, heads, capacity, head_dim], contiguous
   void* values = nullptr;  ///< same
+  bool vectorized = false;  ///< rows of keys/values in whole 16-byte loads (head_dim * size % 16 == 0, aligned)
   const int64_t* lengths = nullptr;  ///< valid slots of row b at lengths[b * lengths_stride]
   int64_t lengths_stride = 0;
   const int64_t* positions = nullptr;  ///< position of row b's new token at positions[b * positions_stride]
@@ -36,6 +39,7 @@ struct AttentionArgs {
   void* out = nullptr;              ///< attention output at out[b * out_stride + h * head_dim + d]
   int64_t out_stride = 0;
   const void* carry = nullptr;  ///< optional: carry_cols inputs of the MLP per row (row stride qkv_stride)
+  const void* carry_bias = nullptr;  ///< their bias (carry_cols values)
   int64_t carry_cols = 0;
   void* carry_out = nullptr;  ///< GELU(carry) at carry_out[b * out_stride + c]
 };
