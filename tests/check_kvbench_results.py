@@ -69,6 +69,7 @@ TOP = {  # field: check
     "slack": lambda v: isinstance(v, int) and v >= 0,
     "prefill_chunk": lambda v: isinstance(v, int) and v >= 0,
     "compress_prefill": lambda v: isinstance(v, bool),
+    "shared_prompt": lambda v: isinstance(v, bool),
     "cuda_graph": lambda v: isinstance(v, bool),
     "native_step": lambda v: isinstance(v, bool),
     "jit_optimize": lambda v: isinstance(v, bool),

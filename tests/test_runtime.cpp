@@ -601,6 +601,42 @@ TEST(StaticRuntime, CompressingBetweenPromptPiecesHoldsALongPromptInABudgetSized
   EXPECT_TRUE(at::allclose(streamed->view()[0].first, whole->view()[0].first, 1e-4, 1e-4));
 }
 
+TEST(StaticRuntime, ASharedPromptFedToOneRowFillsEveryRow) {
+  // Three rows, one 100-token prompt in pieces of 16 compressed between them: fed to row 0 and
+  // copied, the cache and the next steps equal those of feeding it to all three rows.
+  auto c = kvc::make_compressor("streaming_llm(start_size=4, recent_size=28, skip_layers=[])");
+  const auto opts = options(c.get(), rt::PositionRule::original, kvc::Schedule::every(), 3);
+  auto shared = rt::make_decoder(model(), opts, true, 110, 100, false, 16);
+  auto every = rt::make_decoder(model(), opts, true, 110, 100, false, 16);
+  auto& row0 = static_cast<rt::StaticDecoder&>(*shared);
+  const at::Tensor ids = at::tensor(bundled_tokens(100), at::kLong).unsqueeze(0);
+  const at::Tensor a = row0.prefill_shared(ids, 16, true), b = every->prefill(ids.expand({3, 100}).contiguous(), 16, true);
+  EXPECT_TRUE(at::allclose(a.select(0, 0), b.select(0, 0), 1e-4, 1e-4));
+  EXPECT_EQ(shared->fed(), 100);
+  for (int step = 0; step < 5; ++step) {
+    shared->maybe_compress();
+    every->maybe_compress();
+    ASSERT_EQ(shared->lengths(), every->lengths());
+    const at::Tensor id = at::full({3, 1}, 7 + step, at::kLong);
+    EXPECT_TRUE(at::allclose(shared->step(id), every->step(id), 1e-4, 1e-4)) << "step " << step;
+  }
+  for (int64_t l = 0; l < model().info().num_layers; ++l) {
+    EXPECT_TRUE(at::equal(shared->original_positions(l), every->original_positions(l))) << "layer " << l;
+    const auto x = shared->view()[static_cast<size_t>(l)], y = every->view()[static_cast<size_t>(l)];
+    EXPECT_TRUE(at::allclose(x.first, y.first, 1e-4, 1e-4)) << "layer " << l;
+    EXPECT_TRUE(at::allclose(x.second, y.second, 1e-4, 1e-4)) << "layer " << l;
+    EXPECT_TRUE(at::equal(x.first.select(0, 2), x.first.select(0, 0))) << "layer " << l;
+  }
+  expect_error([&] { row0.prefill_shared(ids, 16); }, "already holds 105 tokens");
+  shared->reset();
+  expect_error([&] { row0.prefill_shared(ids.expand({2, 100}), 16); }, "ids must be int64 [1, P >= 1]");
+  auto attention = kvc::make_compressor("h2o(heavy_hitter_size=12, recent_size=30)");
+  rt::StaticDecoder scored(model(), options(attention.get(), rt::PositionRule::original, kvc::Schedule::every(), 2), {128});
+  expect_error([&] { scored.prefill_shared(ids, 16); }, "keeps per-row scores or queries");
+  kvc::StaticCache two(1, 2, 1, 4, {8}, at::TensorOptions().dtype(at::kFloat));
+  expect_error([&] { row0.cache().copy_to_every_row(two); }, "the source must be one row of");
+}
+
 TEST(StaticRuntime, ACacheTooSmallForAnUncompressedLayerNamesSkipLayers) {
   const auto tokens = bundled_tokens(100);
   auto c = kvc::make_compressor("recent_only(window_size=16, skip_layers=[0,1])");

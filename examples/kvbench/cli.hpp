@@ -45,7 +45,8 @@ struct Options {
   std::string schedule;   // "" = the concatenating cache
   std::string positions = "original";
   int64_t slack = 64, batch = 1, prefill_chunk = 0;
-  bool cuda_graph = false, native_step = false, compress_prefill = false, eval = true, skip_layers_given = false;
+  bool cuda_graph = false, native_step = false, compress_prefill = false, shared_prompt = false, eval = true,
+       skip_layers_given = false;
   std::vector<int64_t> budgets = {512, 1024}, skip_layers = {0, 1};
   std::string json, csv, save_tokens;
   int64_t repeats = 3;     // runs of every timed measurement (median, min, max)
@@ -154,6 +155,10 @@ inline Options parse_args(int argc, char** argv) {
            "compress between the generation prompt's pieces (needs --prefill-chunk N):\na prompt far past the budget "
            "held in about budget + N slots; the kept\ntokens then differ from compressing once after the prompt",
            [&o] { o.compress_prefill = true; });
+  cli.flag("--shared-prompt", runtime,
+           "feed the generation prompt to one row and copy its cache to the others\n(--batch N > 1, fixed-capacity "
+           "cache): one prefill for N samples of one\nprompt; TTFT then counts one row's prefill",
+           [&o] { o.shared_prompt = true; });
   cli.on_off("--one-pass",
              "evaluate every run as a row of one batched decode (fixed-capacity\n"
              "cache; default when two or more runs evaluate; contract version 5)",
@@ -207,6 +212,8 @@ inline Options parse_args(int argc, char** argv) {
     if (o.schedule.empty()) o.schedule = "every";
   }
   if (!o.eval && o.generate == 0) fail("--no-eval with --generate 0 leaves nothing to measure");
+  if (o.shared_prompt && !o.static_cache())
+    fail("--shared-prompt copies one row's fixed-capacity cache: it needs --schedule or --cuda-graph");
   if (o.compress_prefill && o.prefill_chunk == 0)
     fail("--compress-prefill compresses between the prompt's pieces: it needs --prefill-chunk N");
   if (o.recompute_reference && (!o.eval || o.window == 0))

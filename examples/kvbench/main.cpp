@@ -214,7 +214,7 @@ int run(int argc, char** argv) {
     evaluate(nullptr, std::vector<int64_t>(first.begin(), first.begin() + std::min<size_t>(8, first.size())), scratch, eo);
     if (o.generate > 0 && o.process_per_repeat != 1) {  // else the round's processes time it
       auto d = decoder(nullptr, o.batch, o.prompt_tokens + 2, o.prompt_tokens);
-      rt::generate(*d, prompt, 2, scratch, o.prefill_chunk, o.skip_layers, o.compress_prefill);
+      rt::generate(*d, prompt, 2, scratch, o.prefill_chunk, o.skip_layers, o.compress_prefill, o.shared_prompt);
     }
   }
   // Work units for the ETA: an evaluation step, or a generated token (a prompt counts as one).
@@ -318,7 +318,8 @@ int run(int argc, char** argv) {
       {
         auto d = decoder(run.compressor.get(), o.batch, o.prompt_tokens + o.generate, o.prompt_tokens);
         run.generations.emplace_back();
-        rt::generate(*d, prompt, o.generate, run.generations.back(), o.prefill_chunk, o.skip_layers, o.compress_prefill);
+        rt::generate(*d, prompt, o.generate, run.generations.back(), o.prefill_chunk, o.skip_layers, o.compress_prefill,
+                     o.shared_prompt);
       }
       const int64_t peak = memory.peak_bytes();
       run.generation_peak_bytes = std::max(run.generation_peak_bytes, peak);

@@ -252,6 +252,7 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
   j["slack"] = o.schedule == "chunked" ? o.slack : 0;
   j["prefill_chunk"] = o.prefill_chunk;
   j["compress_prefill"] = o.compress_prefill;
+  j["shared_prompt"] = o.shared_prompt;
   j["cuda_graph"] = o.cuda_graph;
   j["native_step"] = o.native_step;
   j["jit_optimize"] = torch::jit::getGraphExecutorOptimize();

@@ -289,6 +289,50 @@ class StaticCache {
     return true;
   }
 
+  /// Every row takes what row 0 of `one_row` holds -- its valid keys, values, positions,
+  /// accumulated attention and hidden slots, its lengths and its count since the last
+  /// compression: after one row was fed a prompt that every row shares (often in a cache over
+  /// views of this cache's row 0, StaticDecoder::prefill_shared), the others hold it too, at
+  /// the cost of copies instead of model calls. `one_row` has batch 1 and this cache's layers,
+  /// heads, head_dim, dtype and device, and fits in its capacities.
+  void copy_to_every_row(const StaticCache& one_row) {
+    const std::string who = "StaticCache::copy_to_every_row: ";
+    if (one_row.batch_ != 1 || one_row.num_layers() != num_layers() || one_row.heads_ != heads_ ||
+        one_row.head_dim_ != head_dim_ || one_row.keys_[0].scalar_type() != keys_[0].scalar_type() ||
+        one_row.keys_[0].device() != keys_[0].device())
+      throw Error(who + "the source must be one row of " + std::to_string(num_layers()) + " layers, " +
+                  std::to_string(heads_) + " heads of " + std::to_string(head_dim_) + " like this cache; got batch " +
+                  std::to_string(one_row.batch_) + ", " + std::to_string(one_row.num_layers()) + " layers, " +
+                  std::to_string(one_row.heads_) + " heads of " + std::to_string(one_row.head_dim_));
+    for (int64_t l = 0; l < num_layers(); ++l)
+      if (one_row.length(l) > capacity(l))
+        throw Error(who + "layer " + std::to_string(l) + " of the source holds " + std::to_string(one_row.length(l)) +
+                    " tokens, more than this cache's capacity " + std::to_string(capacity(l)));
+    if (one_row.tracks_attention()) track_attention();
+    if (one_row.tracks_hidden()) track_hidden();
+    // A source that is a view of row 0 is read before any row is written.
+    auto broadcast = [this](const at::Tensor& dst, const at::Tensor& src, int64_t len) {
+      const at::Tensor from = src.narrow(2, 0, len);
+      const at::Tensor to = dst.narrow(2, 0, len);
+      to.copy_((from.is_alias_of(dst) ? from.clone() : from).expand(to.sizes()));
+    };
+    for (int64_t l = 0; l < num_layers(); ++l) {
+      const size_t i = at(l);
+      const int64_t len = one_row.length(l);
+      broadcast(keys_[i], one_row.keys_[i], len);
+      broadcast(values_[i], one_row.values_[i], len);
+      one_row.write_pending_positions(l);
+      broadcast(positions_[i], one_row.positions_[i], len);
+      pending_[i] = Pending{};
+      if (one_row.tracks_attention()) broadcast(attention_[i], one_row.attention_[i], len);
+      if (one_row.tracks_hidden()) broadcast(slot_bias_[i], one_row.slot_bias_[i], len);
+      lengths_[i] = len;
+    }
+    since_compression_ = one_row.since_compression_;
+    uncompressed_ = one_row.uncompressed_;
+    uncompressed_by_ = one_row.uncompressed_by_;
+  }
+
   /// Empties every layer (buffers are kept).
   void clear() {
     std::fill(lengths_.begin(), lengths_.end(), 0);

@@ -444,6 +444,35 @@ class StaticDecoder final : public Decoder {
   std::vector<int64_t> lengths() const override { return cache_.lengths(); }
   at::Tensor original_positions(int64_t layer) const override { return cache_.positions(layer); }
 
+  /// Feeds one prompt that every row shares ([1, P] ids) at the cost of one row: row 0 takes it
+  /// as prefill(ids, chunk, compress_between) would, then every other row gets row 0's cache
+  /// (StaticCache::copy_to_every_row). Returns row 0's logits of the last piece. The decoder
+  /// must be empty; compress afterwards as after any step. Not for policies that score with
+  /// attention or queries or hide slots per head: their scores and query rings are per row.
+  at::Tensor prefill_shared(const at::Tensor& ids, int64_t chunk, bool compress_between = false) {
+    if (fed_ != 0) throw Error("prefill_shared: the decoder already holds " + std::to_string(fed_) + " tokens (reset it)");
+    if (ids.dim() != 2 || ids.size(0) != 1 || ids.size(1) < 1 || ids.scalar_type() != at::kLong)
+      throw Error("prefill_shared: ids must be int64 [1, P >= 1] (one prompt for every row), got " +
+                  detail::shape_text(ids));
+    if (scored_)
+      throw Error("prefill_shared: " + options_.compressor->spec() + " keeps per-row scores or queries; feed the "
+                  "prompt to every row with prefill");
+    StaticCache::Storage row0;
+    for (int64_t l = 0; l < cache_.num_layers(); ++l) {
+      row0.keys.push_back(cache_.key_buffer(l).narrow(0, 0, 1));
+      row0.values.push_back(cache_.value_buffer(l).narrow(0, 0, 1));
+    }
+    DecoderOptions one = options_;
+    one.batch = 1;
+    one.native_step = false;  // prompts run through TorchScript in any case
+    StaticDecoder row(model_, one, StaticCache(std::move(row0)), false, nullptr);
+    const at::Tensor logits = row.prefill(ids, chunk, compress_between);
+    cache_.copy_to_every_row(row.cache_);
+    fed_ = row.fed_;
+    since_compression_ = row.since_compression_;
+    return logits;
+  }
+
   /// Captures the CUDA graph now (when enabled), so that the first timed step does not pay for
   /// it. Needs one free slot in every layer; writes nothing the next step would not.
   void prepare() override {
