@@ -311,7 +311,7 @@ class StaticCache {
     if (one_row.tracks_attention()) track_attention();
     if (one_row.tracks_hidden()) track_hidden();
     // A source that is a view of row 0 is read before any row is written.
-    auto broadcast = [this](const at::Tensor& dst, const at::Tensor& src, int64_t len) {
+    auto broadcast = [](const at::Tensor& dst, const at::Tensor& src, int64_t len) {
       const at::Tensor from = src.narrow(2, 0, len);
       const at::Tensor to = dst.narrow(2, 0, len);
       to.copy_((from.is_alias_of(dst) ? from.clone() : from).expand(to.sizes()));

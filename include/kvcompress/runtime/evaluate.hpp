@@ -314,7 +314,8 @@ inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64
   if (new_tokens < 1) throw Error("generate: new_tokens must be >= 1, got " + std::to_string(new_tokens));
   const int64_t batch = d.options().batch, p = static_cast<int64_t>(prompt.size());
   const at::Tensor one = at::tensor(prompt, at::TensorOptions().dtype(at::kLong)).to(d.model().device()).unsqueeze(0);
-  const at::Tensor ids = one.expand({batch, p}).contiguous();
+  // Every row's copy of the prompt, unless one row takes it for all.
+  const at::Tensor ids = shared_prompt ? at::Tensor() : one.expand({batch, p}).contiguous();
   auto* fixed = dynamic_cast<StaticDecoder*>(&d);
   if (shared_prompt && !fixed)
     throw Error("generate: a shared prompt is fed to one row and copied: it needs the fixed-capacity cache");

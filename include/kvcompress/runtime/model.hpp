@@ -239,7 +239,6 @@ class ContractModel {
   }
 
  private:
-  // Version 4's last argument; older files have none, and cannot hide slots.
   // A step's masks must match its buffers slot for slot: one that is shorter would broadcast
   // inside the step (a mask of one slot over them all) instead of failing.
   static void check_slot_bias(const c10::List<at::Tensor>& key_buffers, const c10::List<at::Tensor>& slot_bias) {
@@ -255,6 +254,7 @@ class ContractModel {
     }
   }
 
+  // Version 4's last argument; older files have none, and cannot hide slots.
   void add_slot_bias(std::vector<at::IValue>& args, const c10::List<at::Tensor>& slot_bias, const char* method) const {
     if (info_.contract_version >= 4) {
       args.emplace_back(slot_bias);
