@@ -654,6 +654,49 @@ TEST(StaticRuntime, BadStepsAreReported) {
                "CUDA graphs need the fixed-capacity cache");
 }
 
+// step_greedy chooses what step()'s logits give, in both caches and for a prompt, and a fixed-
+// capacity decoder returns its choice in its own input buffer, which it takes back without a copy.
+TEST(StaticRuntime, GreedyStepsChooseTheLargestLogit) {
+  c10::InferenceMode guard;
+  const auto tokens = bundled_tokens(40);
+  const at::Tensor prompt = at::tensor(tokens, at::kLong).view({1, 40}).expand({2, 40}).contiguous();
+  for (const char* spec : {"streaming_llm(start_size=4, recent_size=20, skip_layers=[])",
+                           "h2o(heavy_hitter_size=8, recent_size=16, skip_layers=[0])"}) {
+    SCOPED_TRACE(spec);
+    auto c = kvc::make_compressor(spec);
+    const auto o = options(c.get(), rt::PositionRule::original, kvc::Schedule::every(), 2);
+    auto greedy = rt::make_decoder(model(), o, true, 80, 40);
+    auto plain = rt::make_decoder(model(), o, true, 80, 40);
+    rt::ConcatDecoder concat(model(), o);
+    at::Tensor a = greedy->step_greedy(prompt), c_next = concat.step_greedy(prompt);
+    at::Tensor b = plain->step(prompt).select(1, -1).argmax(-1, true);
+    ASSERT_EQ(a.sizes(), (at::IntArrayRef{2, 1}));
+    ASSERT_EQ(a.scalar_type(), at::kLong);
+    EXPECT_TRUE(at::equal(a, b));
+    EXPECT_TRUE(at::equal(c_next, b));
+    const void* buffer = nullptr;
+    for (int i = 0; i < 40; ++i) {
+      for (rt::Decoder* d : {greedy.get(), plain.get(), static_cast<rt::Decoder*>(&concat)}) d->maybe_compress();
+      a = greedy->step_greedy(a);
+      c_next = concat.step_greedy(c_next);
+      const at::Tensor logits = plain->step(b);
+      b = logits.select(1, -1).argmax(-1, true);
+      ASSERT_TRUE(at::equal(a, b)) << "step " << i;
+      ASSERT_TRUE(at::equal(c_next, b)) << "step " << i;
+      // The choice is the row's largest logit (the first of equals, as argmax picks).
+      for (int64_t r = 0; r < 2; ++r)
+        ASSERT_EQ(logits[r][0][b[r][0].item<int64_t>()].item<float>(), logits[r][0].max().item<float>());
+      if (i == 0) buffer = a.data_ptr();
+      EXPECT_EQ(a.data_ptr(), buffer) << "a one-token step's choice stays in the decoder's input buffer";
+    }
+    EXPECT_EQ(greedy->lengths(), plain->lengths());
+    EXPECT_EQ(greedy->fed(), 80);
+  }
+  rt::StaticDecoder d(model(), options(nullptr, rt::PositionRule::original, kvc::Schedule::every(), 2), {8});
+  expect_error([&] { d.step_greedy(at::zeros({1, 1}, at::kLong)); }, "ids must be int64 [2, T >= 1]");
+  expect_error([&] { d.step_greedy(at::zeros({2, 0}, at::kLong)); }, "ids must be int64 [2, T >= 1]");
+}
+
 TEST(StaticRuntime, MasksThatDoNotMatchTheirBuffersAreRefused) {
   // A slot_bias of one slot would broadcast over a layer's 8 slots inside the step: one slot's
   // mask for them all. The step refuses it instead, naming the layer and both shapes.
@@ -1006,6 +1049,42 @@ TEST(CudaRuntime, NativeStepMatchesTheTorchScriptStepOverEveryPolicy) {
   }
   std::printf("native step: %d runs of 256 steps compared, %d ended early by a near-tie flip\n", runs, flips);
   EXPECT_LE(flips, runs / 8);
+}
+
+// The greedy choice captured inside the graph equals the one made outside it, step by step,
+// from the first replay (prepare() captures ahead; the warm-up runs put back what they change)
+// through compressions, for a plain policy, one scoring with accumulated attention, and one
+// hiding slots per head.
+TEST(CudaRuntime, TheGreedyChoiceInsideTheGraphEqualsTheOneOutside) {
+  if (!at::hasCUDA() || !rt::built_with_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA support in this build";
+  static rt::ContractModel gpu = rt::ContractModel::load(kModel, at::Device(at::kCUDA, 0), at::kFloat);
+  c10::InferenceMode guard;
+  const auto tokens = bundled_tokens(32);
+  const at::Tensor prompt = at::tensor(tokens, at::kLong).view({1, 32}).expand({2, 32}).contiguous().to(at::kCUDA);
+  for (const char* spec : {"streaming_llm(start_size=4, recent_size=20, skip_layers=[])",
+                           "h2o(heavy_hitter_size=8, recent_size=16, skip_layers=[0])",
+                           "adakv_h2o(heavy_hitter_size=8, recent_size=16, alpha_safeguard=0.5, head_cap=1.5, "
+                           "skip_layers=[])"}) {
+    for (bool prepare : {true, false}) {
+      SCOPED_TRACE(std::string(spec) + (prepare ? " prepared" : " captured on first use"));
+      auto c = kvc::make_compressor(spec);
+      const auto o = options(c.get(), rt::PositionRule::cache, kvc::Schedule::every(), 2);
+      auto graph = rt::make_decoder(gpu, o, true, 160, 32, /*cuda_graph=*/true);
+      auto plain = rt::make_decoder(gpu, o, true, 160, 32, /*cuda_graph=*/false);
+      at::Tensor a = graph->step_greedy(prompt), b = plain->step_greedy(prompt);
+      graph->maybe_compress();
+      plain->maybe_compress();
+      if (prepare) graph->prepare();
+      for (int i = 0; i < 128; ++i) {
+        a = graph->step_greedy(a);
+        b = plain->step_greedy(b);
+        ASSERT_TRUE(at::equal(a, b)) << "step " << i;
+        graph->maybe_compress();
+        plain->maybe_compress();
+      }
+      EXPECT_EQ(graph->lengths(), plain->lengths());
+    }
+  }
 }
 
 TEST(CudaRuntime, GraphReplayAgreesWithTheConcatenatingCacheForEveryPolicyAndBothRules) {

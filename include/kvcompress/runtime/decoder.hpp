@@ -74,13 +74,25 @@ class Decoder {
   /// returns float32 logits [batch, T, vocab]. Graph-replayed logits live in the graph's memory:
   /// read them before the next step.
   at::Tensor step(const at::Tensor& ids) {
-    if (ids.dim() != 2 || ids.size(0) != options_.batch || ids.size(1) < 1 || ids.scalar_type() != at::kLong)
-      throw Error("decoder step: ids must be int64 [" + std::to_string(options_.batch) + ", T >= 1], got " +
-                  detail::shape_text(ids) + " " + std::string(c10::toString(ids.scalar_type())));
+    check_ids(ids);
     const int64_t t = ids.size(1);
     at::Tensor logits = run(ids, t);
     advance(t);
     return logits;
+  }
+
+  /// step() and the greedy choice: feeds ids ([batch, T] int64) and returns the id of each
+  /// row's largest logit after the last of them, int64 [batch, 1] on the model's device (the
+  /// next step's input). A graph-replayed one-token step makes the choice inside the graph, so
+  /// a greedy decode launches no kernel of its own between replays; it returns the choice in the
+  /// graph's input buffer: feeding it straight back costs no copy, keeping it past the next step
+  /// needs one.
+  at::Tensor step_greedy(const at::Tensor& ids) {
+    check_ids(ids);
+    const int64_t t = ids.size(1);
+    at::Tensor next = run_greedy(ids, t);
+    advance(t);
+    return next;
   }
 
   /// step() over a prompt ([batch, P]) in pieces of `chunk` tokens (0 = all at once); returns
@@ -141,8 +153,18 @@ class Decoder {
  protected:
   /// Runs the model on t new tokens at the positions the rule gives.
   virtual at::Tensor run(const at::Tensor& ids, int64_t t) = 0;
+  /// run() and the greedy choice after its last token ([batch, 1]).
+  virtual at::Tensor run_greedy(const at::Tensor& ids, int64_t t) {
+    return run(ids, t).select(1, -1).argmax(-1, /*keepdim=*/true);
+  }
   virtual void compress_now() = 0;
   virtual void clear() = 0;
+
+  void check_ids(const at::Tensor& ids) const {
+    if (ids.dim() != 2 || ids.size(0) != options_.batch || ids.size(1) < 1 || ids.scalar_type() != at::kLong)
+      throw Error("decoder step: ids must be int64 [" + std::to_string(options_.batch) + ", T >= 1], got " +
+                  detail::shape_text(ids) + " " + std::string(c10::toString(ids.scalar_type())));
+  }
 
   /// Counts t tokens fed.
   void advance(int64_t t) {
@@ -489,7 +511,7 @@ class StaticDecoder final : public Decoder {
     if (deferred_ && (t > 1 || fed_ - flushed_ >= ring_)) flush_attention();
     at::Tensor logits;
     if (t == 1) {
-      ids_.copy_(ids);
+      if (!ids.is_same(ids_)) ids_.copy_(ids);  // step_greedy's choice is already there
       upload_step_inputs();
       if (use_graph_) {
         if (!graph_.captured()) capture();
@@ -507,6 +529,15 @@ class StaticDecoder final : public Decoder {
     }
     cache_.commit_step(t, fed_);
     return logits;
+  }
+
+  // A graph chooses inside itself (capture()); without one, the choice goes where a graph's
+  // would, so that both return the same buffer.
+  at::Tensor run_greedy(const at::Tensor& ids, int64_t t) override {
+    if (t != 1) return Decoder::run_greedy(ids, t);
+    const at::Tensor logits = run(ids, 1);
+    if (!use_graph_) choose_greedily(logits);
+    return ids_;
   }
 
   void compress_now() override {
@@ -590,14 +621,25 @@ class StaticDecoder final : public Decoder {
     flushed_ = fed_;
   }
 
-  // Records the one-token step on the graph's input buffers. The capture's warm-up runs execute
-  // the step: harmless for K/V and queries (the same values to the same slots), but each would
-  // add its attention to the accumulated scores, so those are put back afterwards.
+  // The greedy choice of a one-token step's logits, into the step's input buffer.
+  void choose_greedily(const at::Tensor& logits) { at::argmax_out(ids_, logits.select(1, -1), -1, /*keepdim=*/true); }
+
+  // Records the one-token step on the graph's input buffers, and after it the greedy choice
+  // (step_greedy's; for step() a kernel over [batch, vocab] whose result run() overwrites).
+  // The capture's warm-up runs execute the step: harmless for K/V and queries (the same values
+  // to the same slots), but each would add its attention to the accumulated scores and choose
+  // over the ids it read, so those are put back afterwards.
   void capture() {
     std::vector<at::Tensor> scores;
     for (size_t i = 0; i < attention_list_.size(); ++i) scores.push_back(attention_list_.get(i).clone());
-    graph_logits_ = graph_.capture([this] { return call(ids_, positions_, query_slots_); });
+    const at::Tensor fed = ids_.clone();
+    graph_logits_ = graph_.capture([this] {
+      at::Tensor logits = call(ids_, positions_, query_slots_);
+      choose_greedily(logits);
+      return logits;
+    });
     for (size_t i = 0; i < scores.size(); ++i) attention_list_.get(i).copy_(scores[i]);
+    ids_.copy_(fed);
   }
 
   // Valid lengths to the device. On CUDA from pinned memory without blocking: the caching host

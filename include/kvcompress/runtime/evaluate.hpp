@@ -333,25 +333,26 @@ inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64
     at::Tensor w = prefill();
     d.maybe_compress();
     for (int64_t i = 1; i < new_tokens; ++i) {  // two decode steps at least, up to a compression
-      w = d.step(w).select(1, -1).argmax(-1, /*keepdim=*/true);
+      w = d.step_greedy(w);
       const bool compressed = d.maybe_compress();
       if (i >= 2 && (compressed || !d.options().compressor)) break;
     }
   }
   d.reset();
   d.prepare();
-  std::vector<at::Tensor> out;
+  // The generated ids, on the device: step_greedy's choice lives in the decoder's buffer.
+  const at::Tensor out = at::empty({batch, new_tokens}, one.options());
   auto start = std::chrono::steady_clock::now();
   at::Tensor next = prefill();  // [batch, 1]
   d.maybe_compress();
-  out.push_back(next);
+  out.narrow(1, 0, 1).copy_(next);
   next.sum().item<int64_t>();  // synchronise: the first token exists
   m.gen_ttft_s += detail::seconds_since(start);
   start = std::chrono::steady_clock::now();
   detail::DecodeMarks marks(d.model().device());
   for (int64_t i = 1; i < new_tokens; ++i) {
-    next = d.step(next).select(1, -1).argmax(-1, /*keepdim=*/true);
-    out.push_back(next);
+    next = d.step_greedy(next);
+    out.narrow(1, i, 1).copy_(next);
     marks.stepped();
     if (d.options().compressor) {
       d.maybe_compress();
@@ -367,7 +368,7 @@ inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64
   m.gen_tokens += new_tokens;
   m.gen_batch = batch;
   m.gen_cache_tokens = detail::first_compressed_layer_tokens(d.lengths(), d.options().compressor, baseline_skip);
-  return at::cat(out, 1).to(at::kCPU);
+  return out.to(at::kCPU);
 }
 
 }  // namespace runtime

@@ -57,10 +57,23 @@ at::Tensor CudaGraph::capture(const std::function<at::Tensor()>& fn, int warmup)
   {
     c10::cuda::CUDAStreamGuard guard(stream);
     for (int i = 0; i < warmup; ++i) fn();
-    impl_->graph = std::make_unique<at::cuda::CUDAGraph>();
-    impl_->graph->capture_begin();
-    impl_->output = fn();
-    impl_->graph->capture_end();
+    auto graph = std::make_unique<at::cuda::CUDAGraph>();
+    graph->capture_begin();
+    at::Tensor output;
+    try {
+      output = fn();
+    } catch (...) {
+      // An error mid-capture (out of memory, say) must end the capture: a stream left capturing
+      // fails every later call on it. The half-recorded graph is dropped; the error goes on.
+      try {
+        graph->capture_end();
+      } catch (...) {
+      }
+      throw;
+    }
+    graph->capture_end();
+    impl_->graph = std::move(graph);
+    impl_->output = output;
   }
   stream.synchronize();
   return impl_->output;
