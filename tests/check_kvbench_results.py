@@ -5,7 +5,7 @@ of the right type and range, the CSV equal to the JSON, and what the run was ask
 Usage: check_kvbench_results.py --json F [--csv F] [--compare-all] [--labels L1,L2,...]
                                 [--cache LABEL=N ...] [--expect KEY=VALUE ...] [--no-eval]
                                 [--spec LABEL=SPEC ...] [--gen KEY=VALUE ...] [--gen-cache LABEL=N ...]
-                                [--evaluation MODE] [--same-quality-as F]
+                                [--evaluation MODE] [--same-quality-as F] [--throughput [--largest-batch]]
 
 --compare-all  the results are README's main command: the baseline, then the course project's
                compare-all table at 512 and 1024 (labels and canonical specs written out below
@@ -162,10 +162,11 @@ def check_result(r, doc, evaluated):
     else:
         need.update({k: (lambda v: v is None) for k in ("ppl", "accuracy")})
     # Timings: measured ones positive with min <= median <= max, the others null throughout.
+    generated = not recompute and "throughput" not in doc  # --throughput times its points instead
     measured = {"eval_step_s": evaluated and not recompute and doc["evaluation"]["mode"] == "separate",
-                "ttft_s": doc["generate"] > 0 and not recompute,
-                "tpot_s": doc["generate"] > 1 and not recompute,
-                "throughput_tok_s": doc["generate"] > 1 and not recompute}
+                "ttft_s": doc["generate"] > 0 and generated,
+                "tpot_s": doc["generate"] > 1 and generated,
+                "throughput_tok_s": doc["generate"] > 1 and generated}
     for key in TIMINGS:
         for k in (key, key + "_min", key + "_max"):
             need[k] = positive if measured[key] else (lambda v: v is None)
@@ -207,6 +208,60 @@ def check_result(r, doc, evaluated):
             fail("%s: the full cache spent %r s compressing" % (where, g["compress_s"]))
 
 
+def check_throughput(doc, largest):
+    """--throughput: every (label, context) measured from its smallest listed batch up, each
+    point's figures consistent (tok/s = batch / TPOT at both ends of the spread, a peak under the
+    limit where it fits, the reason where it does not); with --largest-batch, each largest batch
+    measured as fitting and the next one as not."""
+    t = doc.get("throughput")
+    if not isinstance(t, dict):
+        fail("no throughput section")
+    labels = [r["label"] for r in doc["results"] if r.get("reference") is None]
+    contexts, limit = t["contexts"], t["memory_limit_bytes"]
+    if not contexts or not all(isinstance(c, int) and c >= 1 for c in contexts):
+        fail("throughput.contexts %r" % contexts)
+    if t["new_tokens"] != doc["generate"] or not isinstance(limit, int) or limit < 0:
+        fail("throughput.new_tokens %r / memory_limit_bytes %r" % (t["new_tokens"], limit))
+    points = {}
+    for p in t["points"]:
+        where = "throughput point %s context %s batch %s" % (p.get("label"), p.get("context"), p.get("batch"))
+        key = (p["label"], p["context"], p["batch"])
+        if key in points:
+            fail("%s measured twice" % where)
+        points[key] = p
+        if p["label"] not in labels or p["context"] not in contexts or not (isinstance(p["batch"], int) and p["batch"] >= 1):
+            fail("%s: not a run, context or batch of this command" % where)
+        peak = p["peak_memory_bytes"]
+        if p["fits"]:
+            for k in ("ttft_s", "tpot_s", "throughput_tok_s"):
+                if not (positive(p[k + "_min"]) and p[k + "_min"] <= p[k] <= p[k + "_max"]):
+                    fail("%s: %s %r (%r-%r)" % (where, k, p[k], p[k + "_min"], p[k + "_max"]))
+            for a, b in (("_min", "_max"), ("_max", "_min")):
+                if not math.isclose(p["throughput_tok_s" + a], p["batch"] / p["tpot_s" + b], rel_tol=1e-9):
+                    fail("%s: tok/s%s %r is not batch / TPOT%s" % (where, a, p["throughput_tok_s" + a], b))
+            if limit > 0 and not 0 < peak <= limit:
+                fail("%s fits with a peak of %r bytes, the limit %r" % (where, peak, limit))
+            if not nonneg_int(p["cache_tokens"]):
+                fail("%s: cache_tokens %r" % (where, p["cache_tokens"]))
+        elif not (isinstance(p.get("why"), str) and p["why"]):
+            fail("%s does not fit and says no why" % where)
+    for label in labels:
+        for c in contexts:
+            if not any(k[0] == label and k[1] == c for k in points):
+                fail("throughput: %s at context %d has no point" % (label, c))
+    if largest:
+        got = {(e["label"], e["context"]): e for e in t["largest_batch"]}
+        if set(got) != {(label, c) for label in labels for c in contexts}:
+            fail("throughput.largest_batch covers %s" % sorted(got))
+        for (label, c), e in got.items():
+            b = e["batch"]
+            if b >= 1 and not points.get((label, c, b), {}).get("fits"):
+                fail("%s context %d: largest batch %d not measured as fitting" % (label, c, b))
+            nxt = points.get((label, c, b + 1))
+            if not e["next_fails"] or nxt is None or nxt["fits"]:
+                fail("%s context %d: batch %d after the largest %d not measured as not fitting" % (label, c, b + 1, b))
+
+
 def check_csv(path, doc, evaluated):
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -246,6 +301,8 @@ def main():
     ap.add_argument("--gen-cache", action="append", default=[], help="LABEL=N: generation.cache_tokens of LABEL")
     ap.add_argument("--evaluation", choices=("one_pass", "separate", "none"))
     ap.add_argument("--same-quality-as", metavar="F")
+    ap.add_argument("--throughput", action="store_true", help="the run used --throughput")
+    ap.add_argument("--largest-batch", action="store_true", help="... and --largest-batch")
     a = ap.parse_args()
     doc = json.load(open(a.json))
     for key, ok in TOP.items():
@@ -305,6 +362,10 @@ def main():
             fail("%s: generation.cache_tokens = %r, expected %s" % (label, got, n))
     if a.same_quality_as:
         check_same_quality(doc, a.same_quality_as)
+    if a.throughput or a.largest_batch:
+        check_throughput(doc, a.largest_batch)
+    elif "throughput" in doc:
+        fail("a throughput section in a run without --throughput")
     if a.csv:
         check_csv(a.csv, doc, not a.no_eval)
     print("kvbench results ok: %d results%s" % (len(labels), ", CSV equal" if a.csv else ""))

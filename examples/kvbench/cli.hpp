@@ -9,6 +9,8 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <iostream>
@@ -59,6 +61,10 @@ struct Options {
   int process_per_repeat = -1;   // each generation round in a fresh process; -1: on the CPU
   int64_t generation_round_fd = 0;  // > 0: this process is one such round (rounds.hpp)
   std::string generation_round_prompt;  // its token ids: the parent's prompt (rounds.hpp)
+  bool throughput = false;              // time over contexts x batches instead (throughput.hpp)
+  std::vector<int64_t> contexts, batches;  // empty: --prompt-tokens, --batch
+  bool largest_batch = false;           // also search the largest batch that fits
+  int64_t memory_limit = 0;             // bytes a batch may peak at (0: the device's memory)
 
   bool static_cache() const { return !schedule.empty() || cuda_graph; }
   rt::PositionRule rule() const { return positions == "cache" ? rt::PositionRule::cache : rt::PositionRule::original; }
@@ -66,6 +72,28 @@ struct Options {
     return schedule == "chunked" ? kvc::Schedule::chunk(slack) : kvc::Schedule::every();
   }
 };
+
+// "40GiB", "512MiB", "1.5GiB", "4096" (bytes): a size in bytes, binary units.
+inline int64_t parse_size(const std::string& flag, const std::string& v) {
+  static const std::vector<std::pair<std::string, double>> units = {
+      {"TiB", 1099511627776.0}, {"GiB", 1073741824.0}, {"MiB", 1048576.0}, {"KiB", 1024.0}, {"B", 1.0}};
+  double scale = 1.0;
+  std::string number = v;
+  for (const auto& [suffix, bytes] : units)
+    if (v.size() > suffix.size() && v.compare(v.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      number = v.substr(0, v.size() - suffix.size());
+      scale = bytes;
+      break;
+    }
+  char* end = nullptr;
+  errno = 0;
+  const double x = std::strtod(number.c_str(), &end);
+  const bool plain = !number.empty() && end == number.c_str() + number.size() && errno == 0 && std::isfinite(x);
+  if (!plain || !(x > 0) || x * scale >= 9.2e18 || x * scale < 1)
+    fail(flag + " must be a positive size such as 40GiB, 512MiB or a number of bytes, got " +
+         kvc::params::printable(v));
+  return static_cast<int64_t>(x * scale);
+}
 
 inline std::string version_text() {
   return std::string("kvbench ") + kvc::version_string + " (kvcompress " + kvc::version_string + ", LibTorch " +
@@ -171,6 +199,22 @@ inline Options parse_args(int argc, char** argv) {
   cli.count("--prompt-tokens", o.prompt_tokens, 1, runtime, "prompt length of the generation (default 512)");
   cli.count("--repeats", o.repeats, 1, runtime,
             "runs of every timed measurement: figures are their median, with min\nand max (default 3)");
+  cli.flag("--throughput", runtime,
+           "time decode throughput over --contexts x --batches for every run\n(tokens/s, peak memory) instead of "
+           "the one generation; in this\nprocess (no --process-per-repeat)",
+           [&o] { o.throughput = true; });
+  cli.option("--contexts", "LIST", runtime, "prompt lengths of --throughput (default: --prompt-tokens)",
+             [&o](const std::string& v) { o.contexts = parse_int_list("--contexts", v); });
+  cli.option("--batches", "LIST", runtime, "batches of --throughput (default: --batch)",
+             [&o](const std::string& v) { o.batches = parse_int_list("--batches", v); });
+  cli.flag("--largest-batch", runtime,
+           "--throughput also finds, per run and context, the largest batch that\nfits in memory (the device's, or "
+           "--memory-limit) and measures it",
+           [&o] { o.largest_batch = true; });
+  cli.option("--memory-limit", "SIZE", runtime,
+             "what a --throughput batch may peak at, e.g. 40GiB, 512MiB (cuda: the\nallocator's cap; cpu: the peak "
+             "resident set; needed there for\n--largest-batch)",
+             [&o](const std::string& v) { o.memory_limit = parse_size("--memory-limit", v); });
   cli.on_off("--process-per-repeat",
              "time each repeat in a fresh kvbench process, so the spread covers\n"
              "what differs between invocations (default on cpu; on cuda each\n"
@@ -200,7 +244,7 @@ inline Options parse_args(int argc, char** argv) {
 
   cli.parse(argc, argv);
   if (o.dtype.empty()) o.dtype = o.device == "cuda" ? "float16" : "float32";
-  if (o.process_per_repeat < 0) o.process_per_repeat = o.device == "cpu" ? 1 : 0;
+  if (o.process_per_repeat < 0) o.process_per_repeat = o.device == "cpu" && !o.throughput ? 1 : 0;
   if (!o.texts.empty() && !o.token_files.empty()) fail("give either --text or --tokens, not both");
   if (o.cuda_graph && o.device != "cuda") fail("--cuda-graph needs --device cuda");
   if (o.cuda_graph && o.schedule.empty()) o.schedule = "every";
@@ -226,6 +270,27 @@ inline Options parse_args(int argc, char** argv) {
                                           "graphs are captured on one stream, by one worker");
   if (o.one_pass == 1 && !o.eval) fail("--one-pass is a way to evaluate: it cannot go with --no-eval");
   if (!o.trace.empty() && !o.eval) fail("--trace records the evaluation's compressions: it cannot go with --no-eval");
+  if (!o.throughput) {
+    if (!o.contexts.empty()) fail("--contexts goes with --throughput");
+    if (!o.batches.empty()) fail("--batches goes with --throughput");
+    if (o.largest_batch) fail("--largest-batch goes with --throughput");
+    if (o.memory_limit > 0) fail("--memory-limit goes with --throughput");
+  } else {
+    if (o.generate < 2) fail("--throughput times decode steps: it needs --generate 2 or more");
+    if (o.process_per_repeat == 1)
+      fail("--throughput times every point in this process (a batch that does not fit is an error it catches): "
+           "it cannot go with --process-per-repeat");
+    o.process_per_repeat = 0;
+    if (o.contexts.empty()) o.contexts = {o.prompt_tokens};
+    if (o.batches.empty()) o.batches = {o.batch};
+    for (const auto* list : {&o.contexts, &o.batches})
+      for (int64_t v : *list)
+        if (v < 1) fail(std::string(list == &o.contexts ? "--contexts" : "--batches") + ": each must be >= 1, got " +
+                        std::to_string(v));
+    if (o.largest_batch && o.device == "cpu" && o.memory_limit == 0)
+      fail("--largest-batch on the CPU needs --memory-limit: there a batch that does not fit is ended by the "
+           "system's out-of-memory killer, not reported");
+  }
   if (!o.results && (!o.out_dir.empty() || !o.run_name.empty())) fail("--no-results cannot go with --out or --run-name");
   if (!o.out_dir.empty() && !o.run_name.empty()) fail("give either --out or --run-name, not both");
   // Under the cache rule an uncompressed layer's positions grow with the text, past the

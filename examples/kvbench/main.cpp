@@ -9,6 +9,7 @@
 #include "inputs.hpp"
 #include "report.hpp"
 #include "rounds.hpp"
+#include "throughput.hpp"
 #include "../common/blas_threads.hpp"
 
 #include <kvcompress/runtime/runtime.hpp>
@@ -116,6 +117,22 @@ int run(int argc, char** argv) {
                                     ? std::vector<Sample>{{"the generation's prompt", rt::read_token_file(o.generation_round_prompt)}}
                                     : load_samples(o, model);
   const auto& info = model.info();
+  // --throughput: every context is the first sample's first tokens; the allocator's cap.
+  int64_t memory_limit = o.memory_limit;
+  if (o.throughput) {
+    const int64_t need = *std::max_element(o.contexts.begin(), o.contexts.end());
+    const int64_t have = static_cast<int64_t>(samples.front().tokens.size());
+    if (have < need)
+      fail("--contexts: " + std::to_string(need) + " tokens of prompt needed, " + samples.front().source + " has " +
+           std::to_string(have) + (o.max_tokens > 0 && have == o.max_tokens ? " (cut by --max-tokens; 0 = the whole text)" : "") +
+           ": give longer --tokens or --text, or lower --contexts");
+    if (device.is_cuda()) {
+      if (memory_limit > 0) rt::cuda_limit_bytes(0, memory_limit);
+      else memory_limit = rt::cuda_total_bytes(0);
+    } else if (memory_limit > 0) {
+      check_host_memory_limit(memory_limit);
+    }
+  }
   int64_t total_tokens = 0, longest = 0;
   for (const auto& s : samples) {
     total_tokens += static_cast<int64_t>(s.tokens.size());
@@ -170,7 +187,12 @@ int run(int argc, char** argv) {
                 "which can also turn a near-tied selection the other way; --no-one-pass evaluates each method on "
                 "its own\n",
                 o.dtype.c_str(), o.dtype.c_str());
-  if (o.generate > 0)
+  if (o.throughput)
+    std::printf("throughput: contexts %s, batches %s%s, %lld new tokens, %lld repeats (median, min-max)%s\n",
+                kvc::params::format_int_list(o.contexts).c_str(), kvc::params::format_int_list(o.batches).c_str(),
+                o.largest_batch ? " and the largest that fits" : "", (long long)o.generate, (long long)o.repeats,
+                memory_limit > 0 ? (", memory limit " + fixed(memory_limit / kMiB, 0) + " MiB").c_str() : "");
+  else if (o.generate > 0)
     std::printf("generation: %lld-token prompt, %lld new tokens, batch %lld, %lld repeats%s (median, min-max)\n",
                 (long long)o.prompt_tokens, (long long)o.generate, (long long)o.batch, (long long)o.repeats,
                 o.process_per_repeat == 1 ? ", each in a fresh process" : "");
@@ -212,13 +234,13 @@ int run(int argc, char** argv) {
     rt::EvalOptions eo;
     eo.baseline_skip = o.skip_layers;
     evaluate(nullptr, std::vector<int64_t>(first.begin(), first.begin() + std::min<size_t>(8, first.size())), scratch, eo);
-    if (o.generate > 0 && o.process_per_repeat != 1) {  // else the round's processes time it
+    if (o.generate > 0 && o.process_per_repeat != 1 && !o.throughput) {  // else the rounds or points warm up
       auto d = decoder(nullptr, o.batch, o.prompt_tokens + 2, o.prompt_tokens);
       rt::generate(*d, prompt, 2, scratch, o.prefill_chunk, o.skip_layers, o.compress_prefill, o.shared_prompt);
     }
   }
   // Work units for the ETA: an evaluation step, or a generated token (a prompt counts as one).
-  const double gen_work = static_cast<double>(o.repeats * (o.generate + 1));
+  const double gen_work = o.throughput ? 0.0 : static_cast<double>(o.repeats * (o.generate + 1));
   double total_work = 0;
   for (const auto& r : runs)
     total_work += (o.eval ? static_cast<double>(total_tokens) : 0.0) + (r.recompute || o.generate == 0 ? 0.0 : gen_work);
@@ -332,7 +354,7 @@ int run(int argc, char** argv) {
   };
   // The rounds are spread over the run: with an evaluation and two or more repeats, the first
   // round goes before it, so the spread also covers the machine's drift over the evaluation.
-  const bool timed = o.generate > 0;
+  const bool timed = o.generate > 0 && !o.throughput;
   const int64_t early_rounds = timed && o.eval && o.repeats >= 2 ? 1 : 0;
   for (int64_t k = 0; k < early_rounds; ++k) time_round(k);
   if (pass.one_pass) {
@@ -417,10 +439,81 @@ int run(int argc, char** argv) {
   }
   for (int64_t k = early_rounds; timed && k < o.repeats; ++k) time_round(k);
   if (round_out.enabled()) return 0;
+
+  // --throughput: per run and context, the listed batches up to the first that does not fit,
+  // then (--largest-batch) the search for the largest that does.
+  std::vector<ThroughputPoint> points;
+  std::vector<std::pair<size_t, int64_t>> largest_keys;
+  std::vector<int64_t> largest;
+  constexpr int64_t kLargestBatchCap = int64_t{1} << 16;
+  auto measure_point = [&](size_t r, int64_t context, int64_t batch) {
+    ThroughputPoint p;
+    p.run = r;
+    p.context = context;
+    p.batch = batch;
+    const auto& first = samples.front().tokens;
+    const std::vector<int64_t> ctx(first.begin(), first.begin() + context);
+    std::vector<double> ttft, tpot, tok_s;
+    memory.reset();
+    try {
+      for (int64_t k = 0; k < o.repeats; ++k) {
+        rt::RunMetrics m;
+        auto d = decoder(runs[r].compressor.get(), batch, context + o.generate, context);
+        rt::generate(*d, ctx, o.generate, m, o.prefill_chunk, o.skip_layers, o.compress_prefill, o.shared_prompt);
+        const double step = m.gen_later_s / static_cast<double>(m.gen_later_steps);
+        ttft.push_back(m.gen_ttft_s);
+        tpot.push_back(step);
+        tok_s.push_back(static_cast<double>(batch) / step);
+        p.cache_tokens = m.gen_cache_tokens;
+      }
+      p.peak_bytes = memory.peak_bytes();
+      p.fits = memory_limit <= 0 || p.peak_bytes <= memory_limit;
+      if (!p.fits)
+        p.why = "peak " + fixed(p.peak_bytes / kMiB, 0) + " MiB over the limit of " + fixed(memory_limit / kMiB, 0) + " MiB";
+    } catch (const std::exception& e) {
+      if (!is_out_of_memory(e)) throw;
+      p.peak_bytes = memory.peak_bytes();
+      p.why = "out of memory: " + rt::first_line(e);
+    }
+    rt::cuda_release_cached();  // an allocation that failed leaves the cache fragmented
+    p.ttft = Spread::of(ttft);
+    p.tpot = Spread::of(tpot);
+    p.tok_s = Spread::of(tok_s);
+    std::printf("[throughput] %-20s context %lld batch %lld: %s\n", runs[r].label.c_str(), (long long)context,
+                (long long)batch,
+                p.fits ? ("TPOT " + ms_spread(p.tpot) + " ms, " + fixed(p.tok_s.median, 0) + " tok/s, peak " +
+                          fixed(p.peak_bytes / kMiB, 0) + " MiB").c_str()
+                       : ("does not fit (" + p.why + ")").c_str());
+    std::fflush(stdout);
+    return p;
+  };
+  for (size_t r = 0; o.throughput && r < runs.size(); ++r) {
+    if (runs[r].recompute) continue;
+    for (int64_t context : o.contexts) {
+      std::vector<int64_t> batches = o.batches;
+      std::sort(batches.begin(), batches.end());
+      batches.erase(std::unique(batches.begin(), batches.end()), batches.end());
+      std::vector<ThroughputPoint> mine;
+      for (int64_t b : batches) {
+        mine.push_back(measure_point(r, context, b));
+        if (!mine.back().fits) break;  // the larger listed batches would not fit either
+      }
+      if (o.largest_batch) {
+        largest_keys.emplace_back(r, context);
+        largest.push_back(find_largest_batch(mine, memory_limit, kLargestBatchCap,
+                                             [&](int64_t b) { return measure_point(r, context, b); }));
+      }
+      points.insert(points.end(), mine.begin(), mine.end());
+    }
+  }
+
   trace.close();
   print_tables(o, runs, pass);
   print_windows(runs);
-  const Json results = results_json(o, model, samples, runs, window, pass);
+  if (o.throughput) print_throughput(runs, points, largest_keys, largest);
+  Json results = results_json(o, model, samples, runs, window, pass);
+  if (o.throughput)
+    results["throughput"] = throughput_json(runs, points, o.contexts, o.generate, memory_limit, largest_keys, largest);
   if (!o.json.empty()) write_atomically("--json", o.json, results.dump(1) + "\n");
   if (!o.csv.empty()) write_atomically("--csv", o.csv, results_csv(results));
   if (o.results) {

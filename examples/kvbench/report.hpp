@@ -495,12 +495,12 @@ inline void print_tables(const Options& o, const std::vector<Run>& runs, const E
     print_wide_table(runs);
   } else {
     if (o.eval) print_quality_table(runs);
-    if (o.generate > 0) print_speed_table(o, runs);
+    if (o.generate > 0 && !o.throughput) print_speed_table(o, runs);
   }
   if (pass.one_pass)
     std::printf("(quality from one pass of %lld rows: %s, %.2f ms per batched step; %s)\n", (long long)pass.rows,
                 duration_text(pass.seconds).c_str(), 1e3 * Spread::of(pass.step_s).median,
-                o.generate > 0 ? "peak memory and timings from each method's own generation"
+                o.generate > 0 && !o.throughput ? "peak memory and timings from each method's own generation"
                                : "no per-method timings or peak memory: --generate N measures them");
   for (const auto& r : runs)
     for (const auto& w : r.metrics.warnings) std::printf("warning: %s: %s\n", r.label.c_str(), w.c_str());

@@ -32,6 +32,10 @@ Figures (file names are fixed; each one written is printed):
                            time or memory); a timing whose [min, max] overlaps the baseline's is
                            left white and marked "≈"; timings with no spread (schema 1, a single
                            repeat) are not coloured either, only their ×ratio is printed
+  throughput.png           only when the file has "throughput" (kvbench --throughput): decode
+                           tokens/s (top) and peak memory (bottom) against the batch, one
+                           column per context, one line per run, the largest batch that fits
+                           starred, the memory limit dashed (throughput_N.png for a later file)
   streaming.png            only when results carry "windows" (kvbench --window, long texts):
                            PPL of every window against the tokens read, one line per run, the
                            model's context marked (StreamingLLM's figure 3), cache tokens below
@@ -303,7 +307,7 @@ def load(paths):
         meta = {k: data.get(k) for k in ("model", "device", "dtype", "tokens", "samples", "positions",
                                           "skip_layers", "model_context", "repeats", "generate",
                                           "prompt_tokens", "batch", "process_per_repeat")}
-        meta.update(schema=schema, path=path, index=index)
+        meta.update(schema=schema, path=path, index=index, throughput=data.get("throughput"))
         metas.append(meta)
         if not data["results"]:
             warn("%s: \"results\" is empty" % path)
@@ -1270,6 +1274,71 @@ def plot_streaming(runs, metas, args, colors):
     save(fig, args.out_dir, "streaming.png", args.dpi, extra=[legend])
 
 
+# --------------------------------------------------------------------------------------------
+# 6. throughput.png
+
+
+def plot_throughput(runs, metas, args):
+    """kvbench --throughput: decode tokens/s and peak memory against the batch, one column per
+    context, one line per run; each run's largest batch that fits starred, the memory limit
+    drawn. One figure per file that has the section (throughput.png, then throughput_N.png)."""
+    drawn = 0
+    for meta in metas:
+        t = meta.get("throughput")
+        if not isinstance(t, dict) or not t.get("points"):
+            continue
+        contexts = [c for c in t.get("contexts", []) if isinstance(c, int)]
+        labels = [r.orig_label for r in runs if r.file_index == meta["index"] and not r.is_reference]
+        largest = {(e["label"], e["context"]): e["batch"] for e in t.get("largest_batch", [])}
+        limit = num(t.get("memory_limit_bytes"))
+        fig, axes = plt.subplots(2, len(contexts), figsize=(5.2 * len(contexts) + 1.5, 7.5), squeeze=False,
+                                 sharex="col")
+        for col, context in enumerate(contexts):
+            ax_tok, ax_mem = axes[0][col], axes[1][col]
+            for n, label in enumerate(labels):
+                pts = sorted((p for p in t["points"] if p["label"] == label and p["context"] == context),
+                             key=lambda p: p["batch"])
+                fit = [p for p in pts if p["fits"] and num(p.get("throughput_tok_s")) is not None]
+                if not fit:
+                    continue
+                color = BASELINE_COLOR if label.startswith("baseline") else PALETTE[n % len(PALETTE)]
+                name = "full cache" if label.startswith("baseline") else label
+                xs = [p["batch"] for p in fit]
+                ax_tok.plot(xs, [p["throughput_tok_s"] for p in fit], "o-", color=color, ms=3.5, lw=1.4, label=name)
+                lo = [p["throughput_tok_s"] - p["throughput_tok_s_min"] for p in fit]
+                hi = [p["throughput_tok_s_max"] - p["throughput_tok_s"] for p in fit]
+                ax_tok.errorbar(xs, [p["throughput_tok_s"] for p in fit], yerr=[lo, hi], fmt="none", ecolor=color,
+                                elinewidth=0.8, capsize=2)
+                ax_mem.plot(xs, [p["peak_memory_bytes"] / 2**30 for p in fit], "o-", color=color, ms=3.5, lw=1.4)
+                best = largest.get((label, context))
+                top = [p for p in fit if p["batch"] == best]
+                if top:
+                    ax_tok.plot([best], [top[0]["throughput_tok_s"]], "*", color=color, ms=13, mec="white", mew=0.8)
+                    ax_tok.annotate("%d" % best, (best, top[0]["throughput_tok_s"]), textcoords="offset points",
+                                    xytext=(5, 5), fontsize=8, color=darker(color) if color != "black" else color)
+            if limit:
+                ax_mem.axhline(limit / 2**30, color="grey", ls="--", lw=1)
+                ax_mem.text(0.01, limit / 2**30, " memory limit %.1f GiB" % (limit / 2**30), va="bottom",
+                            transform=ax_mem.get_yaxis_transform(), fontsize=8, color="grey")
+            for a in (ax_tok, ax_mem):
+                a.set_xscale("log", base=2)
+                a.grid(True, which="major", alpha=0.3)
+            ax_tok.set_yscale("log")
+            ax_tok.set_title("context %d tokens" % context, fontsize=10)
+            ax_mem.set_xlabel("batch (sequences decoded together)")
+            if col == 0:
+                ax_tok.set_ylabel("decode tokens/s (batch / TPOT)")
+                ax_mem.set_ylabel("peak memory (GiB)")
+        handles, names = axes[0][0].get_legend_handles_labels()
+        legend = fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(names) or 1),
+                            fontsize=8.5, frameon=False)
+        title = fig.suptitle("Decode throughput and memory against the batch (★ the largest batch that fits)\n%s, "
+                     "%s new tokens per sequence" % (describe([meta], args.title), t.get("new_tokens")), fontsize=10)
+        drawn += 1
+        save(fig, args.out_dir, "throughput.png" if drawn == 1 else "throughput_%d.png" % drawn, args.dpi,
+             extra=[legend, title])
+
+
 def main():
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1291,6 +1360,7 @@ def main():
     plot_tradeoff(runs, metas, args, colors)
     plot_heatmap(runs, metas, args)
     plot_streaming(runs, metas, args, colors)
+    plot_throughput(runs, metas, args)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,13 @@ int64_t cuda_peak_allocated_bytes(int device);
 void cuda_reset_peak(int device);
 /// Bytes the CUDA caching allocator holds for live tensors now (-1 without CUDA).
 int64_t cuda_allocated_bytes(int device);
+/// The device's memory in bytes (-1 without CUDA).
+int64_t cuda_total_bytes(int device);
+/// Caps what the CUDA caching allocator may reserve on `device` at `bytes` (its memory
+/// fraction): beyond it allocations fail as when the device is full. Throws without CUDA.
+void cuda_limit_bytes(int device, int64_t bytes);
+/// Gives the allocator's cached free blocks back to the driver (nothing without CUDA).
+void cuda_release_cached();
 
 }  // namespace runtime
 }  // namespace kvcompress

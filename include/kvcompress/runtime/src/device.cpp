@@ -114,6 +114,23 @@ int64_t cuda_allocated_bytes(int device) {
   return c10::cuda::CUDACachingAllocator::getDeviceStats(device).allocated_bytes[0].current;
 }
 
+int64_t cuda_total_bytes(int device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  size_t free = 0, total = 0;
+  C10_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  return static_cast<int64_t>(total);
+}
+
+void cuda_limit_bytes(int device, int64_t bytes) {
+  const int64_t total = cuda_total_bytes(device);
+  if (bytes <= 0 || bytes > total)
+    throw Error("a memory limit of " + std::to_string(bytes) + " bytes is outside the device's " +
+                std::to_string(total) + " bytes");
+  c10::cuda::CUDACachingAllocator::setMemoryFraction(static_cast<double>(bytes) / static_cast<double>(total), device);
+}
+
+void cuda_release_cached() { c10::cuda::CUDACachingAllocator::emptyCache(); }
+
 #else
 
 bool built_with_cuda() { return false; }
@@ -130,6 +147,9 @@ size_t CudaEvents::size() const { return 0; }
 int64_t cuda_peak_allocated_bytes(int) { return -1; }
 void cuda_reset_peak(int) {}
 int64_t cuda_allocated_bytes(int) { return -1; }
+int64_t cuda_total_bytes(int) { return -1; }
+void cuda_limit_bytes(int, int64_t) { no_cuda("a CUDA memory limit"); }
+void cuda_release_cached() {}
 
 #endif
 
