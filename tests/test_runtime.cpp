@@ -729,12 +729,154 @@ TEST(StaticRuntime, NativeStepIsRefusedWhereItCannotRun) {
   auto attention = kvc::make_compressor("h2o(heavy_hitter_size=12, recent_size=30)");
   rt::DecoderOptions plain = options(streaming.get()), scored = options(attention.get());
   plain.native_step = scored.native_step = true;
-  // On a CPU model (or a build without it) the native step names why and the TorchScript step.
-  expect_error([&] { rt::StaticDecoder(model(), plain, {64}); }, "native step: ");
-  expect_error([&] { rt::StaticDecoder(model(), plain, {64}); }, "TorchScript step");
   expect_error([&] { rt::StaticDecoder(model(), scored, {64}); }, "scores with attention or recent queries");
   expect_error([&] { rt::make_decoder(model(), plain, false, 64, 1); }, "fixed-capacity cache");
   expect_error([&] { rt::OnePass(model(), {plain, plain}, 64); }, "one-pass rows");
+  // A length outside a buffer (the kernels trap on the device) is an error on the CPU.
+  c10::InferenceMode guard;
+  const auto& info = model().info();
+  c10::List<at::Tensor> keys, values;
+  for (int64_t l = 0; l < info.num_layers; ++l) {
+    keys.push_back(at::zeros({1, info.num_heads, 4, info.head_dim}));
+    values.push_back(at::zeros({1, info.num_heads, 4, info.head_dim}));
+  }
+  const at::Tensor id = at::zeros({1, 1}, at::kLong), position = at::zeros({1, 1}, at::kLong);
+  expect_error([&] { model().native_step().step(id, position, keys, values, at::full({info.num_layers}, 4, at::kLong)); },
+               "holds 4 of its 4 slots: no room for the new token");
+  expect_error([&] { model().native_step().step(id, position, keys, values, at::zeros({info.num_layers}, at::kInt)); },
+               "lengths [" + std::to_string(info.num_layers) + "] must be contiguous int64");
+  rt::NativeStepModel sequential;
+  sequential.name = "m";
+  sequential.num_layers = 1;
+  sequential.num_heads = 1;
+  sequential.head_dim = 8;
+  sequential.parallel_residual = false;
+  expect_error([&] { rt::NativeStep{sequential}; }, "sequential residual layers");
+  rt::NativeStepModel no_weights = sequential;
+  no_weights.parallel_residual = true;
+  expect_error([&] { rt::NativeStep{no_weights}; }, "has no parameter 'embed_in.weight'");
+}
+
+enum class NativeRun { same, flipped, failed };
+
+// A TorchScript decoder and a native-step one side by side (on m's device): the first `prompt`
+// tokens at once, then one token per step, compressing every step. Every step's logits within
+// `tolerance` of their scale (the largest difference so far in `worst`) and the same lengths;
+// `flipped` when a near-tie broke a selection the other way (the caches differ from there on).
+NativeRun native_against_torchscript(rt::ContractModel& m, const kvc::Compressor* c, rt::PositionRule rule,
+                                     bool graph, const std::vector<int64_t>& tokens, int64_t prompt, double tolerance,
+                                     double& worst) {
+  const auto ids = at::TensorOptions().dtype(at::kLong).device(m.device());
+  const int64_t total = static_cast<int64_t>(tokens.size());
+  rt::DecoderOptions mine = options(c, rule);
+  mine.native_step = true;
+  auto reference = rt::make_decoder(m, options(c, rule), true, total, prompt, graph);
+  auto native = rt::make_decoder(m, mine, true, total, prompt, graph);
+  const at::Tensor first = at::tensor(std::vector<int64_t>(tokens.begin(), tokens.begin() + prompt), ids).view({1, prompt});
+  reference->step(first);
+  native->step(first);
+  reference->maybe_compress();
+  native->maybe_compress();
+  for (int64_t t = prompt; t < total; ++t) {
+    const at::Tensor id = at::full({1, 1}, tokens[static_cast<size_t>(t)], ids);
+    const at::Tensor a = reference->step(id).clone(), b = native->step(id).clone();
+    if (b.sizes() != a.sizes() || b.scalar_type() != at::kFloat) {
+      ADD_FAILURE() << "native logits " << b.sizes() << " " << b.scalar_type() << ", TorchScript " << a.sizes();
+      return NativeRun::failed;
+    }
+    const double scale = a.abs().max().item<double>(), diff = (a - b).abs().max().item<double>();
+    worst = std::max(worst, diff / scale);
+    if (!(diff <= tolerance * scale)) {
+      ADD_FAILURE() << "step " << t << ": logits differ by " << diff << " of a scale of " << scale;
+      return NativeRun::failed;
+    }
+    reference->maybe_compress();
+    native->maybe_compress();
+    if (native->lengths() != reference->lengths()) {
+      ADD_FAILURE() << "step " << t << ": the caches hold different lengths";
+      return NativeRun::failed;
+    }
+    for (int64_t l = 0; l < m.info().num_layers; ++l)
+      if (!at::equal(native->original_positions(l), reference->original_positions(l))) return NativeRun::flipped;
+  }
+  return NativeRun::same;
+}
+
+// The native step's algorithm (on the CPU in ATen operators, rounding where the CUDA kernels
+// round) against the TorchScript step: a 64-token prompt, then 192 one-token steps compressing
+// every step, under both position rules. float32: the full cache and every policy the native
+// step runs; every step's logits within 1e-4 of their scale, both keeping the same tokens (a
+// near-tie broken the other way ends that run, counted, rare). bfloat16 (8-bit mantissas: the
+// two steps' roundings differ by a few percent of the logits): the policies that select by
+// position alone, which no rounding can turn, within 1e-1, never a different cache.
+TEST(StaticRuntime, NativeStepMatchesTheTorchScriptStep) {
+  c10::InferenceMode guard;
+  const auto tokens = bundled_tokens(64 + 192);
+  int runs = 0, flips = 0;
+  for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+    rt::ContractModel m = rt::ContractModel::load(kModel, at::kCPU, dtype);
+    const bool half = dtype != at::kFloat;
+    const double tolerance = half ? 1e-1 : 1e-4;  // of the largest |logit|
+    double worst = 0;
+    std::vector<std::string> specs{""};
+    for (const auto& spec : kEveryPolicy)
+      if (!kvc::make_compressor(spec)->needs().scores() &&
+          (!half || spec.rfind("streaming_llm", 0) == 0 || spec.rfind("recent_only", 0) == 0))
+        specs.push_back(spec);
+    for (const auto rule : {rt::PositionRule::original, rt::PositionRule::cache}) {
+      for (const auto& spec : specs) {
+        SCOPED_TRACE((spec.empty() ? std::string("full cache") : spec) + " positions " + rt::to_string(rule) + " " +
+                     c10::toString(dtype));
+        auto c = spec.empty() ? nullptr : kvc::make_compressor(spec);
+        ++runs;
+        const NativeRun outcome = native_against_torchscript(m, c.get(), rule, false, tokens, 64, tolerance, worst);
+        ASSERT_NE(outcome, NativeRun::failed);
+        ASSERT_FALSE(half && outcome == NativeRun::flipped) << "a selection by position differs";
+        flips += outcome == NativeRun::flipped;
+      }
+    }
+    std::printf("native step (CPU), %s: largest logit difference %.2e of the logits' scale\n", c10::toString(dtype),
+                worst);
+  }
+  std::printf("native step (CPU): %d runs of 192 steps compared, %d ended early by a near-tie flip\n", runs, flips);
+  EXPECT_LE(flips, runs / 8);
+}
+
+// What the decoders above never pass: per-head masks of hidden slots, per-row lengths and
+// per-layer positions, each row at its own length -- the step's contract, against the scored
+// TorchScript step given the same buffers. The new keys and values land where the reference
+// puts them, and nowhere else.
+TEST(StaticRuntime, NativeStepTakesMasksRowLengthsAndLayerPositions) {
+  c10::InferenceMode guard;
+  const auto& info = model().info();
+  const int64_t rows = 3, capacity = 24, L = info.num_layers;
+  at::manual_seed(11);
+  c10::List<at::Tensor> k_ref, v_ref, k_nat, v_nat, bias;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor k = at::randn({rows, info.num_heads, capacity, info.head_dim});
+    const at::Tensor v = at::randn({rows, info.num_heads, capacity, info.head_dim});
+    k_ref.push_back(k.clone());
+    v_ref.push_back(v.clone());
+    k_nat.push_back(k.clone());
+    v_nat.push_back(v.clone());
+    // Hide a few slots per head (large negative), leave the rest at 0.
+    bias.push_back(at::where(at::rand({rows, info.num_heads, capacity}) < 0.3, at::full({}, -1e4), at::zeros({})));
+  }
+  const at::Tensor lengths = at::tensor(std::vector<int64_t>{5, 17, 23}, at::kLong).repeat({L, 1});  // [L, rows]
+  const at::Tensor positions = at::arange(L * rows, at::kLong).view({L, rows, 1}) * 7 + 100;
+  const at::Tensor ids = at::tensor(std::vector<int64_t>{11, 400, 5000}, at::kLong).view({rows, 1});
+  const c10::List<at::Tensor> none;
+  const at::Tensor a = model().step_scored(ids, positions, k_ref, v_ref, lengths, none, 1.0, none,
+                                           at::zeros({0}, at::kLong), bias);
+  const at::Tensor b = model().native_step().step(ids, positions, k_nat, v_nat, lengths, bias);
+  EXPECT_LE((a - b).abs().max().item<double>(), 1e-4 * a.abs().max().item<double>());
+  for (int64_t l = 0; l < L; ++l) {
+    EXPECT_TRUE(at::allclose(k_nat.get(l), k_ref.get(l), 1e-5, 1e-5)) << "layer " << l;
+    EXPECT_TRUE(at::allclose(v_nat.get(l), v_ref.get(l), 1e-5, 1e-5)) << "layer " << l;
+  }
+  // Without the masks the hidden slots count again: a different answer.
+  const at::Tensor unmasked = model().native_step().step(ids, positions, k_nat, v_nat, lengths);
+  EXPECT_GT((unmasked - b).abs().max().item<double>(), 1e-3);
 }
 
 // --- positions ------------------------------------------------------------------------------------
@@ -994,8 +1136,6 @@ TEST(CudaRuntime, OnePassRowsMatchTheirSeparatePassesWithAndWithoutGraphs) {
 TEST(CudaRuntime, NativeStepMatchesTheTorchScriptStepOverEveryPolicy) {
   if (!at::hasCUDA() || !rt::built_with_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA support in this build";
   const auto tokens = bundled_tokens(64 + 256);
-  const at::Tensor prompt = at::tensor(std::vector<int64_t>(tokens.begin(), tokens.begin() + 64), at::kLong)
-                                .view({1, 64}).to(at::kCUDA);
   int runs = 0, flips = 0;
   for (const auto dtype : {at::kFloat, at::kHalf}) {
     rt::ContractModel gpu = rt::ContractModel::load(kModel, at::Device(at::kCUDA, 0), dtype);
@@ -1014,34 +1154,10 @@ TEST(CudaRuntime, NativeStepMatchesTheTorchScriptStepOverEveryPolicy) {
           SCOPED_TRACE((spec.empty() ? std::string("full cache") : spec) + " positions " + rt::to_string(rule) +
                        (graph ? " graph " : " ") + c10::toString(dtype));
           auto c = spec.empty() ? nullptr : kvc::make_compressor(spec);
-          rt::DecoderOptions mine = options(c.get(), rule);
-          mine.native_step = true;
-          auto reference = rt::make_decoder(gpu, options(c.get(), rule), true, 320, 64, graph);
-          auto native = rt::make_decoder(gpu, mine, true, 320, 64, graph);
-          reference->step(prompt);
-          native->step(prompt);
-          reference->maybe_compress();
-          native->maybe_compress();
           ++runs;
-          for (size_t t = 64; t < tokens.size(); ++t) {
-            const at::Tensor id = at::full({1, 1}, tokens[t], at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
-            const at::Tensor a = reference->step(id).clone(), b = native->step(id).clone();
-            ASSERT_EQ(b.sizes(), a.sizes());
-            ASSERT_EQ(b.scalar_type(), at::kFloat);
-            const double scale = a.abs().max().item<double>(), diff = (a - b).abs().max().item<double>();
-            worst = std::max(worst, diff / scale);
-            ASSERT_LE(diff, tolerance * scale) << "step " << t;
-            reference->maybe_compress();
-            native->maybe_compress();
-            ASSERT_EQ(native->lengths(), reference->lengths()) << "step " << t;
-            bool same = true;
-            for (int64_t l = 0; l < gpu.info().num_layers && same; ++l)
-              same = at::equal(native->original_positions(l), reference->original_positions(l));
-            if (!same) {  // a near-tie broken the other way: the caches differ from here on
-              ++flips;
-              break;
-            }
-          }
+          const NativeRun outcome = native_against_torchscript(gpu, c.get(), rule, graph, tokens, 64, tolerance, worst);
+          ASSERT_NE(outcome, NativeRun::failed);
+          flips += outcome == NativeRun::flipped;
         }
       }
     }

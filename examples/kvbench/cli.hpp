@@ -173,9 +173,10 @@ inline Options parse_args(int argc, char** argv) {
   cli.flag("--cuda-graph", runtime, "replay each one-token step from a CUDA graph (implies --schedule every)",
            [&o] { o.cuda_graph = true; });
   cli.flag("--native-step", runtime,
-           "one-token steps in kvcompress's own CUDA kernels instead of the model's\nTorchScript step (CUDA; implies "
-           "--schedule every and --no-one-pass;\nnot for methods that score with attention or queries). New: not yet\n"
-           "run on a GPU (docs/PERFORMANCE.md, \"Native decode step\")",
+           "one-token steps in kvcompress's own CUDA kernels instead of the model's\nTorchScript step (CUDA; the "
+           "fixed-capacity cache, --schedule every\nunless given, and --no-one-pass; not for methods that score with\n"
+           "attention or queries). New: its algorithm is checked on the CPU, its\nkernels have not yet run on a GPU "
+           "(docs/PERFORMANCE.md)",
            [&o] { o.native_step = true; });
   cli.count("--batch", o.batch, 1, runtime, "rows of the generation measurement (default 1)");
   cli.count("--prefill-chunk", o.prefill_chunk, 0, runtime, "feed the generation prompt N tokens per step (default 0: at once)");
@@ -248,7 +249,9 @@ inline Options parse_args(int argc, char** argv) {
   if (!o.texts.empty() && !o.token_files.empty()) fail("give either --text or --tokens, not both");
   if (o.cuda_graph && o.device != "cuda") fail("--cuda-graph needs --device cuda");
   if (o.cuda_graph && o.schedule.empty()) o.schedule = "every";
-  if (o.native_step && o.device != "cuda") fail("--native-step needs --device cuda (the TorchScript step is the CPU path)");
+  if (o.native_step && o.device != "cuda")
+    fail("--native-step needs --device cuda (the TorchScript step is the CPU's fast path; the native step's CPU form "
+         "exists to test its arithmetic)");
   if (o.native_step && o.one_pass == 1)
     fail("--native-step cannot go with --one-pass: one-pass rows run their group's TorchScript step");
   if (o.native_step) {

@@ -34,8 +34,9 @@ struct DecoderOptions {
   /// policy scores with queries).
   bool track_positions = false;
   /// One-token steps in kvcompress's own CUDA kernels (ContractModel::native_step) instead of
-  /// the model's TorchScript step; prompts still run through TorchScript. Fixed-capacity cache
-  /// on a CUDA device; not for policies that score with attention or queries (yet).
+  /// the model's TorchScript step; prompts still run through TorchScript. Fixed-capacity cache;
+  /// not for policies that score with attention or queries (yet). On the CPU the same algorithm
+  /// in ATen operators: a check of the kernels' arithmetic, not a faster CPU path.
   bool native_step = false;
 };
 

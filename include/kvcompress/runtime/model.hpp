@@ -121,9 +121,10 @@ class ContractModel {
     return kv;
   }
 
-  /// The one-token `step` in kvcompress's own CUDA kernels (native_step.hpp), built on first use
-  /// from this model's weights and shared by every decoder of it. Throws kvcompress::Error
-  /// naming why when it cannot run here (a CPU model, a build without it, an unsupported model).
+  /// The one-token `step` in kvcompress's own CUDA kernels (native_step.hpp; on the CPU its
+  /// algorithm in ATen operators), built on first use from this model's weights and shared by
+  /// every decoder of it. Throws kvcompress::Error naming why when it cannot run here (a CUDA
+  /// model in a build without the kernels, an unsupported model).
   NativeStep& native_step() {
     if (!native_step_) {
       NativeStepModel m;

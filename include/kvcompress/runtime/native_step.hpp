@@ -7,9 +7,13 @@
 // in place and attends over the fixed-capacity cache, one kernel combines its splits and applies
 // GELU, and one matrix product adds attention output and MLP output into the residual. Five
 // kernels a layer where the TorchScript step launches about twelve (docs/PERFORMANCE.md).
+// On the CPU the same algorithm runs in ATen operators, rounding where the kernels round: not a
+// fast path (the TorchScript step stays the CPU's), but the kernels' arithmetic checkable
+// against the TorchScript step on any machine (folded weights, layouts, rotary, masks).
 //
 // Declared without CUDA types; defined in the compiled part of kvcompress::runtime
-// (src/native_step.cpp, src/native_step_kernels.cu), built with CUDA when LibTorch has it.
+// (src/native_step.cpp, src/native_step_kernels.cu), the kernels built when LibTorch has CUDA
+// and the CUDA compiler is found.
 #include <kvcompress/types.hpp>
 
 #include <ATen/core/List.h>
@@ -36,8 +40,9 @@ struct NativeStepModel {
 class NativeStep {
  public:
   /// Takes (plain layers: folds) the weights on their device. Throws kvcompress::Error naming
-  /// the reason when the step cannot run: a build without CUDA, a model not on a CUDA device, a
-  /// missing parameter, layers without parallel residual, a head wider than 256.
+  /// the reason when the step cannot run: a CUDA model in a build without the kernels, a device
+  /// other than CUDA or the CPU, a missing parameter, layers without parallel residual, a head
+  /// wider than 256.
   explicit NativeStep(const NativeStepModel& model);
   ~NativeStep();
   NativeStep(NativeStep&&) noexcept;
@@ -46,10 +51,11 @@ class NativeStep {
   /// The contract's `step` for one new token per row (docs/MODEL_CONTRACT.md): ids [B, 1] (or
   /// [1, 1]: every row feeds it), position_ids [B, 1] or [L, B, 1], buffers [B, H, C_l, D] per
   /// layer, lengths [L] or [L, B] (int64, on the model's device); `slot_bias` (optional) per
-  /// layer [B, H, C_l], added to the scores of the past slots. Writes each row's new key and
-  /// value at slot lengths[l](, b) (a length outside the buffer stops the kernel with a
-  /// device-side trap: StaticDecoder makes room first) and returns float32 logits [B, 1, vocab].
-  /// Capturable in a CUDA graph: no host synchronisation.
+  /// layer [B, H, C_l], added to the scores of every slot, the new token's too (as the
+  /// contract's step_scored adds it). Writes each row's new key and value at slot
+  /// lengths[l](, b) (a length outside the buffer stops the kernel with a device-side trap, and
+  /// is an error on the CPU: StaticDecoder makes room first) and returns float32 logits
+  /// [B, 1, vocab]. On CUDA capturable in a graph: no host synchronisation.
   at::Tensor step(const at::Tensor& input_ids, const at::Tensor& position_ids, const c10::List<at::Tensor>& key_buffers,
                   const c10::List<at::Tensor>& value_buffers, const at::Tensor& lengths,
                   const c10::List<at::Tensor>& slot_bias = c10::List<at::Tensor>());

@@ -1,25 +1,29 @@
-// The native decode step (native_step.hpp): weights, checks and the layer loop around the
-// kernels of native_step_kernels.cu. Built with KVC_RUNTIME_NATIVE_STEP (a LibTorch with CUDA and
-// the CUDA compiler, CMakeLists.txt); otherwise it says why not.
+// The native decode step (native_step.hpp): weights, checks and the layer loop around three
+// operations -- add-bias-and-LayerNorm, the decode attention (with rotary, the in-place K/V
+// write and the MLP input's GELU) and the two matrix products. On CUDA the first two are the
+// kernels of native_step_kernels.cu, built with KVC_RUNTIME_NATIVE_STEP (a LibTorch with CUDA
+// and the CUDA compiler, CMakeLists.txt); on the CPU they are ATen operators that round where
+// the kernels round: the same algorithm, testable anywhere against the TorchScript step.
 #include <kvcompress/runtime/native_step.hpp>
 #include <kvcompress/validate.hpp>
 
-#if defined(KVC_RUNTIME_CUDA) && defined(KVC_RUNTIME_NATIVE_STEP)
 #include <ATen/ATen.h>
+
+#if defined(KVC_RUNTIME_CUDA) && defined(KVC_RUNTIME_NATIVE_STEP)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "native_step_kernels.cuh"
+#define KVC_NATIVE_KERNELS 1
 #endif
 
 #include <cmath>
 #include <cstdint>
 #include <map>
+#include <optional>
 
 namespace kvcompress {
 namespace runtime {
-
-#if defined(KVC_RUNTIME_CUDA) && defined(KVC_RUNTIME_NATIVE_STEP)
 
 namespace {
 
@@ -27,18 +31,50 @@ namespace {
 // slots still spreads over more blocks than the GPU has multiprocessors.
 constexpr int64_t kChunk = 64;
 
+void check_dtype(at::ScalarType t) {
+  if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16)
+    throw Error(std::string("native step: dtype ") + c10::toString(t) + " is not supported (float32, float16, bfloat16)");
+}
+
+#ifdef KVC_NATIVE_KERNELS
 kernels::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kernels::DType::f32;
-    case at::kHalf: return kernels::DType::f16;
-    case at::kBFloat16: return kernels::DType::bf16;
-    default: throw Error(std::string("native step: dtype ") + c10::toString(t) + " is not supported (float32, float16, bfloat16)");
-  }
+  return t == at::kFloat ? kernels::DType::f32 : t == at::kHalf ? kernels::DType::f16 : kernels::DType::bf16;
 }
 
 void check_launch(const char* what) {
   const std::string error = kernels::last_error();
   if (!error.empty()) throw Error(std::string("native step: ") + what + ": CUDA error: " + error);
+}
+#endif
+
+// --- the CPU's operations: the kernels' arithmetic in ATen (float32, rounded to the model's
+// dtype where the kernels round) ---------------------------------------------------------------
+
+at::Tensor rounded(const at::Tensor& x, at::ScalarType dtype) { return x.to(dtype).to(at::kFloat); }
+
+// x += pending (rounded), then out = LayerNorm(x) (* gamma + beta).
+void add_and_layer_norm_cpu(const at::Tensor& x, const at::Tensor* pending, const at::Tensor& out,
+                            const at::Tensor* gamma, const at::Tensor* beta, double eps) {
+  if (pending) x.copy_(x.to(at::kFloat) + pending->to(at::kFloat));
+  const at::Tensor xf = x.to(at::kFloat);
+  const at::Tensor centred = xf - xf.mean(-1, /*keepdim=*/true);
+  at::Tensor v = centred * at::rsqrt(centred.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  if (gamma) v = v * gamma->to(at::kFloat);
+  if (beta) v = v + beta->to(at::kFloat);
+  out.copy_(v);
+}
+
+// GPT-NeoX partial rotary of x [H, D] at `position`, the factors and the result rounded.
+at::Tensor rotate_cpu(const at::Tensor& x, int64_t rotary_ndims, double base, int64_t position, at::ScalarType dtype) {
+  if (rotary_ndims == 0) return x;
+  const int64_t half = rotary_ndims / 2;
+  const at::Tensor i = at::arange(half, at::kFloat);
+  const at::Tensor inv_freq = 1.0 / at::pow(at::full({}, static_cast<float>(base), at::kFloat), 2 * i / rotary_ndims);
+  const at::Tensor angle = at::cat({inv_freq, inv_freq}) * static_cast<float>(position);
+  const at::Tensor c = rounded(angle.cos(), dtype), s = rounded(angle.sin(), dtype);
+  const at::Tensor r = x.narrow(-1, 0, rotary_ndims);
+  const at::Tensor partner = at::cat({-r.narrow(-1, half, half), r.narrow(-1, 0, half)}, -1);
+  return at::cat({rounded(r * c + partner * s, dtype), x.narrow(-1, rotary_ndims, x.size(-1) - rotary_ndims)}, -1);
 }
 
 }  // namespace
@@ -74,9 +110,95 @@ struct NativeStep::Impl {
     s.projected = at::empty({rows, 3 * hidden + ffn}, opts);
     s.joined = at::empty({rows, hidden + ffn}, opts);
     s.logits_model = at::empty({rows, vocab}, opts);
-    const int64_t splits = (capacity + kChunk - 1) / kChunk;
-    s.partial = at::empty({rows * shape.num_heads * splits * (shape.head_dim + 2)}, opts.dtype(at::kFloat));
+    const int64_t splits = (capacity + kChunk - 1) / kChunk;  // the CUDA attention's per-split results
+    if (device.is_cuda())
+      s.partial = at::empty({rows * shape.num_heads * splits * (shape.head_dim + 2)}, opts.dtype(at::kFloat));
     return s;
+  }
+
+  // x += pending; normed = LayerNorm(x) (* gamma + beta).
+  void add_and_layer_norm(Scratch& w, const at::Tensor* pending, const at::Tensor* gamma, const at::Tensor* beta) const {
+#ifdef KVC_NATIVE_KERNELS
+    if (device.is_cuda()) {
+      kernels::add_and_layer_norm(kernel_dtype(dtype), w.x.data_ptr(), pending ? pending->data_ptr() : nullptr,
+                                  w.normed.data_ptr(), gamma ? gamma->data_ptr() : nullptr,
+                                  beta ? beta->data_ptr() : nullptr, w.x.size(0), hidden,
+                                  static_cast<float>(shape.layer_norm_eps), c10::cuda::getCurrentCUDAStream().stream());
+      check_launch(gamma ? "final LayerNorm" : "LayerNorm");
+      return;
+    }
+#endif
+    add_and_layer_norm_cpu(w.x, pending, w.normed, gamma, beta, shape.layer_norm_eps);
+  }
+
+  // Layer l's attention over its buffers into joined[:, :hidden] (the product's bias added,
+  // rotary applied, the new key and value written at each row's length), and GELU of the MLP's
+  // input into joined[:, hidden:].
+  void attention(int64_t l, const Layer& layer, const at::Tensor& keys, const at::Tensor& values,
+                 const at::Tensor& lengths, const at::Tensor& position_ids, const at::Tensor* bias, Scratch& w) const {
+    const int64_t rows = w.x.size(0), heads = shape.num_heads, dim = shape.head_dim;
+    const bool per_row = lengths.dim() == 2, per_layer = position_ids.dim() == 3;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
+#ifdef KVC_NATIVE_KERNELS
+    if (device.is_cuda()) {
+      kernels::AttentionArgs a;
+      a.dtype = kernel_dtype(dtype);
+      a.rows = rows;
+      a.heads = heads;
+      a.head_dim = dim;
+      a.capacity = keys.size(2);
+      a.qkv = w.projected.data_ptr();
+      a.qkv_stride = w.projected.size(1);
+      a.qkv_bias = layer.in_bias.data_ptr();
+      a.keys = keys.data_ptr();
+      a.values = values.data_ptr();
+      a.vectorized = (dim * keys.element_size()) % 16 == 0 && reinterpret_cast<uintptr_t>(keys.data_ptr()) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(values.data_ptr()) % 16 == 0;
+      a.lengths = lengths.data_ptr<int64_t>() + (per_row ? l * rows : l);
+      a.lengths_stride = per_row ? 1 : 0;
+      a.positions = position_ids.data_ptr<int64_t>() + (per_layer ? l * position_ids.stride(0) : 0);
+      a.positions_stride = per_layer ? position_ids.stride(1) : position_ids.stride(0);
+      a.rotary_ndims = shape.rotary_ndims;
+      a.rotary_base = static_cast<float>(shape.rotary_base);
+      a.scale = static_cast<float>(scale);
+      a.slot_bias = bias ? bias->data_ptr() : nullptr;
+      a.chunk = kChunk;
+      a.splits = (a.capacity + kChunk - 1) / kChunk;
+      a.partial = w.partial.data_ptr<float>();
+      a.out = w.joined.data_ptr();
+      a.out_stride = w.joined.size(1);
+      a.carry = static_cast<const char*>(w.projected.data_ptr()) + 3 * hidden * w.projected.element_size();
+      a.carry_bias = static_cast<const char*>(layer.in_bias.data_ptr()) + 3 * hidden * layer.in_bias.element_size();
+      a.carry_cols = ffn;
+      a.carry_out = static_cast<char*>(w.joined.data_ptr()) + hidden * w.joined.element_size();
+      kernels::decode_attention(a, c10::cuda::getCurrentCUDAStream().stream());
+      check_launch("decode attention");
+      return;
+    }
+#endif
+    const at::Tensor y = rounded(w.projected.to(at::kFloat) + layer.in_bias.to(at::kFloat), dtype);
+    const at::Tensor qkv = y.narrow(1, 0, 3 * hidden).view({rows, heads, 3, dim});
+    const at::Tensor lens = per_row ? lengths[l] : lengths[l].expand({rows});
+    const at::Tensor pos = (per_layer ? position_ids[l] : position_ids).reshape({rows});
+    const int64_t capacity = keys.size(2);
+    for (int64_t b = 0; b < rows; ++b) {
+      const int64_t len = lens[b].item<int64_t>();
+      if (len < 0 || len >= capacity)  // the kernels' device-side trap, as an error here
+        throw Error("native step: row " + std::to_string(b) + " of layer " + std::to_string(l) + " holds " +
+                    std::to_string(len) + " of its " + std::to_string(capacity) + " slots: no room for the new token");
+      const int64_t position = pos[b].item<int64_t>();
+      const at::Tensor row = qkv[b];  // [H, 3, D]
+      const at::Tensor q = rotate_cpu(row.select(1, 0), shape.rotary_ndims, shape.rotary_base, position, dtype);
+      const at::Tensor k = rotate_cpu(row.select(1, 1), shape.rotary_ndims, shape.rotary_base, position, dtype);
+      keys[b].select(1, len).copy_(k);
+      values[b].select(1, len).copy_(row.select(1, 2));
+      at::Tensor scores = at::bmm(keys[b].narrow(1, 0, len + 1).to(at::kFloat), q.unsqueeze(-1)).squeeze(-1) * scale;
+      if (bias) scores.add_((*bias)[b].narrow(1, 0, len + 1).to(at::kFloat));  // every slot, the new one too
+      const at::Tensor p = at::softmax(scores, -1);  // [H, len + 1]
+      const at::Tensor o = at::bmm(p.unsqueeze(1), values[b].narrow(1, 0, len + 1).to(at::kFloat)).squeeze(1);
+      w.joined[b].narrow(0, 0, hidden).copy_(o.reshape({hidden}));
+    }
+    w.joined.narrow(1, hidden, ffn).copy_(at::gelu(y.narrow(1, 3 * hidden, ffn)));
   }
 };
 
@@ -107,16 +229,21 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
   m.embed_in = take(p, "embed_in.weight", model.name);
   m.device = m.embed_in.device();
   m.dtype = m.embed_in.scalar_type();
-  kernel_dtype(m.dtype);
-  if (!m.device.is_cuda())
-    throw Error("native step: model '" + model.name + "' is on " + m.device.str() +
-                "; the native step runs on CUDA devices (the TorchScript step is the CPU path)");
+  check_dtype(m.dtype);
+#ifndef KVC_NATIVE_KERNELS
+  if (m.device.is_cuda())
+    throw Error("native step: this build of kvcompress::runtime has no CUDA kernels for it (they need a LibTorch "
+                "with CUDA and the CUDA compiler at build time), so model '" + model.name + "' on " + m.device.str() +
+                " can only run its TorchScript step");
+#endif
+  if (!m.device.is_cuda() && !m.device.is_cpu())
+    throw Error("native step: model '" + model.name + "' is on " + m.device.str() + "; it runs on CUDA and the CPU");
   m.hidden = model.num_heads * model.head_dim;
   m.embed_out = take(p, "embed_out.weight", model.name);
   m.vocab = m.embed_out.size(0);
   m.final_weight = take(p, "final_layer_norm.weight", model.name);
   m.final_bias = take(p, "final_layer_norm.bias", model.name);
-  c10::cuda::CUDAGuard guard(m.device);
+  const c10::DeviceGuard guard(m.device);
   c10::InferenceMode inference;
   for (int64_t l = 0; l < model.num_layers; ++l) {
     const std::string at_ = "layers." + std::to_string(l) + ".";
@@ -206,83 +333,28 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
     throw Error(who + "input_ids " + detail::shape_text(input_ids) + " must be int64 [" + std::to_string(rows) +
                 ", 1] or [1, 1] on " + m.device.str() + " (one new token per row)");
 
-  c10::cuda::CUDAGuard guard(m.device);
+  const c10::DeviceGuard guard(m.device);
   // Inside or outside the caller's inference mode alike: the scratch is shared by every caller.
   c10::InferenceMode inference;
   Impl::Scratch& w = m.scratch_for(rows, capacity);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor embedded = at::index_select(m.embed_in, 0, input_ids.reshape({-1}));
   w.x.copy_(embedded.size(0) == rows ? embedded : embedded.expand({rows, m.hidden}));
-  const kernels::DType kd = kernel_dtype(m.dtype);
-  const float eps = static_cast<float>(m.shape.layer_norm_eps);
   const at::Tensor* pending = nullptr;
   for (int64_t l = 0; l < layers; ++l) {
     const Impl::Layer& layer = m.layers[static_cast<size_t>(l)];
-    kernels::add_and_layer_norm(kd, w.x.data_ptr(), pending ? pending->data_ptr() : nullptr, w.normed.data_ptr(),
-                                nullptr, nullptr, rows, m.hidden, eps, stream);
-    check_launch("LayerNorm");
-    at::mm_out(w.projected, w.normed, layer.in_weight.t());  // its bias added by the attention kernels
-    const at::Tensor keys = key_buffers.get(l), values = value_buffers.get(l);
-    kernels::AttentionArgs a;
-    a.dtype = kd;
-    a.rows = rows;
-    a.heads = heads;
-    a.head_dim = dim;
-    a.capacity = keys.size(2);
-    a.qkv = w.projected.data_ptr();
-    a.qkv_stride = w.projected.size(1);
-    a.qkv_bias = layer.in_bias.data_ptr();
-    a.keys = keys.data_ptr();
-    a.values = values.data_ptr();
-    a.vectorized = (dim * keys.element_size()) % 16 == 0 && reinterpret_cast<uintptr_t>(keys.data_ptr()) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(values.data_ptr()) % 16 == 0;
-    a.lengths = lengths.data_ptr<int64_t>() + (per_row ? l * rows : l);
-    a.lengths_stride = per_row ? 1 : 0;
-    a.positions = position_ids.data_ptr<int64_t>() + (per_layer ? l * position_ids.stride(0) : 0);
-    a.positions_stride = per_layer ? position_ids.stride(1) : position_ids.stride(0);
-    a.rotary_ndims = m.shape.rotary_ndims;
-    a.rotary_base = static_cast<float>(m.shape.rotary_base);
-    a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dim)));
-    a.slot_bias = slot_bias.empty() ? nullptr : slot_bias.get(l).data_ptr();
-    a.chunk = kChunk;
-    a.splits = (a.capacity + kChunk - 1) / kChunk;
-    a.partial = w.partial.data_ptr<float>();
-    a.out = w.joined.data_ptr();
-    a.out_stride = w.joined.size(1);
-    a.carry = static_cast<const char*>(w.projected.data_ptr()) + 3 * m.hidden * w.projected.element_size();
-    a.carry_bias = static_cast<const char*>(layer.in_bias.data_ptr()) + 3 * m.hidden * layer.in_bias.element_size();
-    a.carry_cols = m.ffn;
-    a.carry_out = static_cast<char*>(w.joined.data_ptr()) + m.hidden * w.joined.element_size();
-    kernels::decode_attention(a, stream);
-    check_launch("decode attention");
+    m.add_and_layer_norm(w, pending, nullptr, nullptr);
+    at::mm_out(w.projected, w.normed, layer.in_weight.t());  // its bias added by the attention
+    const at::Tensor bias = slot_bias.empty() ? at::Tensor() : slot_bias.get(l);
+    m.attention(l, layer, key_buffers.get(l), value_buffers.get(l), lengths, position_ids,
+                bias.defined() ? &bias : nullptr, w);
     w.x.addmm_(w.joined, layer.out_weight.t());  // residual + attention and MLP outputs, bias pending
     pending = &layer.out_bias;
   }
-  kernels::add_and_layer_norm(kd, w.x.data_ptr(), pending ? pending->data_ptr() : nullptr, w.normed.data_ptr(),
-                              m.final_weight.data_ptr(), m.final_bias.data_ptr(), rows, m.hidden, eps, stream);
-  check_launch("final LayerNorm");
+  m.add_and_layer_norm(w, pending, &m.final_weight, &m.final_bias);
   at::mm_out(w.logits_model, w.normed, m.embed_out.t());
   // A tensor of the caller's own (a graph's memory when captured), not the shared scratch.
   return w.logits_model.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).view({rows, 1, m.vocab});
 }
-
-#else  // no CUDA, or no CUDA compiler at build time
-
-struct NativeStep::Impl {};
-
-NativeStep::NativeStep(const NativeStepModel& model) {
-  throw Error("native step: this build of kvcompress::runtime has none (it needs a LibTorch with CUDA and the CUDA "
-              "compiler at build time), so model '" + model.name + "' can only run its TorchScript step");
-}
-NativeStep::~NativeStep() = default;
-NativeStep::NativeStep(NativeStep&&) noexcept = default;
-NativeStep& NativeStep::operator=(NativeStep&&) noexcept = default;
-at::Tensor NativeStep::step(const at::Tensor&, const at::Tensor&, const c10::List<at::Tensor>&,
-                            const c10::List<at::Tensor>&, const at::Tensor&, const c10::List<at::Tensor>&) {
-  throw Error("native step: this build of kvcompress::runtime has none");
-}
-
-#endif
 
 }  // namespace runtime
 }  // namespace kvcompress

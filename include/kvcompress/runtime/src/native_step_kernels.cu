@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
       for (int d = 0; d < D; ++d) dot += q_rot[d] * to_float(kj[d]);
     }
     float score = dot * a.scale;
-    if (bias && j != len) score += to_float(bias[j]);
+    if (bias) score += to_float(bias[j]);  // every slot, the new one too (the contract's slot_bias)
     scores[j - start] = score;
     local_max = fmaxf(local_max, score);
   }

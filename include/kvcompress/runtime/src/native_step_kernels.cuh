@@ -33,7 +33,7 @@ struct AttentionArgs {
   int64_t rotary_ndims = 0;
   float rotary_base = 10000.f;
   float scale = 1.f;
-  const void* slot_bias = nullptr;  ///< optional [rows, heads, capacity], added to the past slots' scores
+  const void* slot_bias = nullptr;  ///< optional [rows, heads, capacity], added to every slot's score
   int64_t splits = 1, chunk = 1;    ///< splits * chunk >= capacity
   float* partial = nullptr;         ///< workspace: rows * heads * splits * (head_dim + 2) floats
   void* out = nullptr;              ///< attention output at out[b * out_stride + h * head_dim + d]
