@@ -92,6 +92,7 @@ int run(int argc, char** argv) {
     o.quiet = true;
   }
   keep_freed_memory();
+  kvtools::restart_with_passive_openmp(o.threads > 0 ? static_cast<int>(o.threads) : at::get_num_threads(), argv);
   if (o.threads > 0) at::set_num_threads(static_cast<int>(o.threads));
   const kvtools::BlasThreads blas_threads(static_cast<int>(o.threads));  // --threads N: N threads
   torch::jit::setGraphExecutorOptimize(o.jit_optimize == 1 || (o.jit_optimize < 0 && o.cuda_graph));

@@ -118,6 +118,7 @@ void write_out(const std::string& bytes) {
 
 int run(int argc, char** argv) {
   const Options o = parse_args(argc, argv);
+  kvtools::restart_with_passive_openmp(o.threads > 0 ? static_cast<int>(o.threads) : at::get_num_threads(), argv);
   if (o.threads > 0) at::set_num_threads(static_cast<int>(o.threads));
   const kvtools::BlasThreads blas_threads(static_cast<int>(o.threads));  // --threads N: N threads
   torch::jit::setGraphExecutorOptimize(o.cuda_graph);
