@@ -410,6 +410,27 @@ TEST(Runtime, BadModelFilesAreReported) {
   expect_error([] { rt::SentencePieceBPE("garbage"); }, "tokenizer model");
 }
 
+// An operation that fails inside a TorchScript method (here a product of mismatched shapes;
+// on a GPU, CUDA running out of memory) is reported by its cause, not by the interpreter's
+// "The following operation failed" line: kvbench --throughput tells an out-of-memory error
+// from any other by it.
+TEST(Runtime, AnOperationFailingInsideTheModelIsReportedByItsCause) {
+  torch::jit::Module m("Failing");
+  m.define("def forward(self, x):\n  y = x + 1\n  return torch.mm(y, y)\n");
+  try {
+    m.forward({at::ones({2, 3})});
+    ADD_FAILURE() << "a 2x3 by 2x3 product must fail";
+  } catch (const std::exception& e) {
+    const std::string line = rt::first_line(e);
+    EXPECT_EQ(line.find("The following operation failed"), std::string::npos) << line;
+    EXPECT_EQ(line.rfind("RuntimeError: ", 0), 0u) << line;
+    EXPECT_NE(line.find("2x3"), std::string::npos) << line;
+  }
+  // A one-line message stays as it is; of a longer one, its first line.
+  EXPECT_EQ(rt::first_line(std::runtime_error("plain")), "plain");
+  EXPECT_EQ(rt::first_line(std::runtime_error("first\nRuntimeError: not a script's")), "first");
+}
+
 TEST(Runtime, AForwardThatBreaksTheContractIsReported) {
   // A module with every contract attribute whose forward returns one tensor.
   torch::jit::Module broken = with_contract_attributes("Broken");

@@ -37,12 +37,32 @@ struct ModelInfo {
 /// Contract versions this runtime reads.
 constexpr int64_t kMinContractVersion = 1, kMaxContractVersion = 5;
 
-/// The first line of an exception's message, without LibTorch's backtrace.
+/// The line of an exception's message that says what went wrong, without LibTorch's backtrace:
+/// its first line; for an error inside a TorchScript method, whose first line is only "The
+/// following operation failed in the TorchScript interpreter.", the cause after the script's
+/// traceback ("RuntimeError: CUDA out of memory. ..."), so that it is neither lost nor hidden.
 inline std::string first_line(const std::exception& e) {
   std::string msg = e.what();
   if (auto* c10e = dynamic_cast<const c10::Error*>(&e)) msg = c10e->what_without_backtrace();
   const auto nl = msg.find('\n');
-  return nl == std::string::npos ? msg : msg.substr(0, nl);
+  if (nl == std::string::npos) return msg;
+  if (msg.rfind("The following operation failed in the TorchScript interpreter", 0) == 0) {
+    // The cause: the last line that starts with an error class ("RuntimeError: ...").
+    std::string cause;
+    for (size_t at = nl + 1; at < msg.size();) {
+      const size_t end = std::min(msg.find('\n', at), msg.size());
+      const std::string line = msg.substr(at, end - at);
+      const size_t colon = line.find(": ");
+      const std::string head = colon == std::string::npos ? "" : line.substr(0, colon);
+      auto ends_with = [&head](const std::string& tail) {
+        return head.size() > tail.size() && head.compare(head.size() - tail.size(), tail.size(), tail) == 0;
+      };
+      if (head.find(' ') == std::string::npos && (ends_with("Error") || ends_with("Exception"))) cause = line;
+      at = end + 1;
+    }
+    if (!cause.empty()) return cause;
+  }
+  return msg.substr(0, nl);
 }
 
 class ContractModel {
