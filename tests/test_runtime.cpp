@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 namespace kvc = kvcompress;
@@ -766,6 +767,10 @@ TEST(StaticRuntime, NativeStepIsRefusedWhereItCannotRun) {
                "holds 4 of its 4 slots: no room for the new token");
   expect_error([&] { model().native_step().step(id, position, keys, values, at::zeros({info.num_layers}, at::kInt)); },
                "lengths [" + std::to_string(info.num_layers) + "] must be contiguous int64");
+  c10::List<at::Tensor> no_rows;
+  for (int64_t l = 0; l < info.num_layers; ++l) no_rows.push_back(at::zeros({0, info.num_heads, 4, info.head_dim}));
+  expect_error([&] { model().native_step().step(id, position, no_rows, no_rows, at::zeros({info.num_layers}, at::kLong)); },
+               "holds no row");
   rt::NativeStepModel sequential;
   sequential.name = "m";
   sequential.num_layers = 1;
@@ -898,6 +903,15 @@ TEST(StaticRuntime, NativeStepTakesMasksRowLengthsAndLayerPositions) {
   // Without the masks the hidden slots count again: a different answer.
   const at::Tensor unmasked = model().native_step().step(ids, positions, k_nat, v_nat, lengths);
   EXPECT_GT((unmasked - b).abs().max().item<double>(), 1e-3);
+  // A head with every slot hidden, the new one too: NaN in both, as softmax over nothing gives.
+  for (int64_t l = 0; l < L; ++l) bias.get(l)[1][2].fill_(-std::numeric_limits<float>::infinity());
+  const at::Tensor nothing_ref = model().step_scored(ids, positions, k_ref, v_ref, lengths, none, 1.0, none,
+                                                     at::zeros({0}, at::kLong), bias);
+  const at::Tensor nothing = model().native_step().step(ids, positions, k_nat, v_nat, lengths, bias);
+  EXPECT_TRUE(nothing_ref[1].isnan().all().item<bool>());
+  EXPECT_TRUE(nothing[1].isnan().all().item<bool>());
+  EXPECT_LE((nothing[0] - nothing_ref[0]).abs().max().item<double>(), 1e-4 * nothing_ref[0].abs().max().item<double>())
+      << "the other rows are untouched";
 }
 
 // --- positions ------------------------------------------------------------------------------------

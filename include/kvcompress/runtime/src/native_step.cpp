@@ -19,8 +19,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <map>
-#include <optional>
+#include <mutex>
+#include <thread>
+#include <utility>
 
 namespace kvcompress {
 namespace runtime {
@@ -44,6 +48,12 @@ kernels::DType kernel_dtype(at::ScalarType t) {
 void check_launch(const char* what) {
   const std::string error = kernels::last_error();
   if (!error.empty()) throw Error(std::string("native step: ") + what + ": CUDA error: " + error);
+}
+
+// An error left by earlier work would otherwise be reported as the next launch's.
+void check_nothing_pending() {
+  const std::string error = kernels::last_error();
+  if (!error.empty()) throw Error("native step: a CUDA error from earlier work (not this step) is pending: " + error);
 }
 #endif
 
@@ -89,18 +99,28 @@ struct NativeStep::Impl {
   int64_t hidden = 0, ffn = 0, vocab = 0;
   std::vector<Layer> layers;
   at::Tensor embed_in, embed_out, final_weight, final_bias;
-  // The step's scratch, per number of rows, sized for the largest capacity seen. Buffers a
-  // captured graph may point to are never freed: a larger capacity takes new ones and keeps
-  // the old alive.
+  // The step's scratch, per number of rows and per lane (the current CUDA stream, or the
+  // calling thread on the CPU: two callers at once must not share it), sized for the largest
+  // capacity seen. Buffers a captured graph may point to are never freed: a larger capacity
+  // takes new ones and keeps the old alive.
   struct Scratch {
     int64_t capacity = 0;
     at::Tensor x, normed, projected, joined, logits_model, partial;
   };
-  std::map<int64_t, Scratch> scratch;
+  std::map<std::pair<int64_t, size_t>, Scratch> scratch;  // std::map: references stay valid
   std::vector<Scratch> retired;
+  std::mutex scratch_mutex;
+
+  size_t lane() const {
+#ifdef KVC_NATIVE_KERNELS
+    if (device.is_cuda()) return static_cast<size_t>(c10::cuda::getCurrentCUDAStream().id());
+#endif
+    return std::hash<std::thread::id>()(std::this_thread::get_id());
+  }
 
   Scratch& scratch_for(int64_t rows, int64_t capacity) {
-    Scratch& s = scratch[rows];
+    const std::lock_guard<std::mutex> lock(scratch_mutex);
+    Scratch& s = scratch[{rows, lane()}];
     if (s.x.defined() && capacity <= s.capacity) return s;
     if (s.x.defined()) retired.push_back(s);
     const auto opts = at::TensorOptions().dtype(dtype).device(device);
@@ -239,12 +259,24 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
   if (!m.device.is_cuda() && !m.device.is_cpu())
     throw Error("native step: model '" + model.name + "' is on " + m.device.str() + "; it runs on CUDA and the CPU");
   m.hidden = model.num_heads * model.head_dim;
-  m.embed_out = take(p, "embed_out.weight", model.name);
-  m.vocab = m.embed_out.size(0);
-  m.final_weight = take(p, "final_layer_norm.weight", model.name);
-  m.final_bias = take(p, "final_layer_norm.bias", model.name);
   const c10::DeviceGuard guard(m.device);
   c10::InferenceMode inference;
+  // The kernels read raw bytes of the model's dtype: every tensor they read in it, contiguous,
+  // and of the shape they assume (a float32 bias beside float16 weights, or a mis-sized one,
+  // would be read as garbage, not refused).
+  auto as_read = [&](at::Tensor t, const std::string& name, std::vector<int64_t> shape) {
+    if (t.sizes() != at::IntArrayRef(shape))
+      throw Error("native step: model '" + model.name + "' parameter '" + name + "' is " + detail::shape_text(t) +
+                  ", expected " + detail::shape_text(at::empty(shape, at::kFloat)) + " (hidden size " +
+                  std::to_string(m.hidden) + ")");
+    return t.to(m.dtype).contiguous();
+  };
+  m.embed_in = as_read(m.embed_in, "embed_in.weight", {m.embed_in.size(0), m.hidden});
+  const at::Tensor embed_out = take(p, "embed_out.weight", model.name);
+  m.vocab = embed_out.size(0);
+  m.embed_out = as_read(embed_out, "embed_out.weight", {m.vocab, m.hidden});
+  m.final_weight = as_read(take(p, "final_layer_norm.weight", model.name), "final_layer_norm.weight", {m.hidden});
+  m.final_bias = as_read(take(p, "final_layer_norm.bias", model.name), "final_layer_norm.bias", {m.hidden});
   for (int64_t l = 0; l < model.num_layers; ++l) {
     const std::string at_ = "layers." + std::to_string(l) + ".";
     Impl::Layer layer;
@@ -276,6 +308,10 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
       throw Error("native step: model '" + model.name + "' layer " + std::to_string(l) + " has projections " +
                   detail::shape_text(layer.in_weight) + " and " + detail::shape_text(layer.out_weight) +
                   ", which do not fit hidden size " + std::to_string(m.hidden));
+    layer.in_weight = layer.in_weight.to(m.dtype).contiguous();
+    layer.out_weight = layer.out_weight.to(m.dtype).contiguous();
+    layer.in_bias = as_read(layer.in_bias, at_ + "in_proj.bias", {3 * m.hidden + ffn});
+    layer.out_bias = as_read(layer.out_bias, at_ + "out_proj.bias", {m.hidden});
     m.ffn = ffn;
     m.layers.push_back(std::move(layer));
   }
@@ -296,7 +332,8 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
     throw Error(who + std::to_string(key_buffers.size()) + " key, " + std::to_string(value_buffers.size()) +
                 " value and " + std::to_string(slot_bias.size()) + " slot_bias buffers for " + std::to_string(layers) +
                 " layers");
-  const int64_t rows = key_buffers.get(0).size(0);
+  const int64_t rows = key_buffers.get(0).dim() == 4 ? key_buffers.get(0).size(0) : 0;
+  if (rows < 1) throw Error(who + "layer 0's key buffer " + detail::shape_text(key_buffers.get(0)) + " holds no row");
   int64_t capacity = 0;
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor k = key_buffers.get(l), v = value_buffers.get(l);
@@ -316,6 +353,12 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
     }
     capacity = std::max(capacity, k.size(2));
   }
+  // The attention's grid: (row, head) pairs along x, 64-slot splits along y (CUDA's limits).
+  if (m.device.is_cuda() && (rows * heads + (rows * m.ffn + 127) / 128 > std::numeric_limits<int32_t>::max() ||
+                             (capacity + kChunk - 1) / kChunk > 65535))
+    throw Error(who + std::to_string(rows) + " rows of " + std::to_string(capacity) +
+                " slots exceed the kernels' launch grid (2^31 - 1 row-head blocks, 65535 splits of " +
+                std::to_string(kChunk) + " slots)");
   const bool per_row = lengths.dim() == 2;
   if (lengths.scalar_type() != at::kLong || lengths.device() != m.device || !lengths.is_contiguous() ||
       !((lengths.dim() == 1 && lengths.size(0) == layers) || (per_row && lengths.size(0) == layers && lengths.size(1) == rows)))
@@ -334,7 +377,10 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
                 ", 1] or [1, 1] on " + m.device.str() + " (one new token per row)");
 
   const c10::DeviceGuard guard(m.device);
-  // Inside or outside the caller's inference mode alike: the scratch is shared by every caller.
+#ifdef KVC_NATIVE_KERNELS
+  if (m.device.is_cuda()) check_nothing_pending();
+#endif
+  // Inside or outside the caller's inference mode alike: the scratch outlives this call.
   c10::InferenceMode inference;
   Impl::Scratch& w = m.scratch_for(rows, capacity);
   const at::Tensor embedded = at::index_select(m.embed_in, 0, input_ids.reshape({-1}));

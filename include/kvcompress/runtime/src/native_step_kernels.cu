@@ -96,7 +96,7 @@ struct Vec {
   }
 };
 
-// grid (splits, heads, rows): one block scores one chunk of one row's head.
+// grid (rows * heads, splits): one block scores one chunk of one row's head.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
   constexpr int W = Vec<T>::kWidth;
@@ -104,7 +104,8 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
   __shared__ float scratch[kThreads / 32];
   __shared__ float sums[kThreads * W];  // the slot groups' partial outputs
   extern __shared__ float scores[];     // chunk floats
-  const int64_t s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // (row, head) pairs along x (up to 2^31 - 1 blocks), splits along y (up to 65535).
+  const int64_t s = blockIdx.y, h = blockIdx.x % a.heads, b = blockIdx.x / a.heads;
   const int D = static_cast<int>(a.head_dim);
   const int64_t len = a.lengths[b * a.lengths_stride];  // the new token goes to slot len
   if (len < 0 || len >= a.capacity) {  // the caller's bug: stop loudly, as an index check would
@@ -248,7 +249,8 @@ __global__ void __launch_bounds__(kThreads) combine_and_gelu(AttentionArgs a) {
         o += w * p[d];
         l += w * p[D + 1];
       }
-      static_cast<T*>(a.out)[b * a.out_stride + h * D + d] = from_float<T>(l > 0.f ? o / l : 0.f);
+      // A head whose every slot is masked has l = 0: NaN, as the TorchScript step's softmax gives.
+      static_cast<T*>(a.out)[b * a.out_stride + h * D + d] = from_float<T>(o / l);
     }
     return;
   }
@@ -293,7 +295,7 @@ __global__ void __launch_bounds__(kThreads) add_and_layer_norm_kernel(T* x, cons
 
 template <typename T>
 void launch_attention(const AttentionArgs& a, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.heads), static_cast<unsigned>(a.rows));
+  const dim3 grid(static_cast<unsigned>(a.rows * a.heads), static_cast<unsigned>(a.splits));
   split_attention<T><<<grid, kThreads, static_cast<size_t>(a.chunk) * sizeof(float), stream>>>(a);
   const int64_t gelu_blocks = a.carry ? (a.rows * a.carry_cols + kThreads - 1) / kThreads : 0;
   combine_and_gelu<T><<<static_cast<unsigned>(a.rows * a.heads + gelu_blocks), kThreads, 0, stream>>>(a);
