@@ -624,31 +624,50 @@ TEST(StaticRuntime, CompressingBetweenPromptPiecesHoldsALongPromptInABudgetSized
 }
 
 TEST(StaticRuntime, ASharedPromptFedToOneRowFillsEveryRow) {
-  // Three rows, one 100-token prompt in pieces of 16 compressed between them: fed to row 0 and
-  // copied, the cache and the next steps equal those of feeding it to all three rows.
+  // Three rows, one 100-token prompt in pieces of 16 compressed between them: fed to one row,
+  // compressed and copied, the cache and the next steps equal those of feeding it to all three
+  // rows. Rows sized for the decode alone (32 kept + 1 new) take it through a row of its own
+  // (32 + 16 for the pieces); rows that hold the prompt's peak take it in their row 0.
   auto c = kvc::make_compressor("streaming_llm(start_size=4, recent_size=28, skip_layers=[])");
   const auto opts = options(c.get(), rt::PositionRule::original, kvc::Schedule::every(), 3);
+  const int64_t layers = model().info().num_layers;
+  EXPECT_EQ(rt::peak_lengths(c.get(), layers, 110, 100, kvc::Schedule::every(), 16, /*prefill_apart=*/true),
+            std::vector<int64_t>(static_cast<size_t>(layers), 33));
+  EXPECT_EQ(rt::peak_lengths(c.get(), layers, 110, 100, kvc::Schedule::chunk(8), 16, true),
+            std::vector<int64_t>(static_cast<size_t>(layers), 40));
+  EXPECT_EQ(rt::peak_lengths(nullptr, layers, 110, 100, kvc::Schedule::every(), 16, true),
+            std::vector<int64_t>(static_cast<size_t>(layers), 110));
+  for (bool decode_sized : {true, false}) {
+    SCOPED_TRACE(decode_sized ? "rows sized for the decode" : "rows that hold the prompt's peak");
+    auto shared = rt::make_decoder(model(), opts, true, 110, 100, false, 16, decode_sized);
+    auto every = rt::make_decoder(model(), opts, true, 110, 100, false, 16);
+    EXPECT_EQ(static_cast<rt::StaticDecoder&>(*shared).cache().capacity(0), decode_sized ? 33 : 48);
+    auto& row0 = static_cast<rt::StaticDecoder&>(*shared);
+    const at::Tensor ids = at::tensor(bundled_tokens(100), at::kLong).unsqueeze(0);
+    const at::Tensor a = row0.prefill_shared(ids, 16, true), b = every->prefill(ids.expand({3, 100}).contiguous(), 16, true);
+    every->maybe_compress();  // prefill_shared compressed its row before the copy
+    EXPECT_TRUE(at::allclose(a.select(0, 0), b.select(0, 0), 1e-4, 1e-4));
+    EXPECT_EQ(shared->fed(), 100);
+    for (int step = 0; step < 5; ++step) {
+      ASSERT_EQ(shared->lengths(), every->lengths());
+      const at::Tensor id = at::full({3, 1}, 7 + step, at::kLong);
+      EXPECT_TRUE(at::allclose(shared->step(id), every->step(id), 1e-4, 1e-4)) << "step " << step;
+      shared->maybe_compress();
+      every->maybe_compress();
+    }
+    for (int64_t l = 0; l < layers; ++l) {
+      EXPECT_TRUE(at::equal(shared->original_positions(l), every->original_positions(l))) << "layer " << l;
+      const auto x = shared->view()[static_cast<size_t>(l)], y = every->view()[static_cast<size_t>(l)];
+      EXPECT_TRUE(at::allclose(x.first, y.first, 1e-4, 1e-4)) << "layer " << l;
+      EXPECT_TRUE(at::allclose(x.second, y.second, 1e-4, 1e-4)) << "layer " << l;
+      EXPECT_TRUE(at::equal(x.first.select(0, 2), x.first.select(0, 0))) << "layer " << l;
+    }
+  }
   auto shared = rt::make_decoder(model(), opts, true, 110, 100, false, 16);
-  auto every = rt::make_decoder(model(), opts, true, 110, 100, false, 16);
   auto& row0 = static_cast<rt::StaticDecoder&>(*shared);
   const at::Tensor ids = at::tensor(bundled_tokens(100), at::kLong).unsqueeze(0);
-  const at::Tensor a = row0.prefill_shared(ids, 16, true), b = every->prefill(ids.expand({3, 100}).contiguous(), 16, true);
-  EXPECT_TRUE(at::allclose(a.select(0, 0), b.select(0, 0), 1e-4, 1e-4));
-  EXPECT_EQ(shared->fed(), 100);
-  for (int step = 0; step < 5; ++step) {
-    shared->maybe_compress();
-    every->maybe_compress();
-    ASSERT_EQ(shared->lengths(), every->lengths());
-    const at::Tensor id = at::full({3, 1}, 7 + step, at::kLong);
-    EXPECT_TRUE(at::allclose(shared->step(id), every->step(id), 1e-4, 1e-4)) << "step " << step;
-  }
-  for (int64_t l = 0; l < model().info().num_layers; ++l) {
-    EXPECT_TRUE(at::equal(shared->original_positions(l), every->original_positions(l))) << "layer " << l;
-    const auto x = shared->view()[static_cast<size_t>(l)], y = every->view()[static_cast<size_t>(l)];
-    EXPECT_TRUE(at::allclose(x.first, y.first, 1e-4, 1e-4)) << "layer " << l;
-    EXPECT_TRUE(at::allclose(x.second, y.second, 1e-4, 1e-4)) << "layer " << l;
-    EXPECT_TRUE(at::equal(x.first.select(0, 2), x.first.select(0, 0))) << "layer " << l;
-  }
+  row0.prefill_shared(ids, 16, true);
+  for (int step = 0; step < 5; ++step) shared->step(at::full({3, 1}, 7 + step, at::kLong));
   expect_error([&] { row0.prefill_shared(ids, 16); }, "already holds 105 tokens");
   shared->reset();
   expect_error([&] { row0.prefill_shared(ids.expand({2, 100}), 16); }, "ids must be int64 [1, P >= 1]");

@@ -185,8 +185,9 @@ inline Options parse_args(int argc, char** argv) {
            "held in about budget + N slots; the kept\ntokens then differ from compressing once after the prompt",
            [&o] { o.compress_prefill = true; });
   cli.flag("--shared-prompt", runtime,
-           "feed the generation prompt to one row and copy its cache to the others\n(--batch N > 1, fixed-capacity "
-           "cache): one prefill for N samples of one\nprompt; TTFT then counts one row's prefill",
+           "feed the generation prompt to one row, compress it and copy its cache\nto the others (--batch N > 1, "
+           "fixed-capacity cache): one prefill for N\nsamples of one prompt, rows sized for the decode alone; TTFT "
+           "then\ncounts one row's prefill",
            [&o] { o.shared_prompt = true; });
   cli.on_off("--one-pass",
              "evaluate every run as a row of one batched decode (fixed-capacity\n"

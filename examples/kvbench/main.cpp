@@ -221,7 +221,7 @@ int run(int argc, char** argv) {
   // One decoder per (method, measurement): the fixed-capacity one is sized for its tokens.
   auto decoder = [&](const kvc::Compressor* c, int64_t batch, int64_t total, int64_t first_chunk) {
     return rt::make_decoder(model, decoder_options(c, batch), o.static_cache(), total, first_chunk, o.cuda_graph,
-                            o.compress_prefill ? o.prefill_chunk : 0);
+                            o.compress_prefill ? o.prefill_chunk : 0, o.shared_prompt);
   };
   auto evaluate = [&](const kvc::Compressor* c, const std::vector<int64_t>& tokens, rt::RunMetrics& m,
                       const rt::EvalOptions& eo) {

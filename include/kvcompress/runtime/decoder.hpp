@@ -326,12 +326,14 @@ class ConcatDecoder final : public Decoder {
 /// Largest length every layer reaches when `total` tokens arrive (the first `first_chunk` at
 /// once -- or, `piece` > 0, in pieces of `piece` tokens with the schedule's compression after
 /// each, as prefill(ids, piece, true) feeds them -- then one by one) and `compressor` runs on
-/// `schedule`. Selections depend only on
-/// lengths, so this is exact: it sizes the buffers of a StaticDecoder. Each (layer, length) is
-/// asked of the policy once: past its budget a layer cycles through the same few lengths, so a
-/// long text costs a handful of probes per layer instead of one per token.
+/// `schedule`. `prefill_apart`: the prompt is fed elsewhere and arrives compressed (as
+/// StaticDecoder::prefill_shared copies it), so only the lengths from then on count. Selections
+/// depend only on lengths, so this is exact: it sizes the buffers of a StaticDecoder. Each
+/// (layer, length) is asked of the policy once: past its budget a layer cycles through the same
+/// few lengths, so a long text costs a handful of probes per layer instead of one per token.
 inline std::vector<int64_t> peak_lengths(const Compressor* compressor, int64_t num_layers, int64_t total,
-                                         int64_t first_chunk, const Schedule& schedule, int64_t piece = 0) {
+                                         int64_t first_chunk, const Schedule& schedule, int64_t piece = 0,
+                                         bool prefill_apart = false) {
   if (piece < 0) throw Error("peak_lengths: piece must be >= 0, got " + std::to_string(piece));
   std::vector<int64_t> len(static_cast<size_t>(num_layers), 0), peak(static_cast<size_t>(num_layers), 0);
   std::map<std::pair<int64_t, int64_t>, int64_t> kept;  // (layer, length) -> tokens kept
@@ -342,15 +344,20 @@ inline std::vector<int64_t> peak_lengths(const Compressor* compressor, int64_t n
     done += t;
     since += t;
     for (auto& l : len) l += t;
-    for (size_t i = 0; i < len.size(); ++i) peak[i] = std::max(peak[i], len[i]);
-    if (!compressor || !schedule.due(since)) continue;
-    since = 0;
-    for (int64_t i = 0; i < num_layers; ++i) {
-      int64_t& l = len[static_cast<size_t>(i)];
-      auto it = kept.find({i, l});
-      if (it == kept.end()) it = kept.emplace(std::make_pair(i, l), kept_tokens(*compressor, i, num_layers, l)).first;
-      l = it->second;
+    const bool in_prompt = prefill_apart && done <= first;
+    if (!in_prompt)
+      for (size_t i = 0; i < len.size(); ++i) peak[i] = std::max(peak[i], len[i]);
+    if (compressor && schedule.due(since)) {
+      since = 0;
+      for (int64_t i = 0; i < num_layers; ++i) {
+        int64_t& l = len[static_cast<size_t>(i)];
+        auto it = kept.find({i, l});
+        if (it == kept.end()) it = kept.emplace(std::make_pair(i, l), kept_tokens(*compressor, i, num_layers, l)).first;
+        l = it->second;
+      }
     }
+    if (prefill_apart && done == first)  // the prompt as it arrives: after its compression
+      for (size_t i = 0; i < len.size(); ++i) peak[i] = std::max(peak[i], len[i]);
   }
   return peak;
 }
@@ -467,10 +474,13 @@ class StaticDecoder final : public Decoder {
   std::vector<int64_t> lengths() const override { return cache_.lengths(); }
   at::Tensor original_positions(int64_t layer) const override { return cache_.positions(layer); }
 
-  /// Feeds one prompt that every row shares ([1, P] ids) at the cost of one row: row 0 takes it
-  /// as prefill(ids, chunk, compress_between) would, then every other row gets row 0's cache
-  /// (StaticCache::copy_to_every_row). Returns row 0's logits of the last piece. The decoder
-  /// must be empty; compress afterwards as after any step. Not for policies that score with
+  /// Feeds one prompt that every row shares ([1, P] ids) at the cost of one row: one row takes
+  /// it as prefill(ids, chunk, compress_between) would, is compressed as after any step (when
+  /// the schedule says so: the caller does not compress again), and every row gets its cache
+  /// (StaticCache::copy_to_every_row). The row is row 0 of this decoder's buffers when they hold
+  /// the prompt's peak, else a buffer of its own for that peak: rows sized for the decode alone
+  /// (make_decoder(..., shared_prompt)) then still take a prompt far longer. Returns the row's
+  /// logits of the last piece. The decoder must be empty. Not for policies that score with
   /// attention or queries or hide slots per head: their scores and query rings are per row.
   at::Tensor prefill_shared(const at::Tensor& ids, int64_t chunk, bool compress_between = false) {
     if (fed_ != 0) throw Error("prefill_shared: the decoder already holds " + std::to_string(fed_) + " tokens (reset it)");
@@ -480,16 +490,26 @@ class StaticDecoder final : public Decoder {
     if (scored_)
       throw Error("prefill_shared: " + options_.compressor->spec() + " keeps per-row scores or queries; feed the "
                   "prompt to every row with prefill");
-    StaticCache::Storage row0;
-    for (int64_t l = 0; l < cache_.num_layers(); ++l) {
-      row0.keys.push_back(cache_.key_buffer(l).narrow(0, 0, 1));
-      row0.values.push_back(cache_.value_buffer(l).narrow(0, 0, 1));
-    }
+    const int64_t p = ids.size(1), layers = cache_.num_layers();
+    const std::vector<int64_t> need =
+        peak_lengths(options_.compressor, layers, p, p, options_.schedule, compress_between ? chunk : 0);
+    bool fits = true;
+    for (int64_t l = 0; l < layers; ++l) fits &= need[static_cast<size_t>(l)] <= cache_.capacity(l);
     DecoderOptions one = options_;
     one.batch = 1;
     one.native_step = false;  // prompts run through TorchScript in any case
-    StaticDecoder row(model_, one, StaticCache(std::move(row0)), false, nullptr);
+    StaticCache::Storage row0;
+    for (int64_t l = 0; fits && l < layers; ++l) {
+      row0.keys.push_back(cache_.key_buffer(l).narrow(0, 0, 1));
+      row0.values.push_back(cache_.value_buffer(l).narrow(0, 0, 1));
+    }
+    StaticDecoder row(model_, one,
+                      fits ? StaticCache(std::move(row0))
+                           : StaticCache(layers, 1, model_.info().num_heads, model_.info().head_dim, need,
+                                         at::TensorOptions().dtype(model_.dtype()).device(model_.device())),
+                      false, nullptr);
     const at::Tensor logits = row.prefill(ids, chunk, compress_between);
+    row.maybe_compress();
     cache_.copy_to_every_row(row.cache_);
     fed_ = row.fed_;
     since_compression_ = row.since_compression_;
@@ -680,16 +700,18 @@ class StaticDecoder final : public Decoder {
 
 /// A decoder of either kind: `fixed_capacity` false -> ConcatDecoder; true -> StaticDecoder
 /// with buffers sized exactly for `total` tokens whose first `first_chunk` arrive at once (or,
-/// `piece` > 0, in pieces with compression between: prefill(ids, piece, true)).
+/// `piece` > 0, in pieces with compression between: prefill(ids, piece, true)); with
+/// `shared_prompt`, for the decode after a prompt fed by StaticDecoder::prefill_shared alone.
 inline std::unique_ptr<Decoder> make_decoder(ContractModel& model, const DecoderOptions& options, bool fixed_capacity,
                                              int64_t total, int64_t first_chunk, bool cuda_graph = false,
-                                             int64_t piece = 0) {
+                                             int64_t piece = 0, bool shared_prompt = false) {
   if (!fixed_capacity) {
     if (cuda_graph) throw Error("CUDA graphs need the fixed-capacity cache");
     return std::make_unique<ConcatDecoder>(model, options);
   }
   return std::make_unique<StaticDecoder>(
-      model, options, peak_lengths(options.compressor, model.info().num_layers, total, first_chunk, options.schedule, piece),
+      model, options,
+      peak_lengths(options.compressor, model.info().num_layers, total, first_chunk, options.schedule, piece, shared_prompt),
       cuda_graph);
 }
 

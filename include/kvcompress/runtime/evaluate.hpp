@@ -331,7 +331,7 @@ inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64
   for (int round = 0; round < 2; ++round) {
     d.reset();
     at::Tensor w = prefill();
-    d.maybe_compress();
+    if (!shared_prompt) d.maybe_compress();  // prefill_shared compresses the row it copies
     for (int64_t i = 1; i < new_tokens; ++i) {  // two decode steps at least, up to a compression
       w = d.step_greedy(w);
       const bool compressed = d.maybe_compress();
@@ -344,7 +344,7 @@ inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64
   const at::Tensor out = at::empty({batch, new_tokens}, one.options());
   auto start = std::chrono::steady_clock::now();
   at::Tensor next = prefill();  // [batch, 1]
-  d.maybe_compress();
+  if (!shared_prompt) d.maybe_compress();
   out.narrow(1, 0, 1).copy_(next);
   next.sum().item<int64_t>();  // synchronise: the first token exists
   m.gen_ttft_s += detail::seconds_since(start);
