@@ -475,8 +475,8 @@ int run(int argc, char** argv) {
       if (!is_out_of_memory(e)) throw;
       p.peak_bytes = memory.peak_bytes();
       p.why = "out of memory: " + rt::first_line(e);
+      rt::cuda_release_cached();  // an allocation that failed leaves the cache fragmented
     }
-    rt::cuda_release_cached();  // an allocation that failed leaves the cache fragmented
     p.ttft = Spread::of(ttft);
     p.tpot = Spread::of(tpot);
     p.tok_s = Spread::of(tok_s);

@@ -74,13 +74,7 @@ class Decoder {
   /// Feeds ids ([batch, T] int64 on the model's device) as the next T tokens of every row and
   /// returns float32 logits [batch, T, vocab]. Graph-replayed logits live in the graph's memory:
   /// read them before the next step.
-  at::Tensor step(const at::Tensor& ids) {
-    check_ids(ids);
-    const int64_t t = ids.size(1);
-    at::Tensor logits = run(ids, t);
-    advance(t);
-    return logits;
-  }
+  at::Tensor step(const at::Tensor& ids) { return feed(ids, &Decoder::run); }
 
   /// step() and the greedy choice: feeds ids ([batch, T] int64) and returns the id of each
   /// row's largest logit after the last of them, int64 [batch, 1] on the model's device (the
@@ -88,13 +82,7 @@ class Decoder {
   /// a greedy decode launches no kernel of its own between replays; it returns the choice in the
   /// graph's input buffer: feeding it straight back costs no copy, keeping it past the next step
   /// needs one.
-  at::Tensor step_greedy(const at::Tensor& ids) {
-    check_ids(ids);
-    const int64_t t = ids.size(1);
-    at::Tensor next = run_greedy(ids, t);
-    advance(t);
-    return next;
-  }
+  at::Tensor step_greedy(const at::Tensor& ids) { return feed(ids, &Decoder::run_greedy); }
 
   /// step() over a prompt ([batch, P]) in pieces of `chunk` tokens (0 = all at once); returns
   /// the logits of the last piece. Pieces bound the prefill's transient memory (float32
@@ -161,10 +149,15 @@ class Decoder {
   virtual void compress_now() = 0;
   virtual void clear() = 0;
 
-  void check_ids(const at::Tensor& ids) const {
+  /// Feeds ids ([batch, T] int64) through `how` (run or run_greedy) and counts them.
+  at::Tensor feed(const at::Tensor& ids, at::Tensor (Decoder::*how)(const at::Tensor&, int64_t)) {
     if (ids.dim() != 2 || ids.size(0) != options_.batch || ids.size(1) < 1 || ids.scalar_type() != at::kLong)
       throw Error("decoder step: ids must be int64 [" + std::to_string(options_.batch) + ", T >= 1], got " +
                   detail::shape_text(ids) + " " + std::string(c10::toString(ids.scalar_type())));
+    const int64_t t = ids.size(1);
+    at::Tensor out = (this->*how)(ids, t);
+    advance(t);
+    return out;
   }
 
   /// Counts t tokens fed.
@@ -337,6 +330,9 @@ inline std::vector<int64_t> peak_lengths(const Compressor* compressor, int64_t n
   if (piece < 0) throw Error("peak_lengths: piece must be >= 0, got " + std::to_string(piece));
   std::vector<int64_t> len(static_cast<size_t>(num_layers), 0), peak(static_cast<size_t>(num_layers), 0);
   std::map<std::pair<int64_t, int64_t>, int64_t> kept;  // (layer, length) -> tokens kept
+  auto note_peak = [&] {
+    for (size_t i = 0; i < len.size(); ++i) peak[i] = std::max(peak[i], len[i]);
+  };
   int64_t since = 0;
   const int64_t first = std::max<int64_t>(1, std::min(first_chunk, total));
   for (int64_t done = 0; done < total;) {
@@ -344,9 +340,7 @@ inline std::vector<int64_t> peak_lengths(const Compressor* compressor, int64_t n
     done += t;
     since += t;
     for (auto& l : len) l += t;
-    const bool in_prompt = prefill_apart && done <= first;
-    if (!in_prompt)
-      for (size_t i = 0; i < len.size(); ++i) peak[i] = std::max(peak[i], len[i]);
+    if (!prefill_apart || done > first) note_peak();
     if (compressor && schedule.due(since)) {
       since = 0;
       for (int64_t i = 0; i < num_layers; ++i) {
@@ -356,8 +350,7 @@ inline std::vector<int64_t> peak_lengths(const Compressor* compressor, int64_t n
         l = it->second;
       }
     }
-    if (prefill_apart && done == first)  // the prompt as it arrives: after its compression
-      for (size_t i = 0; i < len.size(); ++i) peak[i] = std::max(peak[i], len[i]);
+    if (prefill_apart && done == first) note_peak();  // the prompt as it arrives: after its compression
   }
   return peak;
 }
@@ -498,16 +491,15 @@ class StaticDecoder final : public Decoder {
     DecoderOptions one = options_;
     one.batch = 1;
     one.native_step = false;  // prompts run through TorchScript in any case
-    StaticCache::Storage row0;
-    for (int64_t l = 0; fits && l < layers; ++l) {
-      row0.keys.push_back(cache_.key_buffer(l).narrow(0, 0, 1));
-      row0.values.push_back(cache_.value_buffer(l).narrow(0, 0, 1));
-    }
-    StaticDecoder row(model_, one,
-                      fits ? StaticCache(std::move(row0))
-                           : StaticCache(layers, 1, model_.info().num_heads, model_.info().head_dim, need,
-                                         at::TensorOptions().dtype(model_.dtype()).device(model_.device())),
-                      false, nullptr);
+    auto views_of_row0 = [&] {
+      StaticCache::Storage row0;
+      for (int64_t l = 0; l < layers; ++l) {
+        row0.keys.push_back(cache_.key_buffer(l).narrow(0, 0, 1));
+        row0.values.push_back(cache_.value_buffer(l).narrow(0, 0, 1));
+      }
+      return StaticCache(std::move(row0));
+    };
+    StaticDecoder row = fits ? StaticDecoder(model_, one, views_of_row0(), false, nullptr) : StaticDecoder(model_, one, need);
     const at::Tensor logits = row.prefill(ids, chunk, compress_between);
     row.maybe_compress();
     cache_.copy_to_every_row(row.cache_);

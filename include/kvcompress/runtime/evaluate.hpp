@@ -319,10 +319,12 @@ inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64
   auto* fixed = dynamic_cast<StaticDecoder*>(&d);
   if (shared_prompt && !fixed)
     throw Error("generate: a shared prompt is fed to one row and copied: it needs the fixed-capacity cache");
-  // The prompt's first token for every row: [batch, 1].
+  // The prompt, compressed as after any step (prefill_shared compresses the row it copies);
+  // returns its first new token for every row: [batch, 1].
   auto prefill = [&] {
     const at::Tensor logits = shared_prompt ? fixed->prefill_shared(one, prefill_chunk, compress_prefill)
                                             : d.prefill(ids, prefill_chunk, compress_prefill);
+    if (!shared_prompt) d.maybe_compress();
     return logits.select(1, -1).argmax(-1, /*keepdim=*/true).expand({batch, 1}).contiguous();
   };
   // Untimed (see above), twice: TorchScript's profiling executor profiles a shape on its first
@@ -331,7 +333,6 @@ inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64
   for (int round = 0; round < 2; ++round) {
     d.reset();
     at::Tensor w = prefill();
-    if (!shared_prompt) d.maybe_compress();  // prefill_shared compresses the row it copies
     for (int64_t i = 1; i < new_tokens; ++i) {  // two decode steps at least, up to a compression
       w = d.step_greedy(w);
       const bool compressed = d.maybe_compress();
@@ -344,7 +345,6 @@ inline at::Tensor generate(Decoder& d, const std::vector<int64_t>& prompt, int64
   const at::Tensor out = at::empty({batch, new_tokens}, one.options());
   auto start = std::chrono::steady_clock::now();
   at::Tensor next = prefill();  // [batch, 1]
-  if (!shared_prompt) d.maybe_compress();
   out.narrow(1, 0, 1).copy_(next);
   next.sum().item<int64_t>();  // synchronise: the first token exists
   m.gen_ttft_s += detail::seconds_since(start);

@@ -295,12 +295,13 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
       at::Tensor w_qkv, b_qkv, w_up, b_up;
       fold("attention.query_key_value", "input_layernorm", w_qkv, b_qkv);
       fold("mlp.dense_h_to_4h", "post_attention_layernorm", w_up, b_up);
-      layer.in_weight = at::cat({w_qkv, w_up}, 0).to(m.dtype).contiguous();
-      layer.in_bias = at::cat({b_qkv, b_up}, 0).to(m.dtype);
+      // Rounded to the model's dtype once, with every layer's tensors, below.
+      layer.in_weight = at::cat({w_qkv, w_up}, 0);
+      layer.in_bias = at::cat({b_qkv, b_up}, 0);
       layer.out_weight = at::cat({take(p, at_ + "attention.dense.weight", model.name),
-                                  take(p, at_ + "mlp.dense_4h_to_h.weight", model.name)}, 1).contiguous();
-      layer.out_bias = (take(p, at_ + "attention.dense.bias", model.name).to(at::kDouble) +
-                        take(p, at_ + "mlp.dense_4h_to_h.bias", model.name).to(at::kDouble)).to(m.dtype);
+                                  take(p, at_ + "mlp.dense_4h_to_h.weight", model.name)}, 1);
+      layer.out_bias = take(p, at_ + "attention.dense.bias", model.name).to(at::kDouble) +
+                       take(p, at_ + "mlp.dense_4h_to_h.bias", model.name).to(at::kDouble);
     }
     const int64_t ffn = layer.in_weight.size(0) - 3 * m.hidden;
     if (layer.in_weight.dim() != 2 || layer.in_weight.size(1) != m.hidden || ffn < 1 ||
