@@ -1257,6 +1257,61 @@ TEST(CudaRuntime, TheGreedyChoiceInsideTheGraphEqualsTheOneOutside) {
   }
 }
 
+// The native step's scratch: one per stream for the batch size of its last call; the scratch of
+// other batch sizes is freed once nothing holds their logits, and a graph keeps the scratch it
+// captured (its replays write there) while other batch sizes take the stream's scratch.
+TEST(CudaRuntime, NativeStepScratchOfOtherBatchSizesIsFreedAndGraphsKeepTheirs) {
+  if (!at::hasCUDA() || !rt::built_with_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA support in this build";
+  static rt::ContractModel gpu = rt::ContractModel::load(kModel, at::Device(at::kCUDA, 0), at::kHalf);
+  c10::InferenceMode guard;
+  const auto& info = gpu.info();
+  const auto on_gpu = at::TensorOptions().device(at::kCUDA);
+  auto step_rows = [&](int64_t rows) {
+    c10::List<at::Tensor> keys, values;
+    for (int64_t l = 0; l < info.num_layers; ++l) {
+      keys.push_back(at::zeros({rows, info.num_heads, 16, info.head_dim}, on_gpu.dtype(at::kHalf)));
+      values.push_back(at::zeros({rows, info.num_heads, 16, info.head_dim}, on_gpu.dtype(at::kHalf)));
+    }
+    gpu.native_step().step(at::zeros({rows, 1}, on_gpu.dtype(at::kLong)), at::zeros({rows, 1}, on_gpu.dtype(at::kLong)),
+                           keys, values, at::zeros({info.num_layers}, on_gpu.dtype(at::kLong)));
+  };
+  step_rows(1);
+  const int64_t base = rt::cuda_allocated_bytes(0);
+  for (int64_t rows = 2; rows <= 32; ++rows) step_rows(rows);
+  step_rows(1);
+  EXPECT_LE(rt::cuda_allocated_bytes(0), base) << "the scratch of other batch sizes is still held";
+
+  // Graphs of two batch sizes replayed in turn, each against the same decoder without a graph.
+  const auto tokens = bundled_tokens(16 + 40);
+  auto c = kvc::make_compressor("streaming_llm(start_size=4, recent_size=20, skip_layers=[])");
+  std::vector<std::unique_ptr<rt::Decoder>> graphs, plain;
+  for (const int64_t rows : {1, 2}) {
+    rt::DecoderOptions o = options(c.get(), rt::PositionRule::cache, kvc::Schedule::every(), rows);
+    o.native_step = true;
+    graphs.push_back(rt::make_decoder(gpu, o, true, 56, 16, /*cuda_graph=*/true));
+    plain.push_back(rt::make_decoder(gpu, o, true, 56, 16, /*cuda_graph=*/false));
+  }
+  const auto ids = on_gpu.dtype(at::kLong);
+  for (size_t i = 0; i < 2; ++i) {
+    const int64_t rows = static_cast<int64_t>(i) + 1;
+    const at::Tensor prompt = at::tensor(std::vector<int64_t>(tokens.begin(), tokens.begin() + 16), ids).view({1, 16});
+    graphs[i]->step(prompt.expand({rows, 16}).contiguous());
+    plain[i]->step(prompt.expand({rows, 16}).contiguous());
+    graphs[i]->maybe_compress();
+    plain[i]->maybe_compress();
+  }
+  for (int64_t t = 16; t < 56; ++t) {
+    for (size_t i = 0; i < 2; ++i) {
+      SCOPED_TRACE("step " + std::to_string(t) + ", batch " + std::to_string(i + 1));
+      const at::Tensor id = at::full({static_cast<int64_t>(i) + 1, 1}, tokens[static_cast<size_t>(t)], ids);
+      const at::Tensor a = graphs[i]->step(id).clone(), b = plain[i]->step(id).clone();
+      ASSERT_TRUE(at::equal(a, b)) << "largest difference " << (a - b).abs().max().item<double>();
+      graphs[i]->maybe_compress();
+      plain[i]->maybe_compress();
+    }
+  }
+}
+
 TEST(CudaRuntime, GraphReplayAgreesWithTheConcatenatingCacheForEveryPolicyAndBothRules) {
   if (!at::hasCUDA() || !rt::built_with_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA support in this build";
   static rt::ContractModel gpu = rt::ContractModel::load(kModel, at::Device(at::kCUDA, 0), at::kFloat);

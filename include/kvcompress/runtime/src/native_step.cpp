@@ -99,16 +99,17 @@ struct NativeStep::Impl {
   int64_t hidden = 0, ffn = 0, vocab = 0;
   std::vector<Layer> layers;
   at::Tensor embed_in, embed_out, final_weight, final_bias;
-  // The step's scratch, per number of rows and per lane (the current CUDA stream, or the
-  // calling thread on the CPU: two callers at once must not share it), sized for the largest
-  // capacity seen. Buffers a captured graph may point to are never freed: a larger capacity
-  // takes new ones and keeps the old alive.
+  // The step's scratch, one per lane (the current CUDA stream, or the calling thread on the CPU:
+  // two callers at once must not share it), for the rows and capacity of its last use. A graph
+  // captured on a scratch points into it for as long as the graph lives: every logits tensor the
+  // step returns owns its scratch (step()), so a scratch replaced here for other rows or a larger
+  // capacity lives on exactly while a graph's output (or a caller's logits) still holds it, and
+  // other batch sizes leave nothing behind.
   struct Scratch {
-    int64_t capacity = 0;
+    int64_t rows = 0, capacity = 0;
     at::Tensor x, normed, projected, joined, logits_model, partial;
   };
-  std::map<std::pair<int64_t, size_t>, Scratch> scratch;  // std::map: references stay valid
-  std::vector<Scratch> retired;
+  std::map<size_t, std::shared_ptr<Scratch>> scratch;
   std::mutex scratch_mutex;
 
   size_t lane() const {
@@ -118,11 +119,13 @@ struct NativeStep::Impl {
     return std::hash<std::thread::id>()(std::this_thread::get_id());
   }
 
-  Scratch& scratch_for(int64_t rows, int64_t capacity) {
+  std::shared_ptr<Scratch> scratch_for(int64_t rows, int64_t capacity) {
     const std::lock_guard<std::mutex> lock(scratch_mutex);
-    Scratch& s = scratch[{rows, lane()}];
-    if (s.x.defined() && capacity <= s.capacity) return s;
-    if (s.x.defined()) retired.push_back(s);
+    std::shared_ptr<Scratch>& held = scratch[lane()];
+    if (held && held->rows == rows && capacity <= held->capacity) return held;
+    held = std::make_shared<Scratch>();
+    Scratch& s = *held;
+    s.rows = rows;
     const auto opts = at::TensorOptions().dtype(dtype).device(device);
     s.capacity = capacity;
     s.x = at::empty({rows, hidden}, opts);
@@ -133,7 +136,7 @@ struct NativeStep::Impl {
     const int64_t splits = (capacity + kChunk - 1) / kChunk;  // the CUDA attention's per-split results
     if (device.is_cuda())
       s.partial = at::empty({rows * shape.num_heads * splits * (shape.head_dim + 2)}, opts.dtype(at::kFloat));
-    return s;
+    return held;
   }
 
   // x += pending; normed = LayerNorm(x) (* gamma + beta).
@@ -383,7 +386,8 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
 #endif
   // Inside or outside the caller's inference mode alike: the scratch outlives this call.
   c10::InferenceMode inference;
-  Impl::Scratch& w = m.scratch_for(rows, capacity);
+  const std::shared_ptr<Impl::Scratch> held = m.scratch_for(rows, capacity);
+  Impl::Scratch& w = *held;
   const at::Tensor embedded = at::index_select(m.embed_in, 0, input_ids.reshape({-1}));
   w.x.copy_(embedded.size(0) == rows ? embedded : embedded.expand({rows, m.hidden}));
   const at::Tensor* pending = nullptr;
@@ -399,8 +403,11 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
   }
   m.add_and_layer_norm(w, pending, &m.final_weight, &m.final_bias);
   at::mm_out(w.logits_model, w.normed, m.embed_out.t());
-  // A tensor of the caller's own (a graph's memory when captured), not the shared scratch.
-  return w.logits_model.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).view({rows, 1, m.vocab});
+  // A tensor of the caller's own (a graph's memory when captured), not the shared scratch; it
+  // keeps the scratch alive while it lives (a graph replays into the scratch it captured).
+  const at::Tensor logits = w.logits_model.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  return at::from_blob(
+             logits.data_ptr(), {rows, 1, m.vocab}, [keep = std::make_pair(held, logits)](void*) {}, logits.options());
 }
 
 }  // namespace runtime
