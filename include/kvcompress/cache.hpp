@@ -5,6 +5,8 @@
 // step.
 #include <kvcompress/compressor.hpp>
 
+#include <c10/core/GradMode.h>
+
 #include <algorithm>
 #include <functional>
 #include <limits>
@@ -237,6 +239,9 @@ class StaticCache {
   /// policies that score with recent queries.
   void compress(const Compressor& compressor, const OnCompacted& on_compacted = nullptr,
                 const RecentQueries* queries = nullptr) {
+    // Moving memory is no computation to differentiate (and the out= gather refuses keys that
+    // require grad in grad mode, as a model's outputs do).
+    const c10::NoGradGuard no_grad;
     const int64_t n = num_layers();
     const Needs needs = compressor.needs();
     if (needs.hides) track_hidden();

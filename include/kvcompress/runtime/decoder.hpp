@@ -12,6 +12,8 @@
 #include <kvcompress/runtime/model.hpp>
 #include <kvcompress/runtime/positions.hpp>
 
+#include <c10/core/GradMode.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -111,6 +113,7 @@ class Decoder {
   bool maybe_compress() {
     if (!options_.compressor) return false;
     if (!options_.schedule.due(since_compression_)) return false;
+    const c10::NoGradGuard no_grad;
     compress_now();
     since_compression_ = 0;
     return true;
@@ -151,6 +154,7 @@ class Decoder {
 
   /// Feeds ids ([batch, T] int64) through `how` (run or run_greedy) and counts them.
   at::Tensor feed(const at::Tensor& ids, at::Tensor (Decoder::*how)(const at::Tensor&, int64_t)) {
+    const c10::NoGradGuard no_grad;  // a decoder never trains: no autograd history, in any caller's mode
     if (ids.dim() != 2 || ids.size(0) != options_.batch || ids.size(1) < 1 || ids.scalar_type() != at::kLong)
       throw Error("decoder step: ids must be int64 [" + std::to_string(options_.batch) + ", T >= 1], got " +
                   detail::shape_text(ids) + " " + std::string(c10::toString(ids.scalar_type())));
@@ -476,6 +480,7 @@ class StaticDecoder final : public Decoder {
   /// logits of the last piece. The decoder must be empty. Not for policies that score with
   /// attention or queries or hide slots per head: their scores and query rings are per row.
   at::Tensor prefill_shared(const at::Tensor& ids, int64_t chunk, bool compress_between = false) {
+    const c10::NoGradGuard no_grad;
     if (fed_ != 0) throw Error("prefill_shared: the decoder already holds " + std::to_string(fed_) + " tokens (reset it)");
     if (ids.dim() != 2 || ids.size(0) != 1 || ids.size(1) < 1 || ids.scalar_type() != at::kLong)
       throw Error("prefill_shared: ids must be int64 [1, P >= 1] (one prompt for every row), got " +
@@ -512,6 +517,7 @@ class StaticDecoder final : public Decoder {
   /// it. Needs one free slot in every layer; writes nothing the next step would not.
   void prepare() override {
     if (!use_graph_ || graph_.captured()) return;
+    const c10::NoGradGuard no_grad;
     upload_step_inputs();
     capture();
   }
