@@ -13,9 +13,10 @@ weight-streaming limit is weight bytes / that bandwidth.
       --prompt-tokens 2000 --generate 128 --batch 1 --json hf.json
 
 `--runtime static-compile --hf-attention sdpa` measures transformers' fastest path instead:
-generate(..., cache_implementation="static") with the forward under torch.compile
-(mode="reduce-overhead": CUDA graphs); TTFT is a one-token generate(), TPOT the extra time of
-the other tokens.
+generate(..., cache_implementation="static") compiling its decoding step with torch.compile
+(mode="reduce-overhead": CUDA graphs; generate's own compile_config where transformers has it,
+else the forward compiled by hand); TTFT is a one-token generate(), TPOT the extra time of the
+other tokens.
 
 Needs PyTorch 2.x with CUDA and `transformers` (a GPU machine).
 """
@@ -138,7 +139,7 @@ def main(argv=None):
             sync(torch, args.device)
             t0 = time.perf_counter()
             out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, cache_implementation="static", pad_token_id=0)
+                              do_sample=False, cache_implementation="static", pad_token_id=0, **compile_kwargs)
             sync(torch, args.device)
             seconds = time.perf_counter() - t0
         if out.shape[1] != ids.shape[1] + n:
@@ -151,8 +152,13 @@ def main(argv=None):
         whole, peak = generate(n)
         return first, (whole - first) / (n - 1), peak
 
+    compile_kwargs = {}
     if args.runtime == "static-compile":
-        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+        try:  # generate() compiles its decoding steps itself (transformers >= 4.48; the way 5.x supports)
+            from transformers import CompileConfig
+            compile_kwargs["compile_config"] = CompileConfig(fullgraph=True, mode="reduce-overhead")
+        except ImportError:  # older: the forward under torch.compile, as their docs then said
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
         for n in (1, args.generate, args.generate):  # compilation and graph capture of both shapes
             generate(n)
         decode = compiled
