@@ -47,7 +47,8 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-// Block-wide max / sum over kThreads threads (every thread gets the result).
+// Block-wide max / sum over Threads threads (every thread gets the result).
+template <int Threads>
 __device__ float block_max(float v, float* scratch) {
   v = warp_max(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -55,9 +56,10 @@ __device__ float block_max(float v, float* scratch) {
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   float r = -INFINITY;
-  for (int w = 0; w < kThreads / 32; ++w) r = fmaxf(r, scratch[w]);
+  for (int w = 0; w < Threads / 32; ++w) r = fmaxf(r, scratch[w]);
   return r;
 }
+template <int Threads>
 __device__ float block_sum(float v, float* scratch) {
   v = warp_sum(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -65,7 +67,7 @@ __device__ float block_sum(float v, float* scratch) {
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   float r = 0.f;
-  for (int w = 0; w < kThreads / 32; ++w) r += scratch[w];
+  for (int w = 0; w < Threads / 32; ++w) r += scratch[w];
   return r;
 }
 
@@ -170,14 +172,14 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
     scores[j - start] = score;
     local_max = fmaxf(local_max, score);
   }
-  const float m = block_max(local_max, scratch);
+  const float m = block_max<kThreads>(local_max, scratch);
   float local_sum = 0.f;
   for (int64_t j = start + threadIdx.x; j < end; j += kThreads) {
     const float p = m == -INFINITY ? 0.f : expf(scores[j - start] - m);
     scores[j - start] = p;
     local_sum += p;
   }
-  const float l = block_sum(local_sum, scratch);  // its __syncthreads also publishes scores
+  const float l = block_sum<kThreads>(local_sum, scratch);  // its __syncthreads also publishes scores
   // P V: a head's dims in `segments` of `width` values (one vector load each); thread
   // (g, seg) sums the slots j = start + g, start + g + groups, ... of its segment.
   const int width = a.vectorized ? W : 1, segments = D / width;
@@ -262,31 +264,42 @@ __global__ void __launch_bounds__(kThreads) combine_and_gelu(AttentionArgs a) {
   static_cast<T*>(a.carry_out)[b * a.out_stride + c] = from_float<T>(gelu(x));
 }
 
-// grid rows: x += pending; out = LayerNorm(x) (* gamma + beta).
+// LayerNorm threads per row, and the widest row kept in shared memory (48 KiB of floats).
+constexpr int kNormThreads = 512;
+constexpr int64_t kMaxCachedCols = 12288;
+
+// grid rows: x += pending; out = LayerNorm(x) (* gamma + beta). A row is read from global memory
+// once (kept in shared memory when it fits) by many threads: at one row per block, a few
+// threads walking the row three times left the step's one-row LayerNorm latency-bound.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) add_and_layer_norm_kernel(T* x, const T* pending, T* out, const T* gamma,
-                                                                      const T* beta, int64_t cols, float eps) {
-  __shared__ float scratch[kThreads / 32];
+__global__ void __launch_bounds__(kNormThreads)
+    add_and_layer_norm_kernel(T* __restrict__ x, const T* __restrict__ pending, T* __restrict__ out,
+                              const T* __restrict__ gamma, const T* __restrict__ beta, int64_t cols, float eps) {
+  extern __shared__ float cached_row[];  // cols floats when cols <= kMaxCachedCols, else unused
+  __shared__ float scratch[kNormThreads / 32];
+  const bool cached = cols <= kMaxCachedCols;
   T* xr = x + blockIdx.x * cols;
   T* outr = out + blockIdx.x * cols;
   float sum = 0.f;
-  for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
+  for (int64_t c = threadIdx.x; c < cols; c += kNormThreads) {
     float v = to_float(xr[c]);
     if (pending) {
       v = round_to<T>(v + to_float(pending[c]));
       xr[c] = from_float<T>(v);
     }
+    if (cached) cached_row[c] = v;
     sum += v;
   }
-  const float mean = block_sum(sum, scratch) / static_cast<float>(cols);
+  // Each thread reads back only what it wrote itself (same c): no barrier needed before it.
+  const float mean = block_sum<kNormThreads>(sum, scratch) / static_cast<float>(cols);
   float sq = 0.f;
-  for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
-    const float dv = to_float(xr[c]) - mean;
+  for (int64_t c = threadIdx.x; c < cols; c += kNormThreads) {
+    const float dv = (cached ? cached_row[c] : to_float(xr[c])) - mean;
     sq += dv * dv;
   }
-  const float rstd = rsqrtf(block_sum(sq, scratch) / static_cast<float>(cols) + eps);
-  for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
-    float v = (to_float(xr[c]) - mean) * rstd;
+  const float rstd = rsqrtf(block_sum<kNormThreads>(sq, scratch) / static_cast<float>(cols) + eps);
+  for (int64_t c = threadIdx.x; c < cols; c += kNormThreads) {
+    float v = ((cached ? cached_row[c] : to_float(xr[c])) - mean) * rstd;
     if (gamma) v = v * to_float(gamma[c]);
     if (beta) v = v + to_float(beta[c]);
     outr[c] = from_float<T>(v);
@@ -314,17 +327,18 @@ void decode_attention(const AttentionArgs& args, cudaStream_t stream) {
 void add_and_layer_norm(DType dtype, void* x, const void* pending, void* out, const void* gamma, const void* beta,
                         int64_t rows, int64_t cols, float eps, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(rows);
+  const size_t shared = cols <= kMaxCachedCols ? static_cast<size_t>(cols) * sizeof(float) : 0;
   switch (dtype) {
     case DType::f32:
-      return add_and_layer_norm_kernel<float><<<grid, kThreads, 0, stream>>>(
+      return add_and_layer_norm_kernel<float><<<grid, kNormThreads, shared, stream>>>(
           static_cast<float*>(x), static_cast<const float*>(pending), static_cast<float*>(out),
           static_cast<const float*>(gamma), static_cast<const float*>(beta), cols, eps);
     case DType::f16:
-      return add_and_layer_norm_kernel<__half><<<grid, kThreads, 0, stream>>>(
+      return add_and_layer_norm_kernel<__half><<<grid, kNormThreads, shared, stream>>>(
           static_cast<__half*>(x), static_cast<const __half*>(pending), static_cast<__half*>(out),
           static_cast<const __half*>(gamma), static_cast<const __half*>(beta), cols, eps);
     case DType::bf16:
-      return add_and_layer_norm_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
+      return add_and_layer_norm_kernel<__nv_bfloat16><<<grid, kNormThreads, shared, stream>>>(
           static_cast<__nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(pending),
           static_cast<__nv_bfloat16*>(out), static_cast<const __nv_bfloat16*>(gamma),
           static_cast<const __nv_bfloat16*>(beta), cols, eps);
