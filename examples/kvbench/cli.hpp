@@ -175,7 +175,7 @@ inline Options parse_args(int argc, char** argv) {
   cli.flag("--native-step", runtime,
            "one-token steps in kvcompress's own CUDA kernels instead of the model's\nTorchScript step (CUDA; the "
            "fixed-capacity cache, --schedule every\nunless given, and --no-one-pass; not for methods that score with\n"
-           "attention or queries). New: its algorithm is checked on the CPU, its\nkernels have not yet run on a GPU "
+           "attention or queries). New: its logits match the TorchScript step's on\nan H100; not faster yet "
            "(docs/PERFORMANCE.md)",
            [&o] { o.native_step = true; });
   cli.count("--batch", o.batch, 1, runtime, "rows of the generation measurement (default 1)");
