@@ -236,6 +236,43 @@ int main(int argc, char** argv) {
                 limit_us, weight_bytes / 1e9, step_us / limit_us);
     std::printf("\none layer's four operations replayed together: %.2f us (their sum: %.2f us)\n", layer_us,
                 ops[0].us + ops[1].us + ops[2].us + ops[3].us);
+
+    // kvcompress's own matrix-vector product (kernels::gemv) beside cuBLAS for the three
+    // products, with the largest difference of its result from cuBLAS's.
+    if (s.rows > kn::kMaxGemvRows) return 0;
+    struct Product {
+      const char* name;
+      const at::Tensor& in;
+      const at::Tensor& weight;
+      at::Tensor& out;
+      bool accumulate;
+      double cublas_us;
+    };
+    const Product products[] = {{"product in", normed, w_in, projected, false, ops[1].us},
+                                {"product out", joined, w_out, x, true, ops[3].us},
+                                {"logits", normed, embed_out, logits, false, ops[5].us}};
+    std::printf("\n%-12s %14s %14s %10s %22s\n", "product", "cuBLAS us", "gemv us", "gemv TB/s",
+                "max |diff| / max |y|");
+    for (const auto& p : products) {
+      settle();
+      at::Tensor theirs = p.accumulate ? p.out.clone() : at::empty_like(p.out);
+      at::Tensor mine = p.accumulate ? p.out.clone() : at::empty_like(p.out);
+      if (p.accumulate) theirs.addmm_(p.in, p.weight.t());
+      else at::mm_out(theirs, p.in, p.weight.t());
+      const auto run = [&](at::Tensor& y) {
+        if (!kn::gemv(a.dtype, p.in.data_ptr(), p.in.size(1), p.weight.data_ptr(), s.rows, p.weight.size(0),
+                      p.weight.size(1), y.data_ptr(), y.size(1), p.accumulate, stream()))
+          throw std::runtime_error(std::string(p.name) + ": gemv refused its shape");
+        check_launch(p.name);
+      };
+      run(mine);
+      const double diff = (mine.to(at::kFloat) - theirs.to(at::kFloat)).abs().max().item<double>();
+      const double scale = theirs.to(at::kFloat).abs().max().item<double>();
+      at::Tensor timed = mine.clone();
+      const double us = time_us([&] { run(timed); }, s.reps);
+      std::printf("%-12s %14.2f %14.2f %10.2f %22.2e\n", p.name, p.cublas_us, us,
+                  static_cast<double>(p.weight.numel() * esz) / (us * 1e-6) / 1e12, diff / scale);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "native_step_ops: error: %s\n", e.what());
     return 1;

@@ -314,6 +314,70 @@ void launch_attention(const AttentionArgs& a, cudaStream_t stream) {
   combine_and_gelu<T><<<static_cast<unsigned>(a.rows * a.heads + gelu_blocks), kThreads, 0, stream>>>(a);
 }
 
+// grid ceil(n / 8), 256 threads: y[r, j] (+)= x[r, :] . w[j, :] for `Rows` rows, one warp per
+// output j. Each lane reads 16 bytes of w's row at a time (a warp: 512 contiguous bytes) and
+// the matching values of x (every warp reads all of x: it stays in L1); the sum in float32,
+// rounded once (with y's old value when accumulating, as a GEMM with beta = 1 rounds).
+template <typename T, int Rows>
+__global__ void __launch_bounds__(256) gemv_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w,
+                                                   int64_t n, int64_t k, T* __restrict__ y, int64_t y_stride,
+                                                   bool accumulate) {
+  constexpr int W = Vec<T>::kWidth;
+  const int lane = threadIdx.x % 32;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  if (j >= n) return;  // a whole warp: the shuffles below stay warp-uniform
+  const T* wj = w + j * k;
+  float acc[Rows];
+#pragma unroll
+  for (int r = 0; r < Rows; ++r) acc[r] = 0.f;
+#pragma unroll 4
+  for (int64_t c = static_cast<int64_t>(lane) * W; c < k; c += 32 * W) {
+    float wv[W];
+    Vec<T>::load(wj + c, wv);
+#pragma unroll
+    for (int r = 0; r < Rows; ++r) {
+      float xv[W];
+      Vec<T>::load(x + r * x_stride + c, xv);
+#pragma unroll
+      for (int i = 0; i < W; ++i) acc[r] += wv[i] * xv[i];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < Rows; ++r) {
+    const float v = warp_sum(acc[r]);
+    if (lane == 0) {
+      T* out = y + r * y_stride + j;
+      *out = from_float<T>(accumulate ? to_float(*out) + v : v);
+    }
+  }
+}
+
+template <typename T>
+bool launch_gemv(const void* x, int64_t x_stride, const void* w, int64_t rows, int64_t n, int64_t k, void* y,
+                 int64_t y_stride, bool accumulate, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>((n + 7) / 8);
+  const T* xt = static_cast<const T*>(x);
+  const T* wt = static_cast<const T*>(w);
+  T* yt = static_cast<T*>(y);
+  switch (rows) {
+#define KVC_GEMV_ROWS(R)                                                                              \
+  case R:                                                                                            \
+    gemv_kernel<T, R><<<grid, 256, 0, stream>>>(xt, x_stride, wt, n, k, yt, y_stride, accumulate); \
+    return true;
+    KVC_GEMV_ROWS(1)
+    KVC_GEMV_ROWS(2)
+    KVC_GEMV_ROWS(3)
+    KVC_GEMV_ROWS(4)
+    KVC_GEMV_ROWS(5)
+    KVC_GEMV_ROWS(6)
+    KVC_GEMV_ROWS(7)
+    KVC_GEMV_ROWS(8)
+#undef KVC_GEMV_ROWS
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
 void decode_attention(const AttentionArgs& args, cudaStream_t stream) {
@@ -343,6 +407,17 @@ void add_and_layer_norm(DType dtype, void* x, const void* pending, void* out, co
           static_cast<__nv_bfloat16*>(out), static_cast<const __nv_bfloat16*>(gamma),
           static_cast<const __nv_bfloat16*>(beta), cols, eps);
   }
+}
+
+bool gemv(DType dtype, const void* x, int64_t x_stride, const void* w, int64_t rows, int64_t n, int64_t k, void* y,
+          int64_t y_stride, bool accumulate, cudaStream_t stream) {
+  if (n < 1 || k < 1 || k % (16 / (dtype == DType::f32 ? 4 : 2)) != 0) return false;
+  switch (dtype) {
+    case DType::f32: return launch_gemv<float>(x, x_stride, w, rows, n, k, y, y_stride, accumulate, stream);
+    case DType::f16: return launch_gemv<__half>(x, x_stride, w, rows, n, k, y, y_stride, accumulate, stream);
+    case DType::bf16: return launch_gemv<__nv_bfloat16>(x, x_stride, w, rows, n, k, y, y_stride, accumulate, stream);
+  }
+  return false;
 }
 
 const char* last_error() {
