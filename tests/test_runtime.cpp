@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -800,6 +801,12 @@ TEST(StaticRuntime, NativeStepIsRefusedWhereItCannotRun) {
   rt::NativeStepModel no_weights = sequential;
   no_weights.parallel_residual = true;
   expect_error([&] { rt::NativeStep{no_weights}; }, "has no parameter 'embed_in.weight'");
+  // The products' switch takes 0 or 1 and nothing else.
+  rt::NativeStepModel embedding_only = no_weights;
+  embedding_only.parameters.emplace_back("embed_in.weight", at::zeros({16, 8}));
+  ASSERT_EQ(setenv("KVC_NATIVE_GEMV", "yes", 1), 0);
+  expect_error([&] { rt::NativeStep{embedding_only}; }, "KVC_NATIVE_GEMV must be 0 or 1, got 'yes'");
+  ASSERT_EQ(unsetenv("KVC_NATIVE_GEMV"), 0);
 }
 
 enum class NativeRun { same, flipped, failed };

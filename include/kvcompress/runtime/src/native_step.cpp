@@ -18,6 +18,7 @@
 #endif
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -139,6 +140,32 @@ struct NativeStep::Impl {
     return held;
   }
 
+  // Matrix products of up to kernels::kMaxGemvRows rows in kvcompress's gemv kernel instead of
+  // cuBLAS: KVC_NATIVE_GEMV=1 (read when the step is built; off by default until measured
+  // faster, docs/PERFORMANCE.md). CUDA only: the CPU form keeps ATen's products.
+  bool own_products = false;
+
+  // out = in . weight^T (accumulate: out += ...), weight [n, k] contiguous.
+  void product(at::Tensor out, const at::Tensor& in, const at::Tensor& weight, bool accumulate) const {
+#ifdef KVC_NATIVE_KERNELS
+    const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+    const int64_t per_load = 16 / static_cast<int64_t>(in.element_size());
+    if (own_products && device.is_cuda() && in.size(0) <= kernels::kMaxGemvRows && aligned(out) && aligned(in) &&
+        aligned(weight) && in.stride(0) % per_load == 0 && out.stride(0) % per_load == 0) {
+      if (kernels::gemv(kernel_dtype(dtype), in.data_ptr(), in.stride(0), weight.data_ptr(), in.size(0),
+                        weight.size(0), weight.size(1), out.data_ptr(), out.stride(0), accumulate,
+                        c10::cuda::getCurrentCUDAStream().stream())) {
+        check_launch("matrix-vector product");
+        return;
+      }
+    }
+#endif
+    if (accumulate)
+      out.addmm_(in, weight.t());
+    else
+      at::mm_out(out, in, weight.t());
+  }
+
   // x += pending; normed = LayerNorm(x) (* gamma + beta).
   void add_and_layer_norm(Scratch& w, const at::Tensor* pending, const at::Tensor* gamma, const at::Tensor* beta) const {
 #ifdef KVC_NATIVE_KERNELS
@@ -253,6 +280,11 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
   m.device = m.embed_in.device();
   m.dtype = m.embed_in.scalar_type();
   check_dtype(m.dtype);
+  if (const char* own = std::getenv("KVC_NATIVE_GEMV")) {
+    const std::string v = own;
+    if (v != "0" && v != "1") throw Error("native step: KVC_NATIVE_GEMV must be 0 or 1, got '" + v + "'");
+    m.own_products = v == "1";
+  }
 #ifndef KVC_NATIVE_KERNELS
   if (m.device.is_cuda())
     throw Error("native step: this build of kvcompress::runtime has no CUDA kernels for it (they need a LibTorch "
@@ -394,15 +426,15 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
   for (int64_t l = 0; l < layers; ++l) {
     const Impl::Layer& layer = m.layers[static_cast<size_t>(l)];
     m.add_and_layer_norm(w, pending, nullptr, nullptr);
-    at::mm_out(w.projected, w.normed, layer.in_weight.t());  // its bias added by the attention
+    m.product(w.projected, w.normed, layer.in_weight, false);  // its bias added by the attention
     const at::Tensor bias = slot_bias.empty() ? at::Tensor() : slot_bias.get(l);
     m.attention(l, layer, key_buffers.get(l), value_buffers.get(l), lengths, position_ids,
                 bias.defined() ? &bias : nullptr, w);
-    w.x.addmm_(w.joined, layer.out_weight.t());  // residual + attention and MLP outputs, bias pending
+    m.product(w.x, w.joined, layer.out_weight, true);  // residual + attention and MLP outputs, bias pending
     pending = &layer.out_bias;
   }
   m.add_and_layer_norm(w, pending, &m.final_weight, &m.final_bias);
-  at::mm_out(w.logits_model, w.normed, m.embed_out.t());
+  m.product(w.logits_model, w.normed, m.embed_out, false);
   // A tensor of the caller's own (a graph's memory when captured), not the shared scratch; it
   // keeps the scratch alive while it lives (a graph replays into the scratch it captured).
   const at::Tensor logits = w.logits_model.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
