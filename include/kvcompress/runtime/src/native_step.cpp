@@ -149,9 +149,10 @@ struct NativeStep::Impl {
   void product(at::Tensor out, const at::Tensor& in, const at::Tensor& weight, bool accumulate) const {
 #ifdef KVC_NATIVE_KERNELS
     const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+    // 16-byte loads of the input's rows and the weight's; the output is written one value at a time.
     const int64_t per_load = 16 / static_cast<int64_t>(in.element_size());
     if (own_products && device.is_cuda() && in.size(0) <= kernels::kMaxGemvRows && aligned(out) && aligned(in) &&
-        aligned(weight) && in.stride(0) % per_load == 0 && out.stride(0) % per_load == 0) {
+        aligned(weight) && in.stride(0) % per_load == 0) {
       if (kernels::gemv(kernel_dtype(dtype), in.data_ptr(), in.stride(0), weight.data_ptr(), in.size(0),
                         weight.size(0), weight.size(1), out.data_ptr(), out.stride(0), accumulate,
                         c10::cuda::getCurrentCUDAStream().stream())) {
@@ -438,8 +439,11 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
   // A tensor of the caller's own (a graph's memory when captured), not the shared scratch; it
   // keeps the scratch alive while it lives (a graph replays into the scratch it captured).
   const at::Tensor logits = w.logits_model.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
-  return at::from_blob(
-             logits.data_ptr(), {rows, 1, m.vocab}, [keep = std::make_pair(held, logits)](void*) {}, logits.options());
+  return at::for_blob(logits.data_ptr(), {rows, 1, m.vocab})
+      .deleter([keep = std::make_pair(held, logits)](void*) {})
+      .options(logits.options())
+      .target_device(logits.device())  // named: no device query of the pointer
+      .make_tensor();
 }
 
 }  // namespace runtime

@@ -264,12 +264,13 @@ __global__ void __launch_bounds__(kThreads) combine_and_gelu(AttentionArgs a) {
   static_cast<T*>(a.carry_out)[b * a.out_stride + c] = from_float<T>(gelu(x));
 }
 
-// LayerNorm threads per row, and the widest row kept in shared memory (48 KiB of floats).
+// LayerNorm threads per row, and the widest row kept in shared memory: a block's static and
+// dynamic shared memory together stay within the 48 KiB a launch gets without opting in.
 constexpr int kNormThreads = 512;
-constexpr int64_t kMaxCachedCols = 12288;
+constexpr int64_t kMaxCachedCols = (48 * 1024) / static_cast<int64_t>(sizeof(float)) - kNormThreads / 32;
 
 // grid rows: x += pending; out = LayerNorm(x) (* gamma + beta). A row is read from global memory
-// once (kept in shared memory when it fits) by many threads: at one row per block, a few
+// once (kept in shared memory up to kMaxCachedCols values) by many threads: at one row per block, a few
 // threads walking the row three times left the step's one-row LayerNorm latency-bound.
 template <typename T>
 __global__ void __launch_bounds__(kNormThreads)

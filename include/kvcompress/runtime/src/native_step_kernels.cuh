@@ -52,8 +52,8 @@ void add_and_layer_norm(DType dtype, void* x, const void* pending, void* out, co
 
 /// y[r, :] = x[r, :] . w^T (accumulate: y += ...) for 1 to kMaxGemvRows rows: a weight-
 /// streaming matrix-vector product for the decode step's small batches. w is [n, k] row-major;
-/// both strides and every pointer must allow 16-byte loads (strides multiples of 16 / element
-/// size, pointers 16-byte aligned: the caller checks). Returns false, launching nothing, for
+/// x and w must allow 16-byte loads (x_stride a multiple of 16 / element size, both pointers
+/// 16-byte aligned: the caller checks); y is written one value at a time. Returns false, launching nothing, for
 /// rows outside [1, kMaxGemvRows], n < 1, or k not a multiple of 16 / element size.
 constexpr int64_t kMaxGemvRows = 8;
 bool gemv(DType dtype, const void* x, int64_t x_stride, const void* w, int64_t rows, int64_t n, int64_t k, void* y,
