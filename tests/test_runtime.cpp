@@ -947,15 +947,20 @@ TEST(StaticRuntime, DecodingOutsideInferenceModeEqualsDecodingInside) {
   ASSERT_TRUE(c10::GradMode::is_enabled());
   const auto tokens = bundled_tokens(48);
   auto c = kvc::make_compressor("h2o_l2(heavy_hitter_size=8, recent_size=12, skip_layers=[0])");
-  auto decode = [&](bool inference, bool native) {
+  auto decode = [&](bool inference, bool native, bool shared) {
     c10::optional<c10::InferenceMode> guard;
     if (inference) guard.emplace();
     rt::DecoderOptions o = options(c.get(), rt::PositionRule::cache, kvc::Schedule::every(), 2);
     o.native_step = native;
     auto d = rt::make_decoder(model(), o, true, 49, 16);
     at::Tensor ids = at::tensor(std::vector<int64_t>(tokens.begin(), tokens.begin() + 16), at::kLong).view({1, 16});
-    std::vector<at::Tensor> out{d->step(ids.expand({2, 16}).contiguous()).clone()};
-    d->maybe_compress();
+    std::vector<at::Tensor> out;
+    if (shared) {  // one row's prefill, compressed and copied to the other
+      out.push_back(static_cast<rt::StaticDecoder&>(*d).prefill_shared(ids, 0).clone());
+    } else {
+      out.push_back(d->step(ids.expand({2, 16}).contiguous()).clone());
+      d->maybe_compress();
+    }
     for (int64_t t = 16; t < 48; ++t) {
       out.push_back(d->step(at::full({2, 1}, tokens[static_cast<size_t>(t)], at::kLong)).clone());
       d->maybe_compress();
@@ -965,10 +970,12 @@ TEST(StaticRuntime, DecodingOutsideInferenceModeEqualsDecodingInside) {
     return out;
   };
   for (bool native : {false, true}) {
-    SCOPED_TRACE(native ? "native step" : "TorchScript step");
-    const auto inside = decode(true, native), outside = decode(false, native);
-    ASSERT_EQ(inside.size(), outside.size());
-    for (size_t i = 0; i < inside.size(); ++i) EXPECT_TRUE(at::equal(inside[i], outside[i])) << "call " << i;
+    for (bool shared : {false, true}) {
+      SCOPED_TRACE(std::string(native ? "native step" : "TorchScript step") + (shared ? ", shared prompt" : ""));
+      const auto inside = decode(true, native, shared), outside = decode(false, native, shared);
+      ASSERT_EQ(inside.size(), outside.size());
+      for (size_t i = 0; i < inside.size(); ++i) EXPECT_TRUE(at::equal(inside[i], outside[i])) << "call " << i;
+    }
   }
 }
 

@@ -480,7 +480,6 @@ class StaticDecoder final : public Decoder {
   /// logits of the last piece. The decoder must be empty. Not for policies that score with
   /// attention or queries or hide slots per head: their scores and query rings are per row.
   at::Tensor prefill_shared(const at::Tensor& ids, int64_t chunk, bool compress_between = false) {
-    const c10::NoGradGuard no_grad;
     if (fed_ != 0) throw Error("prefill_shared: the decoder already holds " + std::to_string(fed_) + " tokens (reset it)");
     if (ids.dim() != 2 || ids.size(0) != 1 || ids.size(1) < 1 || ids.scalar_type() != at::kLong)
       throw Error("prefill_shared: ids must be int64 [1, P >= 1] (one prompt for every row), got " +

@@ -151,7 +151,7 @@ struct NativeStep::Impl {
     const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
     // 16-byte loads of the input's rows and the weight's; the output is written one value at a time.
     const int64_t per_load = 16 / static_cast<int64_t>(in.element_size());
-    if (own_products && device.is_cuda() && in.size(0) <= kernels::kMaxGemvRows && aligned(out) && aligned(in) &&
+    if (own_products && device.is_cuda() && in.size(0) <= kernels::kMaxGemvRows && aligned(in) &&
         aligned(weight) && in.stride(0) % per_load == 0) {
       if (kernels::gemv(kernel_dtype(dtype), in.data_ptr(), in.stride(0), weight.data_ptr(), in.size(0),
                         weight.size(0), weight.size(1), out.data_ptr(), out.stride(0), accumulate,
