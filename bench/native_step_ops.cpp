@@ -120,19 +120,31 @@ int main(int argc, char** argv) {
     const auto opts = at::TensorOptions().dtype(s.dtype).device(at::kCUDA);
     const int64_t h = s.hidden, dim = h / s.heads, esz = static_cast<int64_t>(at::elementSize(s.dtype));
     const int64_t splits = (s.capacity + 63) / 64;
-    // One layer's tensors (every layer reads as much; the weights of one stand for all).
-    const at::Tensor w_in = at::randn({3 * h + s.ffn, h}, opts) * 0.02, b_in = at::randn({3 * h + s.ffn}, opts) * 0.02;
-    const at::Tensor w_out = at::randn({h, h + s.ffn}, opts) * 0.02, b_out = at::randn({h}, opts) * 0.02;
+    // Every layer's weights and caches of its own, launches cycling through them as the step's
+    // layers do: one layer's tensors replayed would sit in the card's L2 cache.
+    std::vector<at::Tensor> w_in, w_out, keys, values;
+    for (int64_t l = 0; l < s.layers; ++l) {
+      w_in.push_back(at::randn({3 * h + s.ffn, h}, opts) * 0.02);
+      w_out.push_back(at::randn({h, h + s.ffn}, opts) * 0.02);
+      keys.push_back(at::randn({s.rows, s.heads, s.capacity, dim}, opts));
+      values.push_back(at::randn({s.rows, s.heads, s.capacity, dim}, opts));
+    }
+    const at::Tensor b_in = at::randn({3 * h + s.ffn}, opts) * 0.02, b_out = at::randn({h}, opts) * 0.02;
     const at::Tensor embed_out = at::randn({s.vocab, h}, opts) * 0.02;
     const at::Tensor gamma = at::ones({h}, opts), beta = at::zeros({h}, opts);
     at::Tensor x = at::randn({s.rows, h}, opts), normed = at::empty({s.rows, h}, opts);
     at::Tensor projected = at::randn({s.rows, 3 * h + s.ffn}, opts), joined = at::empty({s.rows, h + s.ffn}, opts);
     at::Tensor logits = at::empty({s.rows, s.vocab}, opts);
-    at::Tensor keys = at::randn({s.rows, s.heads, s.capacity, dim}, opts);
-    at::Tensor values = at::randn({s.rows, s.heads, s.capacity, dim}, opts);
     const at::Tensor lengths = at::full({1}, s.capacity - 1, opts.dtype(at::kLong));  // the new token in the last slot
     const at::Tensor positions = at::full({s.rows, 1}, s.capacity - 1, opts.dtype(at::kLong));
     at::Tensor partial = at::empty({s.rows * s.heads * splits * (dim + 2)}, opts.dtype(at::kFloat));
+    at::Tensor counters = at::zeros({s.rows * s.heads}, opts.dtype(at::kInt));
+    int64_t layer_at = 0;  // the layer the next launch reads
+    const auto next_layer = [&] {
+      const int64_t l = layer_at;
+      layer_at = (layer_at + 1) % s.layers;
+      return static_cast<size_t>(l);
+    };
 
     kn::AttentionArgs a;
     a.dtype = kernel_dtype(s.dtype);
@@ -143,8 +155,6 @@ int main(int argc, char** argv) {
     a.qkv = projected.data_ptr();
     a.qkv_stride = projected.size(1);
     a.qkv_bias = b_in.data_ptr();
-    a.keys = keys.data_ptr();
-    a.values = values.data_ptr();
     a.vectorized = (dim * esz) % 16 == 0;
     a.lengths = lengths.data_ptr<int64_t>();
     a.lengths_stride = 0;
@@ -155,6 +165,7 @@ int main(int argc, char** argv) {
     a.chunk = 64;
     a.splits = splits;
     a.partial = partial.data_ptr<float>();
+    a.counters = counters.data_ptr<int>();
     a.out = joined.data_ptr();
     a.out_stride = joined.size(1);
     a.carry = static_cast<const char*>(projected.data_ptr()) + 3 * h * esz;
@@ -163,29 +174,51 @@ int main(int argc, char** argv) {
     a.carry_out = static_cast<char*>(joined.data_ptr()) + h * esz;
 
     auto stream = [] { return c10::cuda::getCurrentCUDAStream().stream(); };
+    // kernels::gemv: out = [LayerNorm](in) . weight^T [+ out] [+ bias].
+    const auto gemv = [&](const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight, bool accumulate,
+                          const at::Tensor* bias, bool layer_norm, bool affine, const char* what) {
+      kn::GemvArgs g;
+      g.dtype = a.dtype;
+      g.x = in.data_ptr();
+      g.x_stride = in.size(1);
+      g.w = weight.data_ptr();
+      g.rows = s.rows;
+      g.n = weight.size(0);
+      g.k = weight.size(1);
+      g.y = out.data_ptr();
+      g.y_stride = out.size(1);
+      g.accumulate = accumulate;
+      g.bias = bias ? bias->data_ptr() : nullptr;
+      g.layer_norm = layer_norm;
+      g.gamma = affine ? gamma.data_ptr() : nullptr;
+      g.beta = affine ? beta.data_ptr() : nullptr;
+      if (!kn::gemv(g, stream())) throw std::runtime_error(std::string(what) + ": gemv refused its shape");
+      check_launch(what);
+    };
     const auto layer_norm = [&] {
       kn::add_and_layer_norm(a.dtype, x.data_ptr(), b_out.data_ptr(), normed.data_ptr(), nullptr, nullptr, s.rows, h,
                              1e-5f, stream());
       check_launch("LayerNorm");
     };
-    const auto product_in = [&] { at::mm_out(projected, normed, w_in.t()); };
+    const auto product_in = [&] { at::mm_out(projected, normed, w_in[next_layer()].t()); };
     const auto attention = [&] {
+      const size_t l = next_layer();
+      a.keys = keys[l].data_ptr();
+      a.values = values[l].data_ptr();
       kn::decode_attention(a, stream());
       check_launch("decode attention");
     };
-    const auto product_out = [&] { x.addmm_(joined, w_out.t()); };
+    const auto product_out = [&] { x.addmm_(joined, w_out[next_layer()].t()); };
     const auto final_norm = [&] {
       kn::add_and_layer_norm(a.dtype, x.data_ptr(), b_out.data_ptr(), normed.data_ptr(), gamma.data_ptr(),
                              beta.data_ptr(), s.rows, h, 1e-5f, stream());
       check_launch("final LayerNorm");
     };
     const auto product_logits = [&] { at::mm_out(logits, normed, embed_out.t()); };
-    const auto layer = [&] {
-      layer_norm();
-      product_in();
-      attention();
-      product_out();
-    };
+    const bool fits = kn::gemv_fits(a.dtype, s.rows, h, true) && kn::gemv_fits(a.dtype, s.rows, h + s.ffn, false);
+    const auto fused_in = [&] { gemv(projected, x, w_in[next_layer()], false, nullptr, true, false, "LayerNorm + product in"); };
+    const auto fused_out = [&] { gemv(x, joined, w_out[next_layer()], true, &b_out, false, false, "product out + bias"); };
+    const auto fused_logits = [&] { gemv(logits, x, embed_out, false, nullptr, true, true, "final LayerNorm + logits"); };
     // The residual grows by a random product every launch: keep it finite between timings.
     const auto settle = [&] { x.normal_(); };
 
@@ -198,81 +231,99 @@ int main(int argc, char** argv) {
       std::function<void()> fn;
       double bytes;   // moved per launch (weights, caches, activations)
       int64_t count;  // launches per step
+      bool fused;     // in the fused step (KVC_NATIVE_GEMV=1) rather than the cuBLAS one
+      bool unfused;
       double us = 0;
     };
     const double act = static_cast<double>(s.rows * esz);
+    const double in_bytes = static_cast<double>((3 * h + s.ffn) * h * esz);
+    const double out_bytes = static_cast<double>(h * (h + s.ffn) * esz);
+    const double logit_bytes = static_cast<double>(s.vocab * h * esz);
     std::vector<Op> ops{
-        {"LayerNorm (+ pending bias)", layer_norm, 3.0 * act * h, s.layers},
-        {"product in (QKV + MLP in)", product_in, static_cast<double>((3 * h + s.ffn) * h * esz), s.layers},
-        {"attention + combine + GELU", attention,
-         2.0 * static_cast<double>(s.rows * s.heads * s.capacity * dim * esz) + 2.0 * act * s.ffn, s.layers},
-        {"product out (+ residual)", product_out, static_cast<double>(h * (h + s.ffn) * esz), s.layers},
-        {"final LayerNorm", final_norm, 3.0 * act * h, 1},
-        {"logits", product_logits, static_cast<double>(s.vocab * h * esz), 1},
+        {"LayerNorm (+ pending bias)", layer_norm, 3.0 * act * h, s.layers, false, true},
+        {"product in (cuBLAS)", product_in, in_bytes, s.layers, false, true},
+        {"attention+combine+GELU", attention,
+         2.0 * static_cast<double>(s.rows * s.heads * s.capacity * dim * esz) + 2.0 * act * s.ffn, s.layers, true, true},
+        {"product out (cuBLAS)", product_out, out_bytes, s.layers, false, true},
+        {"final LayerNorm", final_norm, 3.0 * act * h, 1, false, true},
+        {"logits (cuBLAS)", product_logits, logit_bytes, 1, false, true},
     };
-    double step_us = 0;
+    if (fits) {
+      ops.push_back({"LayerNorm + product in (gemv)", fused_in, in_bytes, s.layers, true, false});
+      ops.push_back({"product out + bias (gemv)", fused_out, out_bytes, s.layers, true, false});
+      ops.push_back({"final LN + logits (gemv)", fused_logits, logit_bytes, 1, true, false});
+    }
+    double step_us = 0, fused_us = 0;
     for (auto& op : ops) {
       settle();
       op.us = time_us(op.fn, s.reps);
-      step_us += op.us * static_cast<double>(op.count);
+      if (op.unfused) step_us += op.us * static_cast<double>(op.count);
+      if (op.fused) fused_us += op.us * static_cast<double>(op.count);
     }
     // What a step must read at least: every layer's two products' weights and the logits' matrix.
-    const double weight_bytes = static_cast<double>(s.layers) * (ops[1].bytes + ops[3].bytes) + ops[5].bytes;
+    const double weight_bytes = static_cast<double>(s.layers) * (in_bytes + out_bytes) + logit_bytes;
     const double limit_us = weight_bytes / bandwidth * 1e6;
-    settle();
-    const double layer_us = time_us(layer, s.reps);
 
     std::printf("native step operations: rows %lld, capacity %lld, %lld layers, hidden %lld, %lld heads x %lld, "
-                "ffn %lld, vocab %lld, %s, %lld launches per graph\n",
+                "ffn %lld, vocab %lld, %s, %lld launches per graph (cycling through %lld layers' tensors)\n",
                 (long long)s.rows, (long long)s.capacity, (long long)s.layers, (long long)h, (long long)s.heads,
-                (long long)dim, (long long)s.ffn, (long long)s.vocab, c10::toString(s.dtype), (long long)s.reps);
+                (long long)dim, (long long)s.ffn, (long long)s.vocab, c10::toString(s.dtype), (long long)s.reps,
+                (long long)s.layers);
     std::printf("copy bandwidth %.2f TB/s (read + write, 512 MiB)\n\n", bandwidth / 1e12);
-    std::printf("%-28s %10s %10s %12s %8s\n", "operation", "us/launch", "TB/s", "us per step", "share");
-    for (const auto& op : ops)
-      std::printf("%-28s %10.2f %10.2f %12.1f %7.1f%%\n", op.name, op.us, op.bytes / (op.us * 1e-6) / 1e12,
-                  op.us * static_cast<double>(op.count), 100.0 * op.us * static_cast<double>(op.count) / step_us);
-    std::printf("%-28s %10s %10s %12.1f\n", "sum (the step's estimate)", "", "", step_us);
-    std::printf("weight-streaming limit %.1f us (%.3f GB of weights at the copy bandwidth): the estimate is %.2fx it\n",
-                limit_us, weight_bytes / 1e9, step_us / limit_us);
-    std::printf("\none layer's four operations replayed together: %.2f us (their sum: %.2f us)\n", layer_us,
-                ops[0].us + ops[1].us + ops[2].us + ops[3].us);
-
-    // kvcompress's own matrix-vector product (kernels::gemv) beside cuBLAS for the three
-    // products, with the largest difference of its result from cuBLAS's.
-    if (s.rows > kn::kMaxGemvRows) return 0;
-    struct Product {
-      const char* name;
-      const at::Tensor& in;
-      const at::Tensor& weight;
-      at::Tensor& out;
-      bool accumulate;
-      double cublas_us;
-    };
-    const Product products[] = {{"product in", normed, w_in, projected, false, ops[1].us},
-                                {"product out", joined, w_out, x, true, ops[3].us},
-                                {"logits", normed, embed_out, logits, false, ops[5].us}};
-    std::printf("\n%-12s %14s %14s %10s %22s\n", "product", "cuBLAS us", "gemv us", "gemv TB/s",
-                "max |diff| / max |y|");
-    for (const auto& p : products) {
-      settle();
-      at::Tensor theirs = p.accumulate ? p.out.clone() : at::empty_like(p.out);
-      at::Tensor mine = p.accumulate ? p.out.clone() : at::empty_like(p.out);
-      if (p.accumulate) theirs.addmm_(p.in, p.weight.t());
-      else at::mm_out(theirs, p.in, p.weight.t());
-      const auto run = [&](at::Tensor& y) {
-        if (!kn::gemv(a.dtype, p.in.data_ptr(), p.in.size(1), p.weight.data_ptr(), s.rows, p.weight.size(0),
-                      p.weight.size(1), y.data_ptr(), y.size(1), p.accumulate, stream()))
-          throw std::runtime_error(std::string(p.name) + ": gemv refused its shape");
-        check_launch(p.name);
+    std::printf("%-30s %10s %8s %12s %8s %8s\n", "operation", "us/launch", "TB/s", "us per step", "cuBLAS", "fused");
+    for (const auto& op : ops) {
+      const double per_step = op.us * static_cast<double>(op.count);
+      const auto share = [&](bool in, double total) {
+        return in ? std::to_string(static_cast<int>(std::lround(1000.0 * per_step / total)) / 10.0).substr(0, 4) + "%"
+                  : std::string("-");
       };
-      run(mine);
-      const double diff = (mine.to(at::kFloat) - theirs.to(at::kFloat)).abs().max().item<double>();
-      const double scale = theirs.to(at::kFloat).abs().max().item<double>();
-      at::Tensor timed = mine.clone();
-      const double us = time_us([&] { run(timed); }, s.reps);
-      std::printf("%-12s %14.2f %14.2f %10.2f %22.2e\n", p.name, p.cublas_us, us,
-                  static_cast<double>(p.weight.numel() * esz) / (us * 1e-6) / 1e12, diff / scale);
+      std::printf("%-30s %10.2f %8.2f %12.1f %8s %8s\n", op.name, op.us, op.bytes / (op.us * 1e-6) / 1e12, per_step,
+                  share(op.unfused, step_us).c_str(), share(op.fused, fused_us).c_str());
     }
+    std::printf("step estimate: cuBLAS step %.1f us (%.2fx the limit); fused step (gemv) %s\n", step_us,
+                step_us / limit_us,
+                fits ? (std::to_string(fused_us).substr(0, 7) + " us (" + std::to_string(fused_us / limit_us).substr(0, 4) +
+                        "x the limit)").c_str()
+                     : "does not fit this shape");
+    std::printf("weight-streaming limit %.1f us (%.3f GB of weights at the copy bandwidth)\n", limit_us,
+                weight_bytes / 1e9);
+    settle();
+    const double layer_us = time_us([&] { layer_norm(); product_in(); attention(); product_out(); }, s.reps);
+    std::printf("\none layer replayed whole: cuBLAS %.2f us (its operations' sum %.2f)", layer_us,
+                ops[0].us + ops[1].us + ops[2].us + ops[3].us);
+    if (fits) {
+      settle();
+      const double fused_layer_us = time_us([&] { fused_in(); attention(); fused_out(); }, s.reps);
+      std::printf(", fused %.2f us (sum %.2f)", fused_layer_us, ops[6].us + ops[2].us + ops[7].us);
+    }
+    std::printf("\n");
+    if (!fits) return 0;
+
+    // The fused products' largest difference from the unfused ones (LayerNorm kernel + cuBLAS),
+    // relative to the largest value.
+    std::printf("\n%-26s %22s\n", "fused product", "max |diff| / max |y|");
+    const auto compare = [&](const char* name, const std::function<void()>& unfused,
+                             const std::function<void()>& fused, const at::Tensor& y) {
+      settle();
+      const at::Tensor x0 = x.clone();
+      layer_at = 0;
+      unfused();
+      const at::Tensor theirs = y.to(at::kFloat);
+      x.copy_(x0);
+      layer_at = 0;
+      fused();
+      const at::Tensor mine = y.to(at::kFloat);
+      std::printf("%-26s %22.2e\n", name,
+                  (mine - theirs).abs().max().item<double>() / theirs.abs().max().item<double>());
+    };
+    const auto norm_only = [&](bool affine) {
+      kn::add_and_layer_norm(a.dtype, x.data_ptr(), nullptr, normed.data_ptr(), affine ? gamma.data_ptr() : nullptr,
+                             affine ? beta.data_ptr() : nullptr, s.rows, h, 1e-5f, stream());
+      check_launch("LayerNorm");
+    };
+    compare("LayerNorm + product in", [&] { norm_only(false); product_in(); }, fused_in, projected);
+    compare("product out + bias", [&] { product_out(); layer_norm(); }, fused_out, x);
+    compare("final LayerNorm + logits", [&] { norm_only(true); product_logits(); }, fused_logits, logits);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "native_step_ops: error: %s\n", e.what());
     return 1;

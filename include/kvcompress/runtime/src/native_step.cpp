@@ -108,7 +108,7 @@ struct NativeStep::Impl {
   // other batch sizes leave nothing behind.
   struct Scratch {
     int64_t rows = 0, capacity = 0;
-    at::Tensor x, normed, projected, joined, logits_model, partial;
+    at::Tensor x, normed, projected, joined, logits_model, partial, counters;
   };
   std::map<size_t, std::shared_ptr<Scratch>> scratch;
   std::mutex scratch_mutex;
@@ -135,37 +135,66 @@ struct NativeStep::Impl {
     s.joined = at::empty({rows, hidden + ffn}, opts);
     s.logits_model = at::empty({rows, vocab}, opts);
     const int64_t splits = (capacity + kChunk - 1) / kChunk;  // the CUDA attention's per-split results
-    if (device.is_cuda())
+    if (device.is_cuda()) {
       s.partial = at::empty({rows * shape.num_heads * splits * (shape.head_dim + 2)}, opts.dtype(at::kFloat));
+      s.counters = at::zeros({rows * shape.num_heads}, opts.dtype(at::kInt));  // the attention leaves them zero
+    }
     return held;
   }
 
-  // Matrix products of up to kernels::kMaxGemvRows rows in kvcompress's gemv kernel instead of
-  // cuBLAS: KVC_NATIVE_GEMV=1 (read when the step is built; off by default until measured
-  // faster, docs/PERFORMANCE.md). CUDA only: the CPU form keeps ATen's products.
-  bool own_products = false;
+  // KVC_NATIVE_GEMV=1 (read when the step is built; off by default until measured faster,
+  // docs/PERFORMANCE.md): up to kernels::kMaxGemvRows rows run the step's products in
+  // kvcompress's gemv kernel instead of cuBLAS, with each LayerNorm fused into the product that
+  // reads it and the output bias into the product before it -- three launches a layer. CUDA
+  // only, and only where the weights allow 16-byte loads (weights_aligned).
+  bool own_products = false, weights_aligned = false;
 
-  // out = in . weight^T (accumulate: out += ...), weight [n, k] contiguous.
-  void product(at::Tensor out, const at::Tensor& in, const at::Tensor& weight, bool accumulate) const {
+  bool fused_products(int64_t rows) const {
 #ifdef KVC_NATIVE_KERNELS
-    const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-    // 16-byte loads of the input's rows and the weight's; the output is written one value at a time.
-    const int64_t per_load = 16 / static_cast<int64_t>(in.element_size());
-    if (own_products && device.is_cuda() && in.size(0) <= kernels::kMaxGemvRows && aligned(in) &&
-        aligned(weight) && in.stride(0) % per_load == 0) {
-      if (kernels::gemv(kernel_dtype(dtype), in.data_ptr(), in.stride(0), weight.data_ptr(), in.size(0),
-                        weight.size(0), weight.size(1), out.data_ptr(), out.stride(0), accumulate,
-                        c10::cuda::getCurrentCUDAStream().stream())) {
-        check_launch("matrix-vector product");
-        return;
-      }
-    }
+    const auto kt = kernel_dtype(dtype);
+    return own_products && weights_aligned && device.is_cuda() && kernels::gemv_fits(kt, rows, hidden, true) &&
+           kernels::gemv_fits(kt, rows, hidden + ffn, false);
+#else
+    (void)rows;
+    return false;
 #endif
+  }
+
+  // out = in . weight^T (accumulate: out += ...), weight [n, k] contiguous: cuBLAS (ATen).
+  void product(at::Tensor out, const at::Tensor& in, const at::Tensor& weight, bool accumulate) const {
     if (accumulate)
       out.addmm_(in, weight.t());
     else
       at::mm_out(out, in, weight.t());
   }
+
+#ifdef KVC_NATIVE_KERNELS
+  // The fused products (fused_products): out = [LayerNorm](in) . weight^T [+ out] [+ bias].
+  void fused_product(const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight, bool accumulate,
+                     const at::Tensor* bias, bool layer_norm, const at::Tensor* gamma = nullptr,
+                     const at::Tensor* beta = nullptr) const {
+    kernels::GemvArgs g;
+    g.dtype = kernel_dtype(dtype);
+    g.x = in.data_ptr();
+    g.x_stride = in.stride(0);
+    g.w = weight.data_ptr();
+    g.rows = in.size(0);
+    g.n = weight.size(0);
+    g.k = weight.size(1);
+    g.y = out.data_ptr();
+    g.y_stride = out.stride(0);
+    g.accumulate = accumulate;
+    g.bias = bias ? bias->data_ptr() : nullptr;
+    g.layer_norm = layer_norm;
+    g.gamma = gamma ? gamma->data_ptr() : nullptr;
+    g.beta = beta ? beta->data_ptr() : nullptr;
+    g.eps = static_cast<float>(shape.layer_norm_eps);
+    if (!kernels::gemv(g, c10::cuda::getCurrentCUDAStream().stream()))  // fused_products() said it fits
+      throw Error("native step: internal error: the gemv kernel refused a product of " + std::to_string(g.rows) +
+                  " rows, " + std::to_string(g.n) + " x " + std::to_string(g.k));
+    check_launch(layer_norm ? "LayerNorm + matrix-vector product" : "matrix-vector product");
+  }
+#endif
 
   // x += pending; normed = LayerNorm(x) (* gamma + beta).
   void add_and_layer_norm(Scratch& w, const at::Tensor* pending, const at::Tensor* gamma, const at::Tensor* beta) const {
@@ -216,6 +245,7 @@ struct NativeStep::Impl {
       a.chunk = kChunk;
       a.splits = (a.capacity + kChunk - 1) / kChunk;
       a.partial = w.partial.data_ptr<float>();
+      a.counters = w.counters.data_ptr<int>();
       a.out = w.joined.data_ptr();
       a.out_stride = w.joined.size(1);
       a.carry = static_cast<const char*>(w.projected.data_ptr()) + 3 * hidden * w.projected.element_size();
@@ -286,6 +316,7 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
     if (v != "0" && v != "1") throw Error("native step: KVC_NATIVE_GEMV must be 0 or 1, got '" + v + "'");
     m.own_products = v == "1";
   }
+  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
 #ifndef KVC_NATIVE_KERNELS
   if (m.device.is_cuda())
     throw Error("native step: this build of kvcompress::runtime has no CUDA kernels for it (they need a LibTorch "
@@ -352,6 +383,9 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
     m.ffn = ffn;
     m.layers.push_back(std::move(layer));
   }
+  m.weights_aligned = aligned(m.embed_out);
+  for (const Impl::Layer& layer : m.layers)
+    m.weights_aligned = m.weights_aligned && aligned(layer.in_weight) && aligned(layer.out_weight);
 }
 
 NativeStep::~NativeStep() = default;
@@ -390,12 +424,12 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
     }
     capacity = std::max(capacity, k.size(2));
   }
-  // The attention's grid: (row, head) pairs along x, 64-slot splits along y (CUDA's limits).
-  if (m.device.is_cuda() && (rows * heads + (rows * m.ffn + 127) / 128 > std::numeric_limits<int32_t>::max() ||
-                             (capacity + kChunk - 1) / kChunk > 65535))
+  // The attention's grid: a block per (row, head, 64-slot split) and the GELU's blocks (CUDA's limit).
+  if (m.device.is_cuda() && rows * heads * ((capacity + kChunk - 1) / kChunk) + (rows * m.ffn + 127) / 128 >
+                                std::numeric_limits<int32_t>::max())
     throw Error(who + std::to_string(rows) + " rows of " + std::to_string(capacity) +
-                " slots exceed the kernels' launch grid (2^31 - 1 row-head blocks, 65535 splits of " +
-                std::to_string(kChunk) + " slots)");
+                " slots exceed the kernels' launch grid (2^31 - 1 blocks of " + std::to_string(kChunk) +
+                " slots of one row's head)");
   const bool per_row = lengths.dim() == 2;
   if (lengths.scalar_type() != at::kLong || lengths.device() != m.device || !lengths.is_contiguous() ||
       !((lengths.dim() == 1 && lengths.size(0) == layers) || (per_row && lengths.size(0) == layers && lengths.size(1) == rows)))
@@ -423,19 +457,36 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
   Impl::Scratch& w = *held;
   const at::Tensor embedded = at::index_select(m.embed_in, 0, input_ids.reshape({-1}));
   w.x.copy_(embedded.size(0) == rows ? embedded : embedded.expand({rows, m.hidden}));
+  [[maybe_unused]] const bool fused = m.fused_products(rows);
   const at::Tensor* pending = nullptr;
   for (int64_t l = 0; l < layers; ++l) {
     const Impl::Layer& layer = m.layers[static_cast<size_t>(l)];
+    const at::Tensor bias = slot_bias.empty() ? at::Tensor() : slot_bias.get(l);
+#ifdef KVC_NATIVE_KERNELS
+    if (fused) {
+      m.fused_product(w.projected, w.x, layer.in_weight, false, nullptr, /*layer_norm=*/true);
+      m.attention(l, layer, key_buffers.get(l), value_buffers.get(l), lengths, position_ids,
+                  bias.defined() ? &bias : nullptr, w);
+      m.fused_product(w.x, w.joined, layer.out_weight, true, &layer.out_bias, false);
+      continue;
+    }
+#endif
     m.add_and_layer_norm(w, pending, nullptr, nullptr);
     m.product(w.projected, w.normed, layer.in_weight, false);  // its bias added by the attention
-    const at::Tensor bias = slot_bias.empty() ? at::Tensor() : slot_bias.get(l);
     m.attention(l, layer, key_buffers.get(l), value_buffers.get(l), lengths, position_ids,
                 bias.defined() ? &bias : nullptr, w);
     m.product(w.x, w.joined, layer.out_weight, true);  // residual + attention and MLP outputs, bias pending
     pending = &layer.out_bias;
   }
-  m.add_and_layer_norm(w, pending, &m.final_weight, &m.final_bias);
-  m.product(w.logits_model, w.normed, m.embed_out, false);
+#ifdef KVC_NATIVE_KERNELS
+  if (fused) {
+    m.fused_product(w.logits_model, w.x, m.embed_out, false, nullptr, true, &m.final_weight, &m.final_bias);
+  } else
+#endif
+  {
+    m.add_and_layer_norm(w, pending, &m.final_weight, &m.final_bias);
+    m.product(w.logits_model, w.normed, m.embed_out, false);
+  }
   // A tensor of the caller's own (a graph's memory when captured), not the shared scratch; it
   // keeps the scratch alive while it lives (a graph replays into the scratch it captured).
   const at::Tensor logits = w.logits_model.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);

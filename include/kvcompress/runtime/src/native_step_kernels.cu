@@ -98,33 +98,44 @@ struct Vec {
   }
 };
 
-// grid (rows * heads, splits): one block scores one chunk of one row's head.
+// The last split block of a (row, head) to finish combines the splits: partial results in
+// `part`, per split [output (head_dim) | max score | sum of exp]; read through L2 (__ldcg), as
+// other blocks wrote them.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
+__device__ void combine_splits(const AttentionArgs& a, int64_t b, int64_t h) {
+  const int D = static_cast<int>(a.head_dim);
+  const float* part = a.partial + (b * a.heads + h) * a.splits * (a.head_dim + 2);
+  float m = -INFINITY;
+  for (int64_t s = 0; s < a.splits; ++s)
+    if (__ldcg(part + s * (D + 2) + D + 1) > 0.f) m = fmaxf(m, __ldcg(part + s * (D + 2) + D));
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    float o = 0.f, l = 0.f;
+    for (int64_t s = 0; s < a.splits; ++s) {
+      const float* p = part + s * (D + 2);
+      const float ls = __ldcg(p + D + 1);
+      if (ls <= 0.f) continue;
+      const float w = expf(__ldcg(p + D) - m);
+      o += w * __ldcg(p + d);
+      l += w * ls;
+    }
+    // A head whose every slot is masked has l = 0: NaN, as the TorchScript step's softmax gives.
+    static_cast<T*>(a.out)[b * a.out_stride + h * D + d] = from_float<T>(o / l);
+  }
+}
+
+__device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
+
+// One block: scores of slots [start, end) of row b's head h, their softmax within the chunk and
+// its share of P V, into part ([output | max | sum]).
+template <typename T>
+__device__ void score_chunk(const AttentionArgs& a, int64_t b, int64_t h, int64_t start, int64_t end, int64_t len,
+                            float* part) {
   constexpr int W = Vec<T>::kWidth;
   __shared__ float q[kMaxHeadDim], k_new[kMaxHeadDim], v_new[kMaxHeadDim], q_rot[kMaxHeadDim], k_rot[kMaxHeadDim];
   __shared__ float scratch[kThreads / 32];
   __shared__ float sums[kThreads * W];  // the slot groups' partial outputs
   extern __shared__ float scores[];     // chunk floats
-  // (row, head) pairs along x (up to 2^31 - 1 blocks), splits along y (up to 65535).
-  const int64_t s = blockIdx.y, h = blockIdx.x % a.heads, b = blockIdx.x / a.heads;
   const int D = static_cast<int>(a.head_dim);
-  const int64_t len = a.lengths[b * a.lengths_stride];  // the new token goes to slot len
-  if (len < 0 || len >= a.capacity) {  // the caller's bug: stop loudly, as an index check would
-    if (threadIdx.x == 0 && s == 0)
-      printf("kvcompress native step: row %lld holds %lld of its %lld slots: no room for the new token\n",
-             static_cast<long long>(b), static_cast<long long>(len), static_cast<long long>(a.capacity));
-    __trap();
-  }
-  const int64_t start = s * a.chunk, end = min(start + a.chunk, len + 1);
-  float* part = a.partial + ((b * a.heads + h) * a.splits + s) * (a.head_dim + 2);
-  if (start >= end) {  // nothing of this row in this chunk
-    if (threadIdx.x == 0) {
-      part[D] = -INFINITY;
-      part[D + 1] = 0.f;
-    }
-    return;
-  }
   const T* row = static_cast<const T*>(a.qkv) + b * a.qkv_stride + h * 3 * a.head_dim;
   const T* row_bias = static_cast<const T*>(a.qkv_bias) + h * 3 * a.head_dim;
   for (int d = threadIdx.x; d < D; d += kThreads) {  // + the product's bias, rounded as the step's y
@@ -228,40 +239,53 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
   }
 }
 
-__device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
-
-// grid (rows * heads + gelu blocks): blocks below rows * heads combine one head's splits; the
-// others apply GELU to the carry.
+// One launch per layer. Blocks [0, rows * heads * splits): one block scores one chunk of one
+// row's head, and the last of a head's splits to finish combines them (a counter per head,
+// reset by that block for the next launch): no second kernel and no gap between the two.
+// Blocks after those apply GELU to the carry.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) combine_and_gelu(AttentionArgs a) {
-  const int64_t heads_total = a.rows * a.heads;
-  const int D = static_cast<int>(a.head_dim);
-  if (blockIdx.x < heads_total) {
-    const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
-    const float* part = a.partial + (b * a.heads + h) * a.splits * (a.head_dim + 2);
-    float m = -INFINITY;
-    for (int64_t s = 0; s < a.splits; ++s)
-      if (part[s * (D + 2) + D + 1] > 0.f) m = fmaxf(m, part[s * (D + 2) + D]);
-    for (int d = threadIdx.x; d < D; d += kThreads) {
-      float o = 0.f, l = 0.f;
-      for (int64_t s = 0; s < a.splits; ++s) {
-        const float* p = part + s * (D + 2);
-        if (p[D + 1] <= 0.f) continue;
-        const float w = expf(p[D] - m);
-        o += w * p[d];
-        l += w * p[D + 1];
-      }
-      // A head whose every slot is masked has l = 0: NaN, as the TorchScript step's softmax gives.
-      static_cast<T*>(a.out)[b * a.out_stride + h * D + d] = from_float<T>(o / l);
-    }
+__global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
+  __shared__ bool last;
+  const int64_t attention_blocks = a.rows * a.heads * a.splits;
+  if (static_cast<int64_t>(blockIdx.x) >= attention_blocks) {  // GELU of the MLP's input
+    const int64_t e = (static_cast<int64_t>(blockIdx.x) - attention_blocks) * kThreads + threadIdx.x;
+    if (!a.carry || e >= a.rows * a.carry_cols) return;
+    const int64_t b = e / a.carry_cols, c = e % a.carry_cols;
+    const float x = round_to<T>(to_float(static_cast<const T*>(a.carry)[b * a.qkv_stride + c]) +
+                                to_float(static_cast<const T*>(a.carry_bias)[c]));
+    static_cast<T*>(a.carry_out)[b * a.out_stride + c] = from_float<T>(gelu(x));
     return;
   }
-  const int64_t e = (blockIdx.x - heads_total) * kThreads + threadIdx.x;
-  if (!a.carry || e >= a.rows * a.carry_cols) return;
-  const int64_t b = e / a.carry_cols, c = e % a.carry_cols;
-  const float x = round_to<T>(to_float(static_cast<const T*>(a.carry)[b * a.qkv_stride + c]) +
-                              to_float(static_cast<const T*>(a.carry_bias)[c]));
-  static_cast<T*>(a.carry_out)[b * a.out_stride + c] = from_float<T>(gelu(x));
+  const int64_t head = blockIdx.x / a.splits, s = blockIdx.x % a.splits, h = head % a.heads, b = head / a.heads;
+  const int D = static_cast<int>(a.head_dim);
+  const int64_t len = a.lengths[b * a.lengths_stride];  // the new token goes to slot len
+  if (len < 0 || len >= a.capacity) {  // the caller's bug: stop loudly, as an index check would
+    if (threadIdx.x == 0 && s == 0)
+      printf("kvcompress native step: row %lld holds %lld of its %lld slots: no room for the new token\n",
+             static_cast<long long>(b), static_cast<long long>(len), static_cast<long long>(a.capacity));
+    __trap();
+  }
+  const int64_t start = s * a.chunk, end = min(start + a.chunk, len + 1);
+  float* part = a.partial + ((b * a.heads + h) * a.splits + s) * (a.head_dim + 2);
+  if (start >= end) {  // nothing of this row in this chunk
+    if (threadIdx.x == 0) {
+      part[D] = -INFINITY;
+      part[D + 1] = 0.f;
+    }
+  } else {
+    score_chunk<T>(a, b, h, start, end, len, part);
+  }
+  // Every thread's writes visible device-wide before the count that may let another block read them.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(a.counters + head, 1) == static_cast<int>(a.splits) - 1;
+    if (last) a.counters[head] = 0;  // ready for the next launch (every split has counted)
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  combine_splits<T>(a, b, h);
 }
 
 // LayerNorm threads per row, and the widest row kept in shared memory: a block's static and
@@ -309,61 +333,110 @@ __global__ void __launch_bounds__(kNormThreads)
 
 template <typename T>
 void launch_attention(const AttentionArgs& a, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(a.rows * a.heads), static_cast<unsigned>(a.splits));
-  split_attention<T><<<grid, kThreads, static_cast<size_t>(a.chunk) * sizeof(float), stream>>>(a);
   const int64_t gelu_blocks = a.carry ? (a.rows * a.carry_cols + kThreads - 1) / kThreads : 0;
-  combine_and_gelu<T><<<static_cast<unsigned>(a.rows * a.heads + gelu_blocks), kThreads, 0, stream>>>(a);
+  const unsigned grid = static_cast<unsigned>(a.rows * a.heads * a.splits + gelu_blocks);
+  split_attention<T><<<grid, kThreads, static_cast<size_t>(a.chunk) * sizeof(float), stream>>>(a);
 }
 
-// grid ceil(n / 8), 256 threads: y[r, j] (+)= x[r, :] . w[j, :] for `Rows` rows, one warp per
-// output j. Each lane reads 16 bytes of w's row at a time (a warp: 512 contiguous bytes) and
-// the matching values of x (every warp reads all of x: it stays in L1); the sum in float32,
-// rounded once (with y's old value when accumulating, as a GEMM with beta = 1 rounds).
-template <typename T, int Rows>
-__global__ void __launch_bounds__(256) gemv_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w,
-                                                   int64_t n, int64_t k, T* __restrict__ y, int64_t y_stride,
-                                                   bool accumulate) {
+// Shared memory a gemv block may use for its LayerNorm'd input rows without opting in (48 KiB
+// less the kernel's static arrays).
+constexpr int64_t kGemvSharedBytes = 48 * 1024 - 1024;
+
+// y[r, j] = x[r, :] . w[j, :] for `Rows` rows; 256 threads = 8 warps per block, `Split` warps
+// per output j (each over a contiguous 1/Split of k, summed in shared memory in a fixed order):
+// one warp per output leaves too few warps for a card's multiprocessors when n is small.
+// Each lane reads 16 bytes of w's row at a time (a warp: 512 contiguous bytes) and the matching
+// values of x. Sums in float32, rounded as the unfused step rounds: y's old value added before
+// one rounding (a GEMM with beta = 1), then the bias, rounded again (the next LayerNorm's
+// pending add). With layer_norm, every block first normalises x's rows into shared memory (the
+// LayerNorm kernel's arithmetic, rounded to T as its output is) and multiplies those.
+template <typename T, int Rows, int Split>
+__global__ void __launch_bounds__(256) gemv_kernel(GemvArgs g) {
   constexpr int W = Vec<T>::kWidth;
-  const int lane = threadIdx.x % 32;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
-  if (j >= n) return;  // a whole warp: the shuffles below stay warp-uniform
-  const T* wj = w + j * k;
+  constexpr int kOutputs = 8 / Split;
+  extern __shared__ __align__(16) unsigned char gemv_shared[];  // Rows * k values of T (layer_norm)
+  __shared__ float partial_sums[8 * Rows];
+  __shared__ float scratch[8];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part = warp % Split;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kOutputs + warp / Split, k = g.k;
+  const T* x = static_cast<const T*>(g.x);
+  int64_t x_stride = g.x_stride;
+  if (g.layer_norm) {  // the whole block, before any warp may leave
+    T* normed = reinterpret_cast<T*>(gemv_shared);
+    const T* gamma = static_cast<const T*>(g.gamma);
+    const T* beta = static_cast<const T*>(g.beta);
+    for (int r = 0; r < Rows; ++r) {
+      const T* xr = x + r * x_stride;
+      float sum = 0.f;
+      for (int64_t c = threadIdx.x; c < k; c += 256) sum += to_float(xr[c]);
+      const float mean = block_sum<256>(sum, scratch) / static_cast<float>(k);
+      float sq = 0.f;
+      for (int64_t c = threadIdx.x; c < k; c += 256) {
+        const float d = to_float(xr[c]) - mean;
+        sq += d * d;
+      }
+      const float rstd = rsqrtf(block_sum<256>(sq, scratch) / static_cast<float>(k) + g.eps);
+      for (int64_t c = threadIdx.x; c < k; c += 256) {
+        float v = (to_float(xr[c]) - mean) * rstd;
+        if (gamma) v = v * to_float(gamma[c]);
+        if (beta) v = v + to_float(beta[c]);
+        normed[r * k + c] = from_float<T>(v);
+      }
+    }
+    __syncthreads();
+    x = normed;
+    x_stride = k;
+  }
   float acc[Rows];
 #pragma unroll
   for (int r = 0; r < Rows; ++r) acc[r] = 0.f;
+  if (j < g.n) {
+    const int64_t per_part = (k / W + Split - 1) / Split * W;  // whole 16-byte loads
+    const int64_t c_end = min(k, (part + 1) * per_part);
+    const T* wj = static_cast<const T*>(g.w) + j * k;
 #pragma unroll 4
-  for (int64_t c = static_cast<int64_t>(lane) * W; c < k; c += 32 * W) {
-    float wv[W];
-    Vec<T>::load(wj + c, wv);
+    for (int64_t c = part * per_part + static_cast<int64_t>(lane) * W; c < c_end; c += 32 * W) {
+      float wv[W];
+      Vec<T>::load(wj + c, wv);
 #pragma unroll
-    for (int r = 0; r < Rows; ++r) {
-      float xv[W];
-      Vec<T>::load(x + r * x_stride + c, xv);
+      for (int r = 0; r < Rows; ++r) {
+        float xv[W];
+        Vec<T>::load(x + r * x_stride + c, xv);
 #pragma unroll
-      for (int i = 0; i < W; ++i) acc[r] += wv[i] * xv[i];
+        for (int i = 0; i < W; ++i) acc[r] += wv[i] * xv[i];
+      }
     }
   }
 #pragma unroll
-  for (int r = 0; r < Rows; ++r) {
-    const float v = warp_sum(acc[r]);
-    if (lane == 0) {
-      T* out = y + r * y_stride + j;
-      *out = from_float<T>(accumulate ? to_float(*out) + v : v);
+  for (int r = 0; r < Rows; ++r) acc[r] = warp_sum(acc[r]);
+  if (Split > 1) {
+    if (lane == 0)
+      for (int r = 0; r < Rows; ++r) partial_sums[warp * Rows + r] = acc[r];
+    __syncthreads();
+    if (part != 0) return;
+    for (int r = 0; r < Rows; ++r) {
+      float v = 0.f;
+      for (int q = 0; q < Split; ++q) v += partial_sums[(warp + q) * Rows + r];
+      acc[r] = v;
     }
+  }
+  if (lane != 0 || j >= g.n) return;
+  const T* bias = static_cast<const T*>(g.bias);
+  for (int r = 0; r < Rows; ++r) {
+    T* out = static_cast<T*>(g.y) + r * g.y_stride + j;
+    float v = acc[r];
+    if (g.accumulate) v += to_float(*out);
+    if (bias) v = round_to<T>(v) + to_float(bias[j]);
+    *out = from_float<T>(v);
   }
 }
 
-template <typename T>
-bool launch_gemv(const void* x, int64_t x_stride, const void* w, int64_t rows, int64_t n, int64_t k, void* y,
-                 int64_t y_stride, bool accumulate, cudaStream_t stream) {
-  const unsigned grid = static_cast<unsigned>((n + 7) / 8);
-  const T* xt = static_cast<const T*>(x);
-  const T* wt = static_cast<const T*>(w);
-  T* yt = static_cast<T*>(y);
-  switch (rows) {
-#define KVC_GEMV_ROWS(R)                                                                              \
-  case R:                                                                                            \
-    gemv_kernel<T, R><<<grid, 256, 0, stream>>>(xt, x_stride, wt, n, k, yt, y_stride, accumulate); \
+template <typename T, int Split>
+bool launch_gemv_split(const GemvArgs& g, unsigned grid, size_t shared, cudaStream_t stream) {
+  switch (g.rows) {
+#define KVC_GEMV_ROWS(R)                                          \
+  case R:                                                        \
+    gemv_kernel<T, R, Split><<<grid, 256, shared, stream>>>(g); \
     return true;
     KVC_GEMV_ROWS(1)
     KVC_GEMV_ROWS(2)
@@ -376,6 +449,34 @@ bool launch_gemv(const void* x, int64_t x_stride, const void* w, int64_t rows, i
 #undef KVC_GEMV_ROWS
     default:
       return false;
+  }
+}
+
+// Warps per output: enough warps for every multiprocessor's full occupancy, at most 4.
+int gemv_split(int64_t n) {
+  static const int warps_per_card = [] {
+    int device = 0, sms = 0, threads = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, device) != cudaSuccess)
+      return 0;
+    return sms * threads / 32;
+  }();
+  int split = 1;
+  while (split < 4 && n * split * 2 <= warps_per_card) split *= 2;
+  return split;
+}
+
+template <typename T>
+bool launch_gemv(const GemvArgs& g, cudaStream_t stream) {
+  const int split = gemv_split(g.n);
+  const int64_t outputs_per_block = 8 / split;
+  const unsigned grid = static_cast<unsigned>((g.n + outputs_per_block - 1) / outputs_per_block);
+  const size_t shared = g.layer_norm ? static_cast<size_t>(g.rows * g.k) * sizeof(T) : 0;
+  switch (split) {
+    case 1: return launch_gemv_split<T, 1>(g, grid, shared, stream);
+    case 2: return launch_gemv_split<T, 2>(g, grid, shared, stream);
+    default: return launch_gemv_split<T, 4>(g, grid, shared, stream);
   }
 }
 
@@ -410,13 +511,18 @@ void add_and_layer_norm(DType dtype, void* x, const void* pending, void* out, co
   }
 }
 
-bool gemv(DType dtype, const void* x, int64_t x_stride, const void* w, int64_t rows, int64_t n, int64_t k, void* y,
-          int64_t y_stride, bool accumulate, cudaStream_t stream) {
-  if (n < 1 || k < 1 || k % (16 / (dtype == DType::f32 ? 4 : 2)) != 0) return false;
-  switch (dtype) {
-    case DType::f32: return launch_gemv<float>(x, x_stride, w, rows, n, k, y, y_stride, accumulate, stream);
-    case DType::f16: return launch_gemv<__half>(x, x_stride, w, rows, n, k, y, y_stride, accumulate, stream);
-    case DType::bf16: return launch_gemv<__nv_bfloat16>(x, x_stride, w, rows, n, k, y, y_stride, accumulate, stream);
+bool gemv_fits(DType dtype, int64_t rows, int64_t k, bool layer_norm) {
+  const int64_t size = dtype == DType::f32 ? 4 : 2;
+  return rows >= 1 && rows <= kMaxGemvRows && k >= 1 && k % (16 / size) == 0 &&
+         (!layer_norm || rows * k * size <= kGemvSharedBytes);
+}
+
+bool gemv(const GemvArgs& g, cudaStream_t stream) {
+  if (g.n < 1 || g.n > (int64_t{1} << 31) || !gemv_fits(g.dtype, g.rows, g.k, g.layer_norm)) return false;
+  switch (g.dtype) {
+    case DType::f32: return launch_gemv<float>(g, stream);
+    case DType::f16: return launch_gemv<__half>(g, stream);
+    case DType::bf16: return launch_gemv<__nv_bfloat16>(g, stream);
   }
   return false;
 }

@@ -11,12 +11,13 @@ namespace kernels {
 
 enum class DType { f32, f16, bf16 };
 
-/// One layer's decode attention for one new token per row, split over the cache length
-/// (FlashDecoding): rotary on the new query and key, the new key and value written in place at
-/// slot lengths[b], attention over slots [0, lengths[b]], then the splits combined (a length
-/// outside [0, capacity) stops the kernel with a device-side trap, as an index check would). Also writes
-/// GELU of the MLP's input (the fused layer's carry) beside the attention output, so that the
-/// layer's second product reads one contiguous row [o | gelu(carry)].
+/// One layer's decode attention for one new token per row in one launch, split over the cache
+/// length (FlashDecoding): rotary on the new query and key, the new key and value written in
+/// place at slot lengths[b], attention over slots [0, lengths[b]], the splits combined by the
+/// last of a head's blocks to finish (a length outside [0, capacity) stops the kernel with a
+/// device-side trap, as an index check would). Also writes GELU of the MLP's input (the fused
+/// layer's carry) beside the attention output, so that the layer's second product reads one
+/// contiguous row [o | gelu(carry)].
 struct AttentionArgs {
   DType dtype = DType::f16;
   int64_t rows = 0, heads = 0, head_dim = 0, capacity = 0;
@@ -36,6 +37,7 @@ struct AttentionArgs {
   const void* slot_bias = nullptr;  ///< optional [rows, heads, capacity], added to every slot's score
   int64_t splits = 1, chunk = 1;    ///< splits * chunk >= capacity
   float* partial = nullptr;         ///< workspace: rows * heads * splits * (head_dim + 2) floats
+  int* counters = nullptr;  ///< rows * heads zeros before the first launch; every launch leaves them zero
   void* out = nullptr;              ///< attention output at out[b * out_stride + h * head_dim + d]
   int64_t out_stride = 0;
   const void* carry = nullptr;  ///< optional: carry_cols inputs of the MLP per row (row stride qkv_stride)
@@ -50,14 +52,34 @@ void decode_attention(const AttentionArgs& args, cudaStream_t stream);
 void add_and_layer_norm(DType dtype, void* x, const void* pending, void* out, const void* gamma, const void* beta,
                         int64_t rows, int64_t cols, float eps, cudaStream_t stream);
 
-/// y[r, :] = x[r, :] . w^T (accumulate: y += ...) for 1 to kMaxGemvRows rows: a weight-
-/// streaming matrix-vector product for the decode step's small batches. w is [n, k] row-major;
-/// x and w must allow 16-byte loads (x_stride a multiple of 16 / element size, both pointers
-/// 16-byte aligned: the caller checks); y is written one value at a time. Returns false, launching nothing, for
-/// rows outside [1, kMaxGemvRows], n < 1, or k not a multiple of 16 / element size.
+/// y[r, :] = x[r, :] . w^T for 1 to kMaxGemvRows rows: a weight-streaming matrix-vector
+/// product for the decode step's small batches, with the step's neighbours fused in:
+///   layer_norm: x's rows normalised first (LayerNorm over k, eps; * gamma + beta when given),
+///               as add_and_layer_norm computes `out` (no pending);
+///   accumulate: y's old value added before the one rounding (a GEMM with beta = 1);
+///   bias:       then bias[j] added and rounded again (the next LayerNorm's pending add).
+/// w is [n, k] row-major; x and w must allow 16-byte loads (x_stride a multiple of 16 / element
+/// size, both pointers 16-byte aligned: the caller checks); y is written one value at a time.
 constexpr int64_t kMaxGemvRows = 8;
-bool gemv(DType dtype, const void* x, int64_t x_stride, const void* w, int64_t rows, int64_t n, int64_t k, void* y,
-          int64_t y_stride, bool accumulate, cudaStream_t stream);
+struct GemvArgs {
+  DType dtype = DType::f16;
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const void* w = nullptr;
+  int64_t rows = 0, n = 0, k = 0;
+  void* y = nullptr;
+  int64_t y_stride = 0;
+  bool accumulate = false;
+  const void* bias = nullptr;  ///< n values, optional
+  bool layer_norm = false;
+  const void* gamma = nullptr;  ///< k values, optional (layer_norm)
+  const void* beta = nullptr;   ///< k values, optional (layer_norm)
+  float eps = 1e-5f;
+};
+/// Whether gemv takes `rows` rows of k values (with layer_norm, they must fit its shared memory).
+bool gemv_fits(DType dtype, int64_t rows, int64_t k, bool layer_norm);
+/// Launches the product; false, launching nothing, where gemv_fits says no or n is outside [1, 2^31].
+bool gemv(const GemvArgs& args, cudaStream_t stream);
 
 /// The CUDA error of the last launch, as text ("" when none).
 const char* last_error();
