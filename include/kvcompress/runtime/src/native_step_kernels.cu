@@ -134,7 +134,7 @@ __device__ void score_chunk(const AttentionArgs& a, int64_t b, int64_t h, int64_
   __shared__ float q[kMaxHeadDim], k_new[kMaxHeadDim], v_new[kMaxHeadDim], q_rot[kMaxHeadDim], k_rot[kMaxHeadDim];
   __shared__ float scratch[kThreads / 32];
   __shared__ float sums[kThreads * W];  // the slot groups' partial outputs
-  extern __shared__ float scores[];     // chunk floats
+  extern __shared__ float scores[];     // chunk floats (+ chunk x segments partial dots)
   const int D = static_cast<int>(a.head_dim);
   const T* row = static_cast<const T*>(a.qkv) + b * a.qkv_stride + h * 3 * a.head_dim;
   const T* row_bias = static_cast<const T*>(a.qkv_bias) + h * 3 * a.head_dim;
@@ -162,26 +162,50 @@ __device__ void score_chunk(const AttentionArgs& a, int64_t b, int64_t h, int64_
   }
   const T* bias = a.slot_bias ? static_cast<const T*>(a.slot_bias) + (b * a.heads + h) * a.capacity : nullptr;
   float local_max = -INFINITY;
-  for (int64_t j = start + threadIdx.x; j < end; j += kThreads) {
-    float dot = 0.f;
-    if (j == len) {
-      for (int d = 0; d < D; ++d) dot += q_rot[d] * k_rot[d];
-    } else if (a.vectorized) {
-      const T* kj = keys + j * D;
-      for (int d = 0; d < D; d += W) {
-        float k[W];
-        Vec<T>::load(kj + d, k);
+  if (a.vectorized) {
+    // Partial dot products of 16 bytes of a key each: the chunk's keys are one contiguous block,
+    // read by consecutive threads (coalesced, and no load waits on another), then summed per slot.
+    const int segments = D / W, n = static_cast<int>(end - start) * segments;
+    float* dots = scores + a.chunk;  // [slot - start][segment]
+#pragma unroll 4
+    for (int v = threadIdx.x; v < n; v += kThreads) {
+      const int64_t j = start + v / segments;
+      const int d0 = (v % segments) * W;
+      float k[W];
+      if (j == len) {
 #pragma unroll
-        for (int i = 0; i < W; ++i) dot += q_rot[d + i] * k[i];
+        for (int i = 0; i < W; ++i) k[i] = k_rot[d0 + i];
+      } else {
+        Vec<T>::load(keys + j * D + d0, k);
       }
-    } else {
-      const T* kj = keys + j * D;
-      for (int d = 0; d < D; ++d) dot += q_rot[d] * to_float(kj[d]);
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < W; ++i) dot += q_rot[d0 + i] * k[i];
+      dots[v] = dot;
     }
-    float score = dot * a.scale;
-    if (bias) score += to_float(bias[j]);  // every slot, the new one too (the contract's slot_bias)
-    scores[j - start] = score;
-    local_max = fmaxf(local_max, score);
+    __syncthreads();
+    for (int64_t j = start + threadIdx.x; j < end; j += kThreads) {
+      float dot = 0.f;
+      for (int seg = 0; seg < segments; ++seg) dot += dots[(j - start) * segments + seg];
+      float score = dot * a.scale;
+      if (bias) score += to_float(bias[j]);  // every slot, the new one too (the contract's slot_bias)
+      scores[j - start] = score;
+      local_max = fmaxf(local_max, score);
+    }
+  } else {
+    for (int64_t j = start + threadIdx.x; j < end; j += kThreads) {
+      float dot = 0.f;
+      const T* kj = keys + j * D;
+      if (j == len) {
+        for (int d = 0; d < D; ++d) dot += q_rot[d] * k_rot[d];
+      } else {
+        for (int d = 0; d < D; ++d) dot += q_rot[d] * to_float(kj[d]);
+      }
+      float score = dot * a.scale;
+      if (bias) score += to_float(bias[j]);
+      scores[j - start] = score;
+      local_max = fmaxf(local_max, score);
+    }
   }
   const float m = block_max<kThreads>(local_max, scratch);
   float local_sum = 0.f;
@@ -207,6 +231,7 @@ __device__ void score_chunk(const AttentionArgs& a, int64_t b, int64_t h, int64_
     for (int i = 0; i < W; ++i) acc[i] = 0.f;
     if (g < groups) {
       const int d0 = seg * width;
+#pragma unroll 4
       for (int64_t j = start + g; j < end; j += groups) {
         const float p = scores[j - start];
         if (j == len) {
@@ -335,7 +360,10 @@ template <typename T>
 void launch_attention(const AttentionArgs& a, cudaStream_t stream) {
   const int64_t gelu_blocks = a.carry ? (a.rows * a.carry_cols + kThreads - 1) / kThreads : 0;
   const unsigned grid = static_cast<unsigned>(a.rows * a.heads * a.splits + gelu_blocks);
-  split_attention<T><<<grid, kThreads, static_cast<size_t>(a.chunk) * sizeof(float), stream>>>(a);
+  // Shared: the chunk's scores, and its keys' partial dot products when vectorized.
+  const int64_t segments = a.vectorized ? a.head_dim / Vec<T>::kWidth : 0;
+  const size_t shared = static_cast<size_t>(a.chunk * (1 + segments)) * sizeof(float);
+  split_attention<T><<<grid, kThreads, shared, stream>>>(a);
 }
 
 // Shared memory a gemv block may use for its LayerNorm'd input rows without opting in (48 KiB
