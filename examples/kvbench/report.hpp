@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <filesystem>
@@ -255,6 +256,9 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
   j["shared_prompt"] = o.shared_prompt;
   j["cuda_graph"] = o.cuda_graph;
   j["native_step"] = o.native_step;
+  // The native step's products (runtime/native_step.hpp): "default" = the fused gemv at one row.
+  const char* native_gemv = std::getenv("KVC_NATIVE_GEMV");
+  j["native_gemv"] = o.native_step ? (native_gemv ? native_gemv : "default") : "";
   j["jit_optimize"] = torch::jit::getGraphExecutorOptimize();
   j["skip_layers"] = o.skip_layers;
   j["generate"] = o.generate;

@@ -1,12 +1,13 @@
 #pragma once
 // The one-token decode step of a GPT-NeoX (Pythia) contract model in kvcompress's own CUDA
-// kernels, beside the TorchScript `step` (the reference, and the CPU path). Per layer: one
-// kernel adds the previous layer's output bias and normalises, one matrix product computes QKV
-// and the MLP's input at once (the LayerNorms folded into the weights, as export_pythia.py
-// --fuse-layers does), one split-K decode attention applies rotary, writes the new key and value
-// in place and attends over the fixed-capacity cache, one kernel combines its splits and applies
-// GELU, and one matrix product adds attention output and MLP output into the residual. Five
-// kernels a layer where the TorchScript step launches about twelve (docs/PERFORMANCE.md).
+// kernels, beside the TorchScript `step` (the reference, and the CPU path). Per layer, at one
+// row (the latency case): one matrix product normalises the residual and computes QKV and the
+// MLP's input at once (the LayerNorms folded into the weights, as export_pythia.py --fuse-layers
+// does); one split-K decode attention applies rotary, writes the new key and value in place,
+// attends over the fixed-capacity cache, combines its splits and applies GELU; one matrix
+// product adds attention output, MLP output and their bias into the residual. Three launches
+// a layer where the TorchScript step launches about twelve. Larger batches normalise in a
+// kernel of its own and multiply in cuBLAS (KVC_NATIVE_GEMV chooses; docs/PERFORMANCE.md).
 // On the CPU the same algorithm runs in ATen operators, rounding where the kernels round: not a
 // fast path (the TorchScript step stays the CPU's), but the kernels' arithmetic checkable
 // against the TorchScript step on any machine (folded weights, layouts, rotary, masks).

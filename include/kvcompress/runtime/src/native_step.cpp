@@ -142,17 +142,19 @@ struct NativeStep::Impl {
     return held;
   }
 
-  // KVC_NATIVE_GEMV=1 (read when the step is built; off by default until measured faster,
-  // docs/PERFORMANCE.md): up to kernels::kMaxGemvRows rows run the step's products in
-  // kvcompress's gemv kernel instead of cuBLAS, with each LayerNorm fused into the product that
-  // reads it and the output bias into the product before it -- three launches a layer. CUDA
-  // only, and only where the weights allow 16-byte loads (weights_aligned).
-  bool own_products = false, weights_aligned = false;
+  // The fused products: kvcompress's gemv kernel instead of cuBLAS, each LayerNorm fused into
+  // the product that reads it and the output bias into the product before it -- three launches
+  // a layer. For up to gemv_rows rows: 1 by default (faster than cuBLAS at one row on an H100,
+  // 2-3x slower at 8: docs/PERFORMANCE.md); KVC_NATIVE_GEMV=0 never, =1 up to
+  // kernels::kMaxGemvRows (read when the step is built). CUDA only, and only where the weights
+  // allow 16-byte loads (weights_aligned).
+  int64_t gemv_rows = 1;
+  bool weights_aligned = false;
 
   bool fused_products(int64_t rows) const {
 #ifdef KVC_NATIVE_KERNELS
     const auto kt = kernel_dtype(dtype);
-    return own_products && weights_aligned && device.is_cuda() && kernels::gemv_fits(kt, rows, hidden, true) &&
+    return rows <= gemv_rows && weights_aligned && device.is_cuda() && kernels::gemv_fits(kt, rows, hidden, true) &&
            kernels::gemv_fits(kt, rows, hidden + ffn, false);
 #else
     (void)rows;
@@ -314,7 +316,9 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
   if (const char* own = std::getenv("KVC_NATIVE_GEMV")) {
     const std::string v = own;
     if (v != "0" && v != "1") throw Error("native step: KVC_NATIVE_GEMV must be 0 or 1, got '" + v + "'");
-    m.own_products = v == "1";
+#ifdef KVC_NATIVE_KERNELS
+    m.gemv_rows = v == "1" ? kernels::kMaxGemvRows : 0;
+#endif
   }
   const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
 #ifndef KVC_NATIVE_KERNELS
