@@ -10,7 +10,7 @@
 //                   [--ffn 10240] [--vocab 50304] [--rotary 20] [--dtype float16] [--reps 100]
 #include <kvcompress/runtime/device.hpp>
 
-#include "../include/kvcompress/runtime/src/native_step_kernels.cuh"
+#include "../include/kvcompress/runtime/src/native_step_kernels_aten.hpp"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -84,10 +84,6 @@ Shape parse(int argc, char** argv) {
   return s;
 }
 
-kn::DType kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat ? kn::DType::f32 : t == at::kHalf ? kn::DType::f16 : kn::DType::bf16;
-}
-
 void check_launch(const char* what) {
   const std::string error = kn::last_error();
   if (!error.empty()) throw std::runtime_error(std::string(what) + ": CUDA error: " + error);
@@ -147,7 +143,7 @@ int main(int argc, char** argv) {
     };
 
     kn::AttentionArgs a;
-    a.dtype = kernel_dtype(s.dtype);
+    a.dtype = kn::kernel_dtype(s.dtype);
     a.rows = s.rows;
     a.heads = s.heads;
     a.head_dim = dim;
@@ -177,16 +173,7 @@ int main(int argc, char** argv) {
     // kernels::gemv: out = [LayerNorm](in) . weight^T [+ out] [+ bias].
     const auto gemv = [&](const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight, bool accumulate,
                           const at::Tensor* bias, bool layer_norm, bool affine, const char* what) {
-      kn::GemvArgs g;
-      g.dtype = a.dtype;
-      g.x = in.data_ptr();
-      g.x_stride = in.size(1);
-      g.w = weight.data_ptr();
-      g.rows = s.rows;
-      g.n = weight.size(0);
-      g.k = weight.size(1);
-      g.y = out.data_ptr();
-      g.y_stride = out.size(1);
+      kn::GemvArgs g = kn::gemv_args(out, in, weight);
       g.accumulate = accumulate;
       g.bias = bias ? bias->data_ptr() : nullptr;
       g.layer_norm = layer_norm;

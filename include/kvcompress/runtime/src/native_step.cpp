@@ -13,7 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "native_step_kernels.cuh"
+#include "native_step_kernels_aten.hpp"
 #define KVC_NATIVE_KERNELS 1
 #endif
 
@@ -42,9 +42,7 @@ void check_dtype(at::ScalarType t) {
 }
 
 #ifdef KVC_NATIVE_KERNELS
-kernels::DType kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat ? kernels::DType::f32 : t == at::kHalf ? kernels::DType::f16 : kernels::DType::bf16;
-}
+using kernels::kernel_dtype;
 
 void check_launch(const char* what) {
   const std::string error = kernels::last_error();
@@ -162,29 +160,12 @@ struct NativeStep::Impl {
 #endif
   }
 
-  // out = in . weight^T (accumulate: out += ...), weight [n, k] contiguous: cuBLAS (ATen).
-  void product(at::Tensor out, const at::Tensor& in, const at::Tensor& weight, bool accumulate) const {
-    if (accumulate)
-      out.addmm_(in, weight.t());
-    else
-      at::mm_out(out, in, weight.t());
-  }
-
 #ifdef KVC_NATIVE_KERNELS
   // The fused products (fused_products): out = [LayerNorm](in) . weight^T [+ out] [+ bias].
   void fused_product(const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight, bool accumulate,
                      const at::Tensor* bias, bool layer_norm, const at::Tensor* gamma = nullptr,
                      const at::Tensor* beta = nullptr) const {
-    kernels::GemvArgs g;
-    g.dtype = kernel_dtype(dtype);
-    g.x = in.data_ptr();
-    g.x_stride = in.stride(0);
-    g.w = weight.data_ptr();
-    g.rows = in.size(0);
-    g.n = weight.size(0);
-    g.k = weight.size(1);
-    g.y = out.data_ptr();
-    g.y_stride = out.stride(0);
+    kernels::GemvArgs g = kernels::gemv_args(out, in, weight);
     g.accumulate = accumulate;
     g.bias = bias ? bias->data_ptr() : nullptr;
     g.layer_norm = layer_norm;
@@ -476,10 +457,10 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
     }
 #endif
     m.add_and_layer_norm(w, pending, nullptr, nullptr);
-    m.product(w.projected, w.normed, layer.in_weight, false);  // its bias added by the attention
+    at::mm_out(w.projected, w.normed, layer.in_weight.t());  // its bias added by the attention
     m.attention(l, layer, key_buffers.get(l), value_buffers.get(l), lengths, position_ids,
                 bias.defined() ? &bias : nullptr, w);
-    m.product(w.x, w.joined, layer.out_weight, true);  // residual + attention and MLP outputs, bias pending
+    w.x.addmm_(w.joined, layer.out_weight.t());  // residual + attention and MLP outputs, bias pending
     pending = &layer.out_bias;
   }
 #ifdef KVC_NATIVE_KERNELS
@@ -489,7 +470,7 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
 #endif
   {
     m.add_and_layer_norm(w, pending, &m.final_weight, &m.final_bias);
-    m.product(w.logits_model, w.normed, m.embed_out, false);
+    at::mm_out(w.logits_model, w.normed, m.embed_out.t());
   }
   // A tensor of the caller's own (a graph's memory when captured), not the shared scratch; it
   // keeps the scratch alive while it lives (a graph replays into the scratch it captured).
