@@ -170,17 +170,34 @@ int main(int argc, char** argv) {
     a.carry_out = static_cast<char*>(joined.data_ptr()) + h * esz;
 
     auto stream = [] { return c10::cuda::getCurrentCUDAStream().stream(); };
-    // kernels::gemv: out = [LayerNorm](in) . weight^T [+ out] [+ bias].
-    const auto gemv = [&](const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight, bool accumulate,
-                          const at::Tensor* bias, bool layer_norm, bool affine, const char* what) {
-      kn::GemvArgs g = kn::gemv_args(out, in, weight);
-      g.accumulate = accumulate;
-      g.bias = bias ? bias->data_ptr() : nullptr;
-      g.layer_norm = layer_norm;
-      g.gamma = affine ? gamma.data_ptr() : nullptr;
-      g.beta = affine ? beta.data_ptr() : nullptr;
+    at::Tensor mlp_sums = at::empty({s.rows, h}, opts.dtype(at::kFloat));
+    // The fused products (kernels::gemv), as the step sets them up.
+    const auto checked = [&](const kn::GemvArgs& g, const char* what) {
       if (!kn::gemv(g, stream())) throw std::runtime_error(std::string(what) + ": gemv refused its shape");
       check_launch(what);
+    };
+    const auto in_args = [&](size_t l) {  // LayerNorm + product in, GELU of the MLP's columns
+      kn::GemvArgs g = kn::gemv_args(projected, x, w_in[l]);
+      g.layer_norm = true;
+      g.gelu_from = 3 * h;
+      g.gelu_bias = static_cast<const char*>(b_in.data_ptr()) + 3 * h * esz;
+      g.gelu_out = static_cast<char*>(joined.data_ptr()) + h * esz;
+      g.gelu_stride = joined.stride(0);
+      return g;
+    };
+    const auto mlp_args = [&](size_t l) {  // the attention's side product: the MLP's share of product out
+      kn::GemvArgs g = kn::gemv_args(mlp_sums, joined.narrow(1, h, s.ffn), w_out[l].narrow(1, h, s.ffn));
+      g.sums = mlp_sums.data_ptr<float>();
+      g.sums_stride = mlp_sums.stride(0);
+      return g;
+    };
+    const auto out_args = [&](size_t l) {  // the attention's share + the MLP's sums + residual + bias
+      kn::GemvArgs g = kn::gemv_args(x, joined.narrow(1, 0, h), w_out[l].narrow(1, 0, h));
+      g.addend = mlp_sums.data_ptr<float>();
+      g.addend_stride = mlp_sums.stride(0);
+      g.accumulate = true;
+      g.bias = b_out.data_ptr();
+      return g;
     };
     const auto layer_norm = [&] {
       kn::add_and_layer_norm(a.dtype, x.data_ptr(), b_out.data_ptr(), normed.data_ptr(), nullptr, nullptr, s.rows, h,
@@ -188,13 +205,19 @@ int main(int argc, char** argv) {
       check_launch("LayerNorm");
     };
     const auto product_in = [&] { at::mm_out(projected, normed, w_in[next_layer()].t()); };
-    const auto attention = [&] {
-      const size_t l = next_layer();
-      a.keys = keys[l].data_ptr();
-      a.values = values[l].data_ptr();
-      kn::decode_attention(a, stream());
+    const auto launch_attention = [&](size_t l, const kn::GemvArgs* side) {
+      kn::AttentionArgs at_ = a;
+      at_.keys = keys[l].data_ptr();
+      at_.values = values[l].data_ptr();
+      if (side) {
+        at_.carry = nullptr;
+        at_.has_side_product = true;
+        at_.side_product = *side;
+      }
+      if (!kn::decode_attention(at_, stream())) throw std::runtime_error("decode attention refused its shape");
       check_launch("decode attention");
     };
+    const auto attention = [&] { launch_attention(next_layer(), nullptr); };
     const auto product_out = [&] { x.addmm_(joined, w_out[next_layer()].t()); };
     const auto final_norm = [&] {
       kn::add_and_layer_norm(a.dtype, x.data_ptr(), b_out.data_ptr(), normed.data_ptr(), gamma.data_ptr(),
@@ -202,10 +225,27 @@ int main(int argc, char** argv) {
       check_launch("final LayerNorm");
     };
     const auto product_logits = [&] { at::mm_out(logits, normed, embed_out.t()); };
-    const bool fits = kn::gemv_fits(a.dtype, s.rows, h, true) && kn::gemv_fits(a.dtype, s.rows, h + s.ffn, false);
-    const auto fused_in = [&] { gemv(projected, x, w_in[next_layer()], false, nullptr, true, false, "LayerNorm + product in"); };
-    const auto fused_out = [&] { gemv(x, joined, w_out[next_layer()], true, &b_out, false, false, "product out + bias"); };
-    const auto fused_logits = [&] { gemv(logits, x, embed_out, false, nullptr, true, true, "final LayerNorm + logits"); };
+    const bool fits = kn::gemv_fits(a.dtype, s.rows, h, true) && kn::gemv_fits(a.dtype, s.rows, s.ffn, false);
+    const auto fused_in = [&] { checked(in_args(next_layer()), "LayerNorm + product in + GELU"); };
+    const auto attention_mlp = [&] {
+      const size_t l = next_layer();
+      const kn::GemvArgs side = mlp_args(l);
+      launch_attention(l, &side);
+    };
+    const auto fused_out = [&] { checked(out_args(next_layer()), "attention's product + bias"); };
+    const auto fused_second = [&] {  // the attention with the MLP's product, then the attention's
+      const size_t l = next_layer();
+      const kn::GemvArgs side = mlp_args(l);
+      launch_attention(l, &side);
+      checked(out_args(l), "attention's product + bias");
+    };
+    const auto fused_logits = [&] {
+      kn::GemvArgs g = kn::gemv_args(logits, x, embed_out);
+      g.layer_norm = true;
+      g.gamma = gamma.data_ptr();
+      g.beta = beta.data_ptr();
+      checked(g, "final LayerNorm + logits");
+    };
     // The residual grows by a random product every launch: keep it finite between timings.
     const auto settle = [&] { x.normal_(); };
 
@@ -226,18 +266,21 @@ int main(int argc, char** argv) {
     const double in_bytes = static_cast<double>((3 * h + s.ffn) * h * esz);
     const double out_bytes = static_cast<double>(h * (h + s.ffn) * esz);
     const double logit_bytes = static_cast<double>(s.vocab * h * esz);
+    const double kv_bytes = 2.0 * static_cast<double>(s.rows * s.heads * s.capacity * dim * esz);
     std::vector<Op> ops{
         {"LayerNorm (+ pending bias)", layer_norm, 3.0 * act * h, s.layers, false, true},
         {"product in (cuBLAS)", product_in, in_bytes, s.layers, false, true},
-        {"attention+combine+GELU", attention,
-         2.0 * static_cast<double>(s.rows * s.heads * s.capacity * dim * esz) + 2.0 * act * s.ffn, s.layers, true, true},
+        {"attention+combine+GELU", attention, kv_bytes + 2.0 * act * s.ffn, s.layers, false, true},
         {"product out (cuBLAS)", product_out, out_bytes, s.layers, false, true},
         {"final LayerNorm", final_norm, 3.0 * act * h, 1, false, true},
         {"logits (cuBLAS)", product_logits, logit_bytes, 1, false, true},
     };
     if (fits) {
-      ops.push_back({"LayerNorm + product in (gemv)", fused_in, in_bytes, s.layers, true, false});
-      ops.push_back({"product out + bias (gemv)", fused_out, out_bytes, s.layers, true, false});
+      ops.push_back({"LN + product in + GELU (gemv)", fused_in, in_bytes, s.layers, true, false});
+      ops.push_back({"attention + MLP's product out", attention_mlp,
+                     kv_bytes + static_cast<double>(h * s.ffn * esz), s.layers, true, false});
+      ops.push_back({"attention's product out+bias", fused_out, static_cast<double>(h * h * esz), s.layers, true,
+                     false});
       ops.push_back({"final LN + logits (gemv)", fused_logits, logit_bytes, 1, true, false});
     }
     double step_us = 0, fused_us = 0;
@@ -280,8 +323,8 @@ int main(int argc, char** argv) {
                 ops[0].us + ops[1].us + ops[2].us + ops[3].us);
     if (fits) {
       settle();
-      const double fused_layer_us = time_us([&] { fused_in(); attention(); fused_out(); }, s.reps);
-      std::printf(", fused %.2f us (sum %.2f)", fused_layer_us, ops[6].us + ops[2].us + ops[7].us);
+      const double fused_layer_us = time_us([&] { fused_in(); fused_second(); }, s.reps);
+      std::printf(", fused %.2f us (sum %.2f)", fused_layer_us, ops[6].us + ops[7].us + ops[8].us);
     }
     std::printf("\n");
     if (!fits) return 0;
@@ -308,8 +351,17 @@ int main(int argc, char** argv) {
                              affine ? beta.data_ptr() : nullptr, s.rows, h, 1e-5f, stream());
       check_launch("LayerNorm");
     };
-    compare("LayerNorm + product in", [&] { norm_only(false); product_in(); }, fused_in, projected);
-    compare("product out + bias", [&] { product_out(); layer_norm(); }, fused_out, x);
+    // The first product: its q/k/v columns, and the GELU of its MLP columns (after the bias).
+    const auto gelu_reference = [&] {
+      const at::Tensor mlp_in = (projected.narrow(1, 3 * h, s.ffn).to(at::kFloat) +
+                                 b_in.narrow(0, 3 * h, s.ffn).to(at::kFloat)).to(s.dtype).to(at::kFloat);
+      joined.narrow(1, h, s.ffn).copy_(at::gelu(mlp_in));
+    };
+    const at::Tensor qkv_columns = projected.narrow(1, 0, 3 * h), gelu_columns = joined.narrow(1, h, s.ffn);
+    compare("LayerNorm + product in", [&] { norm_only(false); product_in(); }, fused_in, qkv_columns);
+    compare("GELU of product in", [&] { norm_only(false); product_in(); gelu_reference(); }, fused_in, gelu_columns);
+    // The second product over the joined row the attention writes ([o | gelu], the same in both).
+    compare("product out + bias", [&] { attention_mlp(); layer_at = 0; product_out(); layer_norm(); }, fused_second, x);
     compare("final LayerNorm + logits", [&] { norm_only(true); product_logits(); }, fused_logits, logits);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "native_step_ops: error: %s\n", e.what());

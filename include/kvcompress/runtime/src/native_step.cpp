@@ -107,6 +107,7 @@ struct NativeStep::Impl {
   struct Scratch {
     int64_t rows = 0, capacity = 0;
     at::Tensor x, normed, projected, joined, logits_model, partial, counters;
+    at::Tensor mlp_sums;  // CUDA: the fused second product's MLP share, float32 [rows, hidden]
   };
   std::map<size_t, std::shared_ptr<Scratch>> scratch;
   std::mutex scratch_mutex;
@@ -136,6 +137,7 @@ struct NativeStep::Impl {
     if (device.is_cuda()) {
       s.partial = at::empty({rows * shape.num_heads * splits * (shape.head_dim + 2)}, opts.dtype(at::kFloat));
       s.counters = at::zeros({rows * shape.num_heads}, opts.dtype(at::kInt));  // the attention leaves them zero
+      s.mlp_sums = at::empty({rows, hidden}, opts.dtype(at::kFloat));
     }
     return held;
   }
@@ -151,9 +153,11 @@ struct NativeStep::Impl {
 
   bool fused_products(int64_t rows) const {
 #ifdef KVC_NATIVE_KERNELS
+    // The second product runs as two (the attention's side product over the MLP's columns, then
+    // the attention's columns): each slice of k in whole 16-byte loads.
     const auto kt = kernel_dtype(dtype);
     return rows <= gemv_rows && weights_aligned && device.is_cuda() && kernels::gemv_fits(kt, rows, hidden, true) &&
-           kernels::gemv_fits(kt, rows, hidden + ffn, false);
+           kernels::gemv_fits(kt, rows, ffn, false);
 #else
     (void)rows;
     return false;
@@ -161,21 +165,19 @@ struct NativeStep::Impl {
   }
 
 #ifdef KVC_NATIVE_KERNELS
-  // The fused products (fused_products): out = [LayerNorm](in) . weight^T [+ out] [+ bias].
-  void fused_product(const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight, bool accumulate,
-                     const at::Tensor* bias, bool layer_norm, const at::Tensor* gamma = nullptr,
-                     const at::Tensor* beta = nullptr) const {
+  // The fused products' arguments (fused_products): out = [LayerNorm](in) . weight^T, the rest
+  // set by the caller.
+  kernels::GemvArgs product_args(const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight) const {
     kernels::GemvArgs g = kernels::gemv_args(out, in, weight);
-    g.accumulate = accumulate;
-    g.bias = bias ? bias->data_ptr() : nullptr;
-    g.layer_norm = layer_norm;
-    g.gamma = gamma ? gamma->data_ptr() : nullptr;
-    g.beta = beta ? beta->data_ptr() : nullptr;
     g.eps = static_cast<float>(shape.layer_norm_eps);
+    return g;
+  }
+
+  void launch_product(const kernels::GemvArgs& g, const char* what) const {
     if (!kernels::gemv(g, c10::cuda::getCurrentCUDAStream().stream()))  // fused_products() said it fits
-      throw Error("native step: internal error: the gemv kernel refused a product of " + std::to_string(g.rows) +
-                  " rows, " + std::to_string(g.n) + " x " + std::to_string(g.k));
-    check_launch(layer_norm ? "LayerNorm + matrix-vector product" : "matrix-vector product");
+      throw Error(std::string("native step: internal error: the gemv kernel refused the ") + what + " of " +
+                  std::to_string(g.rows) + " rows, " + std::to_string(g.n) + " x " + std::to_string(g.k));
+    check_launch(what);
   }
 #endif
 
@@ -194,52 +196,71 @@ struct NativeStep::Impl {
     add_and_layer_norm_cpu(w.x, pending, w.normed, gamma, beta, shape.layer_norm_eps);
   }
 
+#ifdef KVC_NATIVE_KERNELS
+  // The decode attention kernel's arguments for layer l over its buffers into joined[:, :hidden]
+  // (the product's bias added, rotary applied, the new key and value written at each row's
+  // length); the caller adds what its other blocks do (carry or side_product).
+  kernels::AttentionArgs attention_args(int64_t l, const Layer& layer, const at::Tensor& keys, const at::Tensor& values,
+                                        const at::Tensor& lengths, const at::Tensor& position_ids,
+                                        const at::Tensor* bias, Scratch& w) const {
+    const bool per_row = lengths.dim() == 2, per_layer = position_ids.dim() == 3;
+    kernels::AttentionArgs a;
+    a.dtype = kernel_dtype(dtype);
+    a.rows = w.x.size(0);
+    a.heads = shape.num_heads;
+    a.head_dim = shape.head_dim;
+    a.capacity = keys.size(2);
+    a.qkv = w.projected.data_ptr();
+    a.qkv_stride = w.projected.size(1);
+    a.qkv_bias = layer.in_bias.data_ptr();
+    a.keys = keys.data_ptr();
+    a.values = values.data_ptr();
+    a.vectorized = (a.head_dim * keys.element_size()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(keys.data_ptr()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(values.data_ptr()) % 16 == 0;
+    a.lengths = lengths.data_ptr<int64_t>() + (per_row ? l * a.rows : l);
+    a.lengths_stride = per_row ? 1 : 0;
+    a.positions = position_ids.data_ptr<int64_t>() + (per_layer ? l * position_ids.stride(0) : 0);
+    a.positions_stride = per_layer ? position_ids.stride(1) : position_ids.stride(0);
+    a.rotary_ndims = shape.rotary_ndims;
+    a.rotary_base = static_cast<float>(shape.rotary_base);
+    a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(a.head_dim)));
+    a.slot_bias = bias ? bias->data_ptr() : nullptr;
+    a.chunk = kChunk;
+    a.splits = (a.capacity + kChunk - 1) / kChunk;
+    a.partial = w.partial.data_ptr<float>();
+    a.counters = w.counters.data_ptr<int>();
+    a.out = w.joined.data_ptr();
+    a.out_stride = w.joined.size(1);
+    return a;
+  }
+
+  void launch_attention(const kernels::AttentionArgs& a, int64_t l) const {
+    if (!kernels::decode_attention(a, c10::cuda::getCurrentCUDAStream().stream()))  // step() checked the grid
+      throw Error("native step: internal error: the decode attention refused layer " + std::to_string(l) + "'s launch");
+    check_launch("decode attention");
+  }
+#endif
+
   // Layer l's attention over its buffers into joined[:, :hidden] (the product's bias added,
   // rotary applied, the new key and value written at each row's length), and GELU of the MLP's
   // input into joined[:, hidden:].
   void attention(int64_t l, const Layer& layer, const at::Tensor& keys, const at::Tensor& values,
                  const at::Tensor& lengths, const at::Tensor& position_ids, const at::Tensor* bias, Scratch& w) const {
-    const int64_t rows = w.x.size(0), heads = shape.num_heads, dim = shape.head_dim;
-    const bool per_row = lengths.dim() == 2, per_layer = position_ids.dim() == 3;
-    const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
 #ifdef KVC_NATIVE_KERNELS
     if (device.is_cuda()) {
-      kernels::AttentionArgs a;
-      a.dtype = kernel_dtype(dtype);
-      a.rows = rows;
-      a.heads = heads;
-      a.head_dim = dim;
-      a.capacity = keys.size(2);
-      a.qkv = w.projected.data_ptr();
-      a.qkv_stride = w.projected.size(1);
-      a.qkv_bias = layer.in_bias.data_ptr();
-      a.keys = keys.data_ptr();
-      a.values = values.data_ptr();
-      a.vectorized = (dim * keys.element_size()) % 16 == 0 && reinterpret_cast<uintptr_t>(keys.data_ptr()) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(values.data_ptr()) % 16 == 0;
-      a.lengths = lengths.data_ptr<int64_t>() + (per_row ? l * rows : l);
-      a.lengths_stride = per_row ? 1 : 0;
-      a.positions = position_ids.data_ptr<int64_t>() + (per_layer ? l * position_ids.stride(0) : 0);
-      a.positions_stride = per_layer ? position_ids.stride(1) : position_ids.stride(0);
-      a.rotary_ndims = shape.rotary_ndims;
-      a.rotary_base = static_cast<float>(shape.rotary_base);
-      a.scale = static_cast<float>(scale);
-      a.slot_bias = bias ? bias->data_ptr() : nullptr;
-      a.chunk = kChunk;
-      a.splits = (a.capacity + kChunk - 1) / kChunk;
-      a.partial = w.partial.data_ptr<float>();
-      a.counters = w.counters.data_ptr<int>();
-      a.out = w.joined.data_ptr();
-      a.out_stride = w.joined.size(1);
+      kernels::AttentionArgs a = attention_args(l, layer, keys, values, lengths, position_ids, bias, w);
       a.carry = static_cast<const char*>(w.projected.data_ptr()) + 3 * hidden * w.projected.element_size();
       a.carry_bias = static_cast<const char*>(layer.in_bias.data_ptr()) + 3 * hidden * layer.in_bias.element_size();
       a.carry_cols = ffn;
       a.carry_out = static_cast<char*>(w.joined.data_ptr()) + hidden * w.joined.element_size();
-      kernels::decode_attention(a, c10::cuda::getCurrentCUDAStream().stream());
-      check_launch("decode attention");
+      launch_attention(a, l);
       return;
     }
 #endif
+    const int64_t rows = w.x.size(0), heads = shape.num_heads, dim = shape.head_dim;
+    const bool per_row = lengths.dim() == 2, per_layer = position_ids.dim() == 3;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
     const at::Tensor y = rounded(w.projected.to(at::kFloat) + layer.in_bias.to(at::kFloat), dtype);
     const at::Tensor qkv = y.narrow(1, 0, 3 * hidden).view({rows, heads, 3, dim});
     const at::Tensor lens = per_row ? lengths[l] : lengths[l].expand({rows});
@@ -449,10 +470,31 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
     const at::Tensor bias = slot_bias.empty() ? at::Tensor() : slot_bias.get(l);
 #ifdef KVC_NATIVE_KERNELS
     if (fused) {
-      m.fused_product(w.projected, w.x, layer.in_weight, false, nullptr, /*layer_norm=*/true);
-      m.attention(l, layer, key_buffers.get(l), value_buffers.get(l), lengths, position_ids,
-                  bias.defined() ? &bias : nullptr, w);
-      m.fused_product(w.x, w.joined, layer.out_weight, true, &layer.out_bias, false);
+      // LayerNorm + the first product, GELU of its MLP columns into joined[:, hidden:].
+      kernels::GemvArgs in = m.product_args(w.projected, w.x, layer.in_weight);
+      in.layer_norm = true;
+      in.gelu_from = 3 * m.hidden;
+      in.gelu_bias = static_cast<const char*>(layer.in_bias.data_ptr()) + in.gelu_from * layer.in_bias.element_size();
+      in.gelu_out = static_cast<char*>(w.joined.data_ptr()) + m.hidden * w.joined.element_size();
+      in.gelu_stride = w.joined.stride(0);
+      m.launch_product(in, "LayerNorm + first product");
+      // The attention, and in its grid the MLP's share of the second product (float32 sums).
+      kernels::GemvArgs mlp = m.product_args(w.mlp_sums, w.joined.narrow(1, m.hidden, m.ffn),
+                                             layer.out_weight.narrow(1, m.hidden, m.ffn));
+      mlp.sums = w.mlp_sums.data_ptr<float>();
+      mlp.sums_stride = w.mlp_sums.stride(0);
+      kernels::AttentionArgs a = m.attention_args(l, layer, key_buffers.get(l), value_buffers.get(l), lengths,
+                                                  position_ids, bias.defined() ? &bias : nullptr, w);
+      a.has_side_product = true;
+      a.side_product = mlp;
+      m.launch_attention(a, l);
+      // The attention's share + the MLP's sums + the residual, rounded once, + the bias.
+      kernels::GemvArgs out = m.product_args(w.x, w.joined.narrow(1, 0, m.hidden), layer.out_weight.narrow(1, 0, m.hidden));
+      out.addend = mlp.sums;
+      out.addend_stride = mlp.sums_stride;
+      out.accumulate = true;
+      out.bias = layer.out_bias.data_ptr();
+      m.launch_product(out, "second product");
       continue;
     }
 #endif
@@ -465,7 +507,11 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
   }
 #ifdef KVC_NATIVE_KERNELS
   if (fused) {
-    m.fused_product(w.logits_model, w.x, m.embed_out, false, nullptr, true, &m.final_weight, &m.final_bias);
+    kernels::GemvArgs logits = m.product_args(w.logits_model, w.x, m.embed_out);
+    logits.layer_norm = true;
+    logits.gamma = m.final_weight.data_ptr();
+    logits.beta = m.final_bias.data_ptr();
+    m.launch_product(logits, "final LayerNorm + logits");
   } else
 #endif
   {

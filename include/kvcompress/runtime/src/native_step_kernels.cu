@@ -9,6 +9,7 @@
 
 #include <cfloat>
 #include <cstdio>
+#include <limits>
 
 namespace kvcompress {
 namespace runtime {
@@ -264,21 +265,133 @@ __device__ void score_chunk(const AttentionArgs& a, int64_t b, int64_t h, int64_
   }
 }
 
+// One block of a gemv: y[r, j] = x[r, :] . w[j, :] for `Rows` rows over Warps warps, `Split`
+// warps per output j (each over a contiguous 1/Split of k, summed in shared memory in a fixed
+// order): one warp per output leaves too few warps for a card's multiprocessors when n is small.
+// Each lane reads 16 bytes of w's row at a time (a warp: 512 contiguous bytes) and the matching
+// values of x. Sums in float32, rounded as the unfused step rounds (GemvArgs). With layer_norm,
+// the block first normalises x's rows into shared memory (the LayerNorm kernel's arithmetic,
+// rounded to T as its output is) and multiplies those.
+template <typename T, int Rows, int Split, int Warps>
+__device__ void gemv_block(const GemvArgs& g, int64_t block) {
+  constexpr int W = Vec<T>::kWidth, kBlockThreads = Warps * 32;
+  constexpr int kOutputs = Warps / Split;
+  extern __shared__ __align__(16) unsigned char gemv_shared[];  // Rows * k values of T (layer_norm)
+  __shared__ float partial_sums[Warps * Rows];
+  __shared__ float scratch[Warps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part = warp % Split;
+  const int64_t j = block * kOutputs + warp / Split, k = g.k;
+  const T* x = static_cast<const T*>(g.x);
+  int64_t x_stride = g.x_stride;
+  if (g.layer_norm) {  // the whole block, before any warp may leave
+    T* normed = reinterpret_cast<T*>(gemv_shared);
+    const T* gamma = static_cast<const T*>(g.gamma);
+    const T* beta = static_cast<const T*>(g.beta);
+    for (int r = 0; r < Rows; ++r) {
+      const T* xr = x + r * x_stride;
+      float sum = 0.f;
+      for (int64_t c = threadIdx.x; c < k; c += kBlockThreads) sum += to_float(xr[c]);
+      const float mean = block_sum<kBlockThreads>(sum, scratch) / static_cast<float>(k);
+      float sq = 0.f;
+      for (int64_t c = threadIdx.x; c < k; c += kBlockThreads) {
+        const float d = to_float(xr[c]) - mean;
+        sq += d * d;
+      }
+      const float rstd = rsqrtf(block_sum<kBlockThreads>(sq, scratch) / static_cast<float>(k) + g.eps);
+      for (int64_t c = threadIdx.x; c < k; c += kBlockThreads) {
+        float v = (to_float(xr[c]) - mean) * rstd;
+        if (gamma) v = v * to_float(gamma[c]);
+        if (beta) v = v + to_float(beta[c]);
+        normed[r * k + c] = from_float<T>(v);
+      }
+    }
+    __syncthreads();
+    x = normed;
+    x_stride = k;
+  }
+  float acc[Rows];
+#pragma unroll
+  for (int r = 0; r < Rows; ++r) acc[r] = 0.f;
+  if (j < g.n) {
+    const int64_t per_part = (k / W + Split - 1) / Split * W;  // whole 16-byte loads
+    const int64_t c_end = min(k, (part + 1) * per_part);
+    const T* wj = static_cast<const T*>(g.w) + j * (g.w_stride > 0 ? g.w_stride : k);
+#pragma unroll 4
+    for (int64_t c = part * per_part + static_cast<int64_t>(lane) * W; c < c_end; c += 32 * W) {
+      float wv[W];
+      Vec<T>::load(wj + c, wv);
+#pragma unroll
+      for (int r = 0; r < Rows; ++r) {
+        float xv[W];
+        Vec<T>::load(x + r * x_stride + c, xv);
+#pragma unroll
+        for (int i = 0; i < W; ++i) acc[r] += wv[i] * xv[i];
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < Rows; ++r) acc[r] = warp_sum(acc[r]);
+  if (Split > 1) {
+    if (lane == 0)
+      for (int r = 0; r < Rows; ++r) partial_sums[warp * Rows + r] = acc[r];
+    __syncthreads();
+    if (part != 0) return;
+    for (int r = 0; r < Rows; ++r) {
+      float v = 0.f;
+      for (int q = 0; q < Split; ++q) v += partial_sums[(warp + q) * Rows + r];
+      acc[r] = v;
+    }
+  }
+  if (lane != 0 || j >= g.n) return;
+  const T* bias = static_cast<const T*>(g.bias);
+  for (int r = 0; r < Rows; ++r) {
+    float v = acc[r];
+    if (g.addend) v += g.addend[r * g.addend_stride + j];
+    if (g.sums) {
+      g.sums[r * g.sums_stride + j] = v;
+      continue;
+    }
+    if (g.gelu_from >= 0 && j >= g.gelu_from) {
+      const int64_t c = j - g.gelu_from;
+      const float in = round_to<T>(round_to<T>(v) + to_float(static_cast<const T*>(g.gelu_bias)[c]));
+      static_cast<T*>(g.gelu_out)[r * g.gelu_stride + c] = from_float<T>(gelu(in));
+      continue;
+    }
+    T* out = static_cast<T*>(g.y) + r * g.y_stride + j;
+    if (g.accumulate) v += to_float(*out);
+    if (bias) v = round_to<T>(v) + to_float(bias[j]);
+    *out = from_float<T>(v);
+  }
+}
+
+// A gemv launch: 256 threads = 8 warps per block.
+template <typename T, int Rows, int Split>
+__global__ void __launch_bounds__(256) gemv_kernel(GemvArgs g) {
+  gemv_block<T, Rows, Split, 8>(g, blockIdx.x);
+}
+
 // One launch per layer. Blocks [0, rows * heads * splits): one block scores one chunk of one
 // row's head, and the last of a head's splits to finish combines them (a counter per head,
 // reset by that block for the next launch): no second kernel and no gap between the two.
-// Blocks after those apply GELU to the carry.
-template <typename T>
+// Blocks after those either apply GELU to the carry (SideRows == 0) or compute the side
+// product (a gemv of SideRows rows, SideSplit warps per output), whose weight streaming then
+// overlaps the attention's latency; the attention's blocks come first, so they start first.
+template <typename T, int SideRows, int SideSplit>
 __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
   __shared__ bool last;
   const int64_t attention_blocks = a.rows * a.heads * a.splits;
-  if (static_cast<int64_t>(blockIdx.x) >= attention_blocks) {  // GELU of the MLP's input
-    const int64_t e = (static_cast<int64_t>(blockIdx.x) - attention_blocks) * kThreads + threadIdx.x;
-    if (!a.carry || e >= a.rows * a.carry_cols) return;
-    const int64_t b = e / a.carry_cols, c = e % a.carry_cols;
-    const float x = round_to<T>(to_float(static_cast<const T*>(a.carry)[b * a.qkv_stride + c]) +
-                                to_float(static_cast<const T*>(a.carry_bias)[c]));
-    static_cast<T*>(a.carry_out)[b * a.out_stride + c] = from_float<T>(gelu(x));
+  if (static_cast<int64_t>(blockIdx.x) >= attention_blocks) {
+    const int64_t block = static_cast<int64_t>(blockIdx.x) - attention_blocks;
+    if constexpr (SideRows > 0) {
+      gemv_block<T, SideRows, SideSplit, kThreads / 32>(a.side_product, block);
+    } else {  // GELU of the MLP's input
+      const int64_t e = block * kThreads + threadIdx.x;
+      if (!a.carry || e >= a.rows * a.carry_cols) return;
+      const int64_t b = e / a.carry_cols, c = e % a.carry_cols;
+      const float x = round_to<T>(to_float(static_cast<const T*>(a.carry)[b * a.qkv_stride + c]) +
+                                  to_float(static_cast<const T*>(a.carry_bias)[c]));
+      static_cast<T*>(a.carry_out)[b * a.out_stride + c] = from_float<T>(gelu(x));
+    }
     return;
   }
   const int64_t head = blockIdx.x / a.splits, s = blockIdx.x % a.splits, h = head % a.heads, b = head / a.heads;
@@ -356,108 +469,9 @@ __global__ void __launch_bounds__(kNormThreads)
   }
 }
 
-template <typename T>
-void launch_attention(const AttentionArgs& a, cudaStream_t stream) {
-  const int64_t gelu_blocks = a.carry ? (a.rows * a.carry_cols + kThreads - 1) / kThreads : 0;
-  const unsigned grid = static_cast<unsigned>(a.rows * a.heads * a.splits + gelu_blocks);
-  // Shared: the chunk's scores, and its keys' partial dot products when vectorized.
-  const int64_t segments = a.vectorized ? a.head_dim / Vec<T>::kWidth : 0;
-  const size_t shared = static_cast<size_t>(a.chunk * (1 + segments)) * sizeof(float);
-  split_attention<T><<<grid, kThreads, shared, stream>>>(a);
-}
-
 // Shared memory a gemv block may use for its LayerNorm'd input rows without opting in (48 KiB
 // less the kernel's static arrays).
 constexpr int64_t kGemvSharedBytes = 48 * 1024 - 1024;
-
-// y[r, j] = x[r, :] . w[j, :] for `Rows` rows; 256 threads = 8 warps per block, `Split` warps
-// per output j (each over a contiguous 1/Split of k, summed in shared memory in a fixed order):
-// one warp per output leaves too few warps for a card's multiprocessors when n is small.
-// Each lane reads 16 bytes of w's row at a time (a warp: 512 contiguous bytes) and the matching
-// values of x. Sums in float32, rounded as the unfused step rounds: y's old value added before
-// one rounding (a GEMM with beta = 1), then the bias, rounded again (the next LayerNorm's
-// pending add). With layer_norm, every block first normalises x's rows into shared memory (the
-// LayerNorm kernel's arithmetic, rounded to T as its output is) and multiplies those.
-template <typename T, int Rows, int Split>
-__global__ void __launch_bounds__(256) gemv_kernel(GemvArgs g) {
-  constexpr int W = Vec<T>::kWidth;
-  constexpr int kOutputs = 8 / Split;
-  extern __shared__ __align__(16) unsigned char gemv_shared[];  // Rows * k values of T (layer_norm)
-  __shared__ float partial_sums[8 * Rows];
-  __shared__ float scratch[8];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part = warp % Split;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kOutputs + warp / Split, k = g.k;
-  const T* x = static_cast<const T*>(g.x);
-  int64_t x_stride = g.x_stride;
-  if (g.layer_norm) {  // the whole block, before any warp may leave
-    T* normed = reinterpret_cast<T*>(gemv_shared);
-    const T* gamma = static_cast<const T*>(g.gamma);
-    const T* beta = static_cast<const T*>(g.beta);
-    for (int r = 0; r < Rows; ++r) {
-      const T* xr = x + r * x_stride;
-      float sum = 0.f;
-      for (int64_t c = threadIdx.x; c < k; c += 256) sum += to_float(xr[c]);
-      const float mean = block_sum<256>(sum, scratch) / static_cast<float>(k);
-      float sq = 0.f;
-      for (int64_t c = threadIdx.x; c < k; c += 256) {
-        const float d = to_float(xr[c]) - mean;
-        sq += d * d;
-      }
-      const float rstd = rsqrtf(block_sum<256>(sq, scratch) / static_cast<float>(k) + g.eps);
-      for (int64_t c = threadIdx.x; c < k; c += 256) {
-        float v = (to_float(xr[c]) - mean) * rstd;
-        if (gamma) v = v * to_float(gamma[c]);
-        if (beta) v = v + to_float(beta[c]);
-        normed[r * k + c] = from_float<T>(v);
-      }
-    }
-    __syncthreads();
-    x = normed;
-    x_stride = k;
-  }
-  float acc[Rows];
-#pragma unroll
-  for (int r = 0; r < Rows; ++r) acc[r] = 0.f;
-  if (j < g.n) {
-    const int64_t per_part = (k / W + Split - 1) / Split * W;  // whole 16-byte loads
-    const int64_t c_end = min(k, (part + 1) * per_part);
-    const T* wj = static_cast<const T*>(g.w) + j * k;
-#pragma unroll 4
-    for (int64_t c = part * per_part + static_cast<int64_t>(lane) * W; c < c_end; c += 32 * W) {
-      float wv[W];
-      Vec<T>::load(wj + c, wv);
-#pragma unroll
-      for (int r = 0; r < Rows; ++r) {
-        float xv[W];
-        Vec<T>::load(x + r * x_stride + c, xv);
-#pragma unroll
-        for (int i = 0; i < W; ++i) acc[r] += wv[i] * xv[i];
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < Rows; ++r) acc[r] = warp_sum(acc[r]);
-  if (Split > 1) {
-    if (lane == 0)
-      for (int r = 0; r < Rows; ++r) partial_sums[warp * Rows + r] = acc[r];
-    __syncthreads();
-    if (part != 0) return;
-    for (int r = 0; r < Rows; ++r) {
-      float v = 0.f;
-      for (int q = 0; q < Split; ++q) v += partial_sums[(warp + q) * Rows + r];
-      acc[r] = v;
-    }
-  }
-  if (lane != 0 || j >= g.n) return;
-  const T* bias = static_cast<const T*>(g.bias);
-  for (int r = 0; r < Rows; ++r) {
-    T* out = static_cast<T*>(g.y) + r * g.y_stride + j;
-    float v = acc[r];
-    if (g.accumulate) v += to_float(*out);
-    if (bias) v = round_to<T>(v) + to_float(bias[j]);
-    *out = from_float<T>(v);
-  }
-}
 
 template <typename T, int Split>
 bool launch_gemv_split(const GemvArgs& g, unsigned grid, size_t shared, cudaStream_t stream) {
@@ -508,14 +522,63 @@ bool launch_gemv(const GemvArgs& g, cudaStream_t stream) {
   }
 }
 
+// Blocks of the side product's gemv in the attention's grid: kThreads / 32 warps a block.
+template <typename T, int Split>
+bool launch_attention_with_side(const AttentionArgs& a, int64_t attention_blocks, size_t shared, cudaStream_t stream) {
+  const int64_t outputs_per_block = (kThreads / 32) / Split;
+  const int64_t blocks = attention_blocks + (a.side_product.n + outputs_per_block - 1) / outputs_per_block;
+  if (blocks > std::numeric_limits<int32_t>::max()) return false;
+  const unsigned grid = static_cast<unsigned>(blocks);
+  switch (a.side_product.rows) {
+#define KVC_SIDE_ROWS(R)                                                     \
+  case R:                                                                   \
+    split_attention<T, R, Split><<<grid, kThreads, shared, stream>>>(a);   \
+    return true;
+    KVC_SIDE_ROWS(1)
+    KVC_SIDE_ROWS(2)
+    KVC_SIDE_ROWS(3)
+    KVC_SIDE_ROWS(4)
+    KVC_SIDE_ROWS(5)
+    KVC_SIDE_ROWS(6)
+    KVC_SIDE_ROWS(7)
+    KVC_SIDE_ROWS(8)
+#undef KVC_SIDE_ROWS
+    default:
+      return false;
+  }
+}
+
+template <typename T>
+bool launch_attention(const AttentionArgs& a, cudaStream_t stream) {
+  const int64_t attention_blocks = a.rows * a.heads * a.splits;
+  // Shared: the chunk's scores, and its keys' partial dot products when vectorized.
+  const int64_t segments = a.vectorized ? a.head_dim / Vec<T>::kWidth : 0;
+  const size_t shared = static_cast<size_t>(a.chunk * (1 + segments)) * sizeof(float);
+  if (!a.has_side_product) {
+    const int64_t gelu_blocks = a.carry ? (a.rows * a.carry_cols + kThreads - 1) / kThreads : 0;
+    if (attention_blocks + gelu_blocks > std::numeric_limits<int32_t>::max()) return false;
+    split_attention<T, 0, 1><<<static_cast<unsigned>(attention_blocks + gelu_blocks), kThreads, shared, stream>>>(a);
+    return true;
+  }
+  const GemvArgs& g = a.side_product;
+  if (g.layer_norm || g.dtype != a.dtype || g.n < 1 || g.n > (int64_t{1} << 31) || !gemv_fits(g.dtype, g.rows, g.k, false))
+    return false;
+  switch (gemv_split(g.n)) {
+    case 1: return launch_attention_with_side<T, 1>(a, attention_blocks, shared, stream);
+    case 2: return launch_attention_with_side<T, 2>(a, attention_blocks, shared, stream);
+    default: return launch_attention_with_side<T, 4>(a, attention_blocks, shared, stream);
+  }
+}
+
 }  // namespace
 
-void decode_attention(const AttentionArgs& args, cudaStream_t stream) {
+bool decode_attention(const AttentionArgs& args, cudaStream_t stream) {
   switch (args.dtype) {
     case DType::f32: return launch_attention<float>(args, stream);
     case DType::f16: return launch_attention<__half>(args, stream);
     case DType::bf16: return launch_attention<__nv_bfloat16>(args, stream);
   }
+  return false;
 }
 
 void add_and_layer_norm(DType dtype, void* x, const void* pending, void* out, const void* gamma, const void* beta,

@@ -13,14 +13,15 @@ inline DType kernel_dtype(at::ScalarType t) {
   return t == at::kFloat ? DType::f32 : t == at::kHalf ? DType::f16 : DType::bf16;
 }
 
-/// gemv's arguments for out = in . weight^T (weight [n, k] row-major, one row of in per row of
-/// out); the caller sets what it fuses (accumulate, bias, layer_norm, gamma, beta, eps).
+/// gemv's arguments for out = in . weight^T (weight [n, k] with unit column stride: a matrix or
+/// a slice of its columns; one row of in per row of out); the caller sets what it fuses.
 inline GemvArgs gemv_args(const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight) {
   GemvArgs g;
   g.dtype = kernel_dtype(weight.scalar_type());
   g.x = in.data_ptr();
   g.x_stride = in.stride(0);
   g.w = weight.data_ptr();
+  g.w_stride = weight.stride(0);
   g.rows = in.size(0);
   g.n = weight.size(0);
   g.k = weight.size(1);
