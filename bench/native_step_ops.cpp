@@ -8,6 +8,8 @@
 //
 //   native_step_ops [--rows 1] [--capacity 576] [--layers 32] [--hidden 2560] [--heads 32]
 //                   [--ffn 10240] [--vocab 50304] [--rotary 20] [--dtype float16] [--reps 100]
+//                   [--pdl 1]   (0: the kernels launched plainly, as KVC_NATIVE_PDL=0 does)
+//                   [--chunk 64] (slots per attention block, as KVC_NATIVE_CHUNK sets it)
 #include <kvcompress/runtime/device.hpp>
 
 #include "../include/kvcompress/runtime/src/native_step_kernels_aten.hpp"
@@ -32,6 +34,8 @@ struct Shape {
   int64_t rows = 1, capacity = 576, layers = 32, hidden = 2560, heads = 32, ffn = 10240, vocab = 50304, rotary = 20;
   int64_t reps = 100;
   at::ScalarType dtype = at::kHalf;
+  bool early_launch = true;
+  int64_t chunk = 64;
 };
 
 [[noreturn]] void usage_error(const std::string& what) {
@@ -53,7 +57,8 @@ Shape parse(int argc, char** argv) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") {
       std::printf("native_step_ops [--rows N] [--capacity C] [--layers L] [--hidden H] [--heads N] [--ffn F]\n"
-                  "                [--vocab V] [--rotary R] [--dtype float16|bfloat16|float32] [--reps N]\n");
+                  "                [--vocab V] [--rotary R] [--dtype float16|bfloat16|float32] [--reps N]\n"
+                  "                [--pdl 0|1] [--chunk SLOTS]\n");
       std::exit(0);
     }
     if (i + 1 >= argc) usage_error(flag + " needs a value");
@@ -67,6 +72,12 @@ Shape parse(int argc, char** argv) {
     else if (flag == "--vocab") s.vocab = positive(flag, v, 1 << 20);
     else if (flag == "--rotary") s.rotary = positive(flag, v, 1024);
     else if (flag == "--reps") s.reps = positive(flag, v, 10000);
+    else if (flag == "--chunk") s.chunk = positive(flag, v, 512);
+    else if (flag == "--pdl") {
+      const std::string e = v;
+      if (e != "0" && e != "1") usage_error("--pdl must be 0 or 1, got '" + e + "'");
+      s.early_launch = e == "1";
+    }
     else if (flag == "--dtype") {
       const std::string d = v;
       if (d == "float16") s.dtype = at::kHalf;
@@ -115,7 +126,7 @@ int main(int argc, char** argv) {
     at::manual_seed(0);
     const auto opts = at::TensorOptions().dtype(s.dtype).device(at::kCUDA);
     const int64_t h = s.hidden, dim = h / s.heads, esz = static_cast<int64_t>(at::elementSize(s.dtype));
-    const int64_t splits = (s.capacity + 63) / 64;
+    const int64_t splits = (s.capacity + s.chunk - 1) / s.chunk;
     // Every layer's weights and caches of its own, launches cycling through them as the step's
     // layers do: one layer's tensors replayed would sit in the card's L2 cache.
     std::vector<at::Tensor> w_in, w_out, keys, values;
@@ -158,7 +169,7 @@ int main(int argc, char** argv) {
     a.positions_stride = 1;
     a.rotary_ndims = s.rotary;
     a.scale = 1.f / std::sqrt(static_cast<float>(dim));
-    a.chunk = 64;
+    a.chunk = s.chunk;
     a.splits = splits;
     a.partial = partial.data_ptr<float>();
     a.counters = counters.data_ptr<int>();
@@ -168,11 +179,13 @@ int main(int argc, char** argv) {
     a.carry_bias = static_cast<const char*>(b_in.data_ptr()) + 3 * h * esz;
     a.carry_cols = s.ffn;
     a.carry_out = static_cast<char*>(joined.data_ptr()) + h * esz;
+    a.early_launch = s.early_launch;
 
     auto stream = [] { return c10::cuda::getCurrentCUDAStream().stream(); };
     at::Tensor mlp_sums = at::empty({s.rows, h}, opts.dtype(at::kFloat));
     // The fused products (kernels::gemv), as the step sets them up.
-    const auto checked = [&](const kn::GemvArgs& g, const char* what) {
+    const auto checked = [&](kn::GemvArgs g, const char* what) {
+      g.early_launch = s.early_launch;
       if (!kn::gemv(g, stream())) throw std::runtime_error(std::string(what) + ": gemv refused its shape");
       check_launch(what);
     };
@@ -187,6 +200,7 @@ int main(int argc, char** argv) {
     };
     const auto mlp_args = [&](size_t l) {  // the attention's side product: the MLP's share of product out
       kn::GemvArgs g = kn::gemv_args(mlp_sums, joined.narrow(1, h, s.ffn), w_out[l].narrow(1, h, s.ffn));
+      g.early_launch = s.early_launch;
       g.sums = mlp_sums.data_ptr<float>();
       g.sums_stride = mlp_sums.stride(0);
       return g;
@@ -295,10 +309,11 @@ int main(int argc, char** argv) {
     const double limit_us = weight_bytes / bandwidth * 1e6;
 
     std::printf("native step operations: rows %lld, capacity %lld, %lld layers, hidden %lld, %lld heads x %lld, "
-                "ffn %lld, vocab %lld, %s, %lld launches per graph (cycling through %lld layers' tensors)\n",
+                "ffn %lld, vocab %lld, %s, %lld launches per graph (cycling through %lld layers' tensors), "
+                "early launch %s, %lld slots per attention block\n",
                 (long long)s.rows, (long long)s.capacity, (long long)s.layers, (long long)h, (long long)s.heads,
                 (long long)dim, (long long)s.ffn, (long long)s.vocab, c10::toString(s.dtype), (long long)s.reps,
-                (long long)s.layers);
+                (long long)s.layers, s.early_launch ? "on (sm_90 and later)" : "off", (long long)s.chunk);
     std::printf("copy bandwidth %.2f TB/s (read + write, 512 MiB)\n\n", bandwidth / 1e12);
     std::printf("%-30s %10s %8s %12s %8s %8s\n", "operation", "us/launch", "TB/s", "us per step", "cuBLAS", "fused");
     for (const auto& op : ops) {

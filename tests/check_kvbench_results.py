@@ -73,6 +73,7 @@ TOP = {  # field: check
     "cuda_graph": lambda v: isinstance(v, bool),
     "native_step": lambda v: isinstance(v, bool),
     "native_gemv": lambda v: v in ("", "default", "0", "1"),
+    "native_pdl": lambda v: v in ("", "default", "0", "1"),
     "jit_optimize": lambda v: isinstance(v, bool),
     "skip_layers": lambda v: isinstance(v, list) and all(isinstance(x, int) and x >= 0 for x in v),
     "inputs": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),

@@ -807,6 +807,18 @@ TEST(StaticRuntime, NativeStepIsRefusedWhereItCannotRun) {
   ASSERT_EQ(setenv("KVC_NATIVE_GEMV", "yes", 1), 0);
   expect_error([&] { rt::NativeStep{embedding_only}; }, "KVC_NATIVE_GEMV must be 0 or 1, got 'yes'");
   ASSERT_EQ(unsetenv("KVC_NATIVE_GEMV"), 0);
+  // So does the early-launch switch.
+  ASSERT_EQ(setenv("KVC_NATIVE_PDL", "2", 1), 0);
+  expect_error([&] { rt::NativeStep{embedding_only}; }, "KVC_NATIVE_PDL must be 0 or 1, got '2'");
+  ASSERT_EQ(unsetenv("KVC_NATIVE_PDL"), 0);
+  // And the attention's slots per block: an integer in [8, 512].
+  for (const char* bad : {"7", "513", "64x", ""}) {
+    ASSERT_EQ(setenv("KVC_NATIVE_CHUNK", bad, 1), 0);
+    expect_error([&] { rt::NativeStep{embedding_only}; },
+                 std::string("KVC_NATIVE_CHUNK must be an integer in [8, 512] (slots per block of the attention), got '") +
+                     bad + "'");
+  }
+  ASSERT_EQ(unsetenv("KVC_NATIVE_CHUNK"), 0);
 }
 
 enum class NativeRun { same, flipped, failed };

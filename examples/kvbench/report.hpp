@@ -259,6 +259,9 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
   // The native step's products (runtime/native_step.hpp): "default" = the fused gemv at one row.
   const char* native_gemv = std::getenv("KVC_NATIVE_GEMV");
   j["native_gemv"] = o.native_step ? (native_gemv ? native_gemv : "default") : "";
+  // Its kernels' launches: "default" = early (programmatic dependent launch) where the card allows.
+  const char* native_pdl = std::getenv("KVC_NATIVE_PDL");
+  j["native_pdl"] = o.native_step ? (native_pdl ? native_pdl : "default") : "";
   j["jit_optimize"] = torch::jit::getGraphExecutorOptimize();
   j["skip_layers"] = o.skip_layers;
   j["generate"] = o.generate;

@@ -83,6 +83,7 @@ def kvbench_entry(name, path, label):
         "ttft_s": r.get("ttft_s"), "tpot_s": r["tpot_s"], "tpot_min_s": r.get("tpot_s_min"),
         "tpot_max_s": r.get("tpot_s_max"), "cuda_graph": doc.get("cuda_graph"), "native_step": doc.get("native_step"),
         "native_gemv": doc.get("native_gemv"),
+        "native_pdl": doc.get("native_pdl"),
     }
 
 

@@ -33,8 +33,10 @@ namespace runtime {
 namespace {
 
 // Slots per block of the split attention: small enough that a compressed cache of a few hundred
-// slots still spreads over more blocks than the GPU has multiprocessors.
-constexpr int64_t kChunk = 64;
+// slots still spreads over more blocks than the GPU has multiprocessors. KVC_NATIVE_CHUNK
+// overrides it (read when the step is built), within [kMinChunk, kMaxChunk]: the block keeps a
+// chunk's scores and partial dot products in shared memory.
+constexpr int64_t kChunk = 64, kMinChunk = 8, kMaxChunk = 512;
 
 void check_dtype(at::ScalarType t) {
   if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16)
@@ -133,7 +135,7 @@ struct NativeStep::Impl {
     s.projected = at::empty({rows, 3 * hidden + ffn}, opts);
     s.joined = at::empty({rows, hidden + ffn}, opts);
     s.logits_model = at::empty({rows, vocab}, opts);
-    const int64_t splits = (capacity + kChunk - 1) / kChunk;  // the CUDA attention's per-split results
+    const int64_t splits = (capacity + chunk - 1) / chunk;  // the CUDA attention's per-split results
     if (device.is_cuda()) {
       s.partial = at::empty({rows * shape.num_heads * splits * (shape.head_dim + 2)}, opts.dtype(at::kFloat));
       s.counters = at::zeros({rows * shape.num_heads}, opts.dtype(at::kInt));  // the attention leaves them zero
@@ -150,6 +152,11 @@ struct NativeStep::Impl {
   // allow 16-byte loads (weights_aligned).
   int64_t gemv_rows = 1;
   bool weights_aligned = false;
+  // The kernels launched early where the card allows (programmatic dependent launch, sm_90 and
+  // later: each kernel's blocks start, and prefetch their weights, while the previous kernel
+  // finishes). KVC_NATIVE_PDL=0 launches them plainly (read when the step is built).
+  bool early_launch = true;
+  int64_t chunk = kChunk;  // slots per block of the attention
 
   bool fused_products(int64_t rows) const {
 #ifdef KVC_NATIVE_KERNELS
@@ -170,6 +177,7 @@ struct NativeStep::Impl {
   kernels::GemvArgs product_args(const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight) const {
     kernels::GemvArgs g = kernels::gemv_args(out, in, weight);
     g.eps = static_cast<float>(shape.layer_norm_eps);
+    g.early_launch = early_launch;
     return g;
   }
 
@@ -226,12 +234,13 @@ struct NativeStep::Impl {
     a.rotary_base = static_cast<float>(shape.rotary_base);
     a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(a.head_dim)));
     a.slot_bias = bias ? bias->data_ptr() : nullptr;
-    a.chunk = kChunk;
-    a.splits = (a.capacity + kChunk - 1) / kChunk;
+    a.chunk = chunk;
+    a.splits = (a.capacity + chunk - 1) / chunk;
     a.partial = w.partial.data_ptr<float>();
     a.counters = w.counters.data_ptr<int>();
     a.out = w.joined.data_ptr();
     a.out_stride = w.joined.size(1);
+    a.early_launch = early_launch;
     return a;
   }
 
@@ -322,6 +331,19 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
     m.gemv_rows = v == "1" ? kernels::kMaxGemvRows : 0;
 #endif
   }
+  if (const char* early = std::getenv("KVC_NATIVE_PDL")) {
+    const std::string v = early;
+    if (v != "0" && v != "1") throw Error("native step: KVC_NATIVE_PDL must be 0 or 1, got '" + v + "'");
+    m.early_launch = v == "1";
+  }
+  if (const char* chunk = std::getenv("KVC_NATIVE_CHUNK")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(chunk, &end, 10);
+    if (end == chunk || *end != '\0' || v < kMinChunk || v > kMaxChunk)
+      throw Error("native step: KVC_NATIVE_CHUNK must be an integer in [" + std::to_string(kMinChunk) + ", " +
+                  std::to_string(kMaxChunk) + "] (slots per block of the attention), got '" + chunk + "'");
+    m.chunk = v;
+  }
   const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
 #ifndef KVC_NATIVE_KERNELS
   if (m.device.is_cuda())
@@ -332,6 +354,12 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
   if (!m.device.is_cuda() && !m.device.is_cpu())
     throw Error("native step: model '" + model.name + "' is on " + m.device.str() + "; it runs on CUDA and the CPU");
   m.hidden = model.num_heads * model.head_dim;
+#ifdef KVC_NATIVE_KERNELS
+  if (m.device.is_cuda() && !kernels::attention_fits(kernel_dtype(m.dtype), model.head_dim, m.chunk))
+    throw Error("native step: KVC_NATIVE_CHUNK=" + std::to_string(m.chunk) + " slots of head_dim " +
+                std::to_string(model.head_dim) + " in " + c10::toString(m.dtype) +
+                " do not fit the attention's shared memory; take fewer");
+#endif
   const c10::DeviceGuard guard(m.device);
   c10::InferenceMode inference;
   // The kernels read raw bytes of the model's dtype: every tensor they read in it, contiguous,
@@ -430,11 +458,13 @@ at::Tensor NativeStep::step(const at::Tensor& input_ids, const at::Tensor& posit
     }
     capacity = std::max(capacity, k.size(2));
   }
-  // The attention's grid: a block per (row, head, 64-slot split) and the GELU's blocks (CUDA's limit).
-  if (m.device.is_cuda() && rows * heads * ((capacity + kChunk - 1) / kChunk) + (rows * m.ffn + 127) / 128 >
+  // The attention's grid: a block per (row, head, split of m.chunk slots), then the GELU's or
+  // the side product's blocks (at most one per output) (CUDA's limit).
+  if (m.device.is_cuda() && rows * heads * ((capacity + m.chunk - 1) / m.chunk) +
+                                    std::max((rows * m.ffn + 127) / 128, m.hidden) >
                                 std::numeric_limits<int32_t>::max())
     throw Error(who + std::to_string(rows) + " rows of " + std::to_string(capacity) +
-                " slots exceed the kernels' launch grid (2^31 - 1 blocks of " + std::to_string(kChunk) +
+                " slots exceed the kernels' launch grid (2^31 - 1 blocks of " + std::to_string(m.chunk) +
                 " slots of one row's head)");
   const bool per_row = lengths.dim() == 2;
   if (lengths.scalar_type() != at::kLong || lengths.device() != m.device || !lengths.is_contiguous() ||

@@ -10,6 +10,7 @@
 #include <cfloat>
 #include <cstdio>
 #include <limits>
+#include <utility>
 
 namespace kvcompress {
 namespace runtime {
@@ -48,6 +49,20 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+// Programmatic dependent launch (sm_90 and later): a kernel launched early waits here until the
+// previous kernel has finished and its writes are visible (at once when launched plainly), then
+// lets the next early-launched kernel start its blocks in turn. Before this, a kernel reads
+// nothing another kernel writes: it only prefetches.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// A hint: the cache line holding p (a valid address) into L2; no register is written.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // Block-wide max / sum over Threads threads (every thread gets the result).
 template <int Threads>
 __device__ float block_max(float v, float* scratch) {
@@ -265,6 +280,22 @@ __device__ void score_chunk(const AttentionArgs& a, int64_t b, int64_t h, int64_
   }
 }
 
+// The first loads of w that gemv_block's warps will make (each lane's first kPrefetch 16-byte
+// pieces of its part of row j), into L2: issued before the block waits for its input (an early
+// launch) or normalises it (layer_norm), so that the weights stream meanwhile.
+template <typename T, int Split, int Warps>
+__device__ void prefetch_weights(const GemvArgs& g, int64_t block) {
+  constexpr int W = Vec<T>::kWidth, kPrefetch = 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part = warp % Split;
+  const int64_t j = block * (Warps / Split) + warp / Split;
+  if (j >= g.n) return;
+  const int64_t per_part = (g.k / W + Split - 1) / Split * W;
+  const int64_t c_end = min(g.k, (part + 1) * per_part);
+  const T* wj = static_cast<const T*>(g.w) + j * (g.w_stride > 0 ? g.w_stride : g.k);
+  int64_t c = part * per_part + static_cast<int64_t>(lane) * W;
+  for (int i = 0; i < kPrefetch && c < c_end; ++i, c += 32 * W) prefetch_l2(wj + c);
+}
+
 // One block of a gemv: y[r, j] = x[r, :] . w[j, :] for `Rows` rows over Warps warps, `Split`
 // warps per output j (each over a contiguous 1/Split of k, summed in shared memory in a fixed
 // order): one warp per output leaves too few warps for a card's multiprocessors when n is small.
@@ -367,6 +398,8 @@ __device__ void gemv_block(const GemvArgs& g, int64_t block) {
 // A gemv launch: 256 threads = 8 warps per block.
 template <typename T, int Rows, int Split>
 __global__ void __launch_bounds__(256) gemv_kernel(GemvArgs g) {
+  prefetch_weights<T, Split, 8>(g, blockIdx.x);
+  wait_for_previous_kernel();
   gemv_block<T, Rows, Split, 8>(g, blockIdx.x);
 }
 
@@ -383,8 +416,11 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
   if (static_cast<int64_t>(blockIdx.x) >= attention_blocks) {
     const int64_t block = static_cast<int64_t>(blockIdx.x) - attention_blocks;
     if constexpr (SideRows > 0) {
+      prefetch_weights<T, SideSplit, kThreads / 32>(a.side_product, block);
+      wait_for_previous_kernel();
       gemv_block<T, SideRows, SideSplit, kThreads / 32>(a.side_product, block);
     } else {  // GELU of the MLP's input
+      wait_for_previous_kernel();
       const int64_t e = block * kThreads + threadIdx.x;
       if (!a.carry || e >= a.rows * a.carry_cols) return;
       const int64_t b = e / a.carry_cols, c = e % a.carry_cols;
@@ -396,6 +432,15 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
   }
   const int64_t head = blockIdx.x / a.splits, s = blockIdx.x % a.splits, h = head % a.heads, b = head / a.heads;
   const int D = static_cast<int>(a.head_dim);
+  {  // this block's slots of the keys and values (the older ones no kernel of this step writes)
+    const int64_t first = s * a.chunk, slots = min(a.chunk, a.capacity - first);
+    const int64_t bytes = slots * a.head_dim * static_cast<int64_t>(sizeof(T)), offset = ((b * a.heads + h) * a.capacity + first) * a.head_dim;
+    for (int64_t at = static_cast<int64_t>(threadIdx.x) * 128; at < bytes; at += kThreads * 128) {
+      prefetch_l2(reinterpret_cast<const char*>(static_cast<const T*>(a.keys) + offset) + at);
+      prefetch_l2(reinterpret_cast<const char*>(static_cast<const T*>(a.values) + offset) + at);
+    }
+  }
+  wait_for_previous_kernel();
   const int64_t len = a.lengths[b * a.lengths_stride];  // the new token goes to slot len
   if (len < 0 || len >= a.capacity) {  // the caller's bug: stop loudly, as an index check would
     if (threadIdx.x == 0 && s == 0)
@@ -473,12 +518,43 @@ __global__ void __launch_bounds__(kNormThreads)
 // less the kernel's static arrays).
 constexpr int64_t kGemvSharedBytes = 48 * 1024 - 1024;
 
+// Whether the current device takes programmatic dependent launches (sm_90 and later).
+bool early_launch_supported() {
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+}
+
+// kernel<<<grid, threads, shared, stream>>>(args...), launched early (AttentionArgs::early_launch)
+// where asked and the device and the CUDA runtime take it.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), unsigned grid, unsigned threads, size_t shared, cudaStream_t stream, bool early,
+            Args&&... args) {
+#if CUDART_VERSION >= 11080
+  if (early && early_launch_supported()) {
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(grid);
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = shared;
+    config.stream = stream;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);  // an error is left for last_error()
+    return;
+  }
+#endif
+  kernel<<<grid, threads, shared, stream>>>(std::forward<Args>(args)...);
+}
+
 template <typename T, int Split>
 bool launch_gemv_split(const GemvArgs& g, unsigned grid, size_t shared, cudaStream_t stream) {
   switch (g.rows) {
 #define KVC_GEMV_ROWS(R)                                          \
   case R:                                                        \
-    gemv_kernel<T, R, Split><<<grid, 256, shared, stream>>>(g); \
+    launch(gemv_kernel<T, R, Split>, grid, 256, shared, stream, g.early_launch, g); \
     return true;
     KVC_GEMV_ROWS(1)
     KVC_GEMV_ROWS(2)
@@ -532,7 +608,7 @@ bool launch_attention_with_side(const AttentionArgs& a, int64_t attention_blocks
   switch (a.side_product.rows) {
 #define KVC_SIDE_ROWS(R)                                                     \
   case R:                                                                   \
-    split_attention<T, R, Split><<<grid, kThreads, shared, stream>>>(a);   \
+    launch(split_attention<T, R, Split>, grid, kThreads, shared, stream, a.early_launch, a); \
     return true;
     KVC_SIDE_ROWS(1)
     KVC_SIDE_ROWS(2)
@@ -548,16 +624,25 @@ bool launch_attention_with_side(const AttentionArgs& a, int64_t attention_blocks
   }
 }
 
+// Dynamic shared memory of an attention block: the chunk's scores, and its keys' partial dot
+// products when vectorized; at most kAttentionSharedBytes (48 KiB less the static arrays).
+constexpr int64_t kAttentionSharedBytes = 36 * 1024;
+int64_t attention_shared_bytes(int64_t element_size, int64_t head_dim, int64_t chunk, bool vectorized) {
+  const int64_t segments = vectorized ? head_dim / (16 / element_size) : 0;
+  return chunk * (1 + segments) * static_cast<int64_t>(sizeof(float));
+}
+
 template <typename T>
 bool launch_attention(const AttentionArgs& a, cudaStream_t stream) {
   const int64_t attention_blocks = a.rows * a.heads * a.splits;
-  // Shared: the chunk's scores, and its keys' partial dot products when vectorized.
-  const int64_t segments = a.vectorized ? a.head_dim / Vec<T>::kWidth : 0;
-  const size_t shared = static_cast<size_t>(a.chunk * (1 + segments)) * sizeof(float);
+  const int64_t bytes = attention_shared_bytes(sizeof(T), a.head_dim, a.chunk, a.vectorized);
+  if (a.chunk < 1 || bytes > kAttentionSharedBytes) return false;
+  const size_t shared = static_cast<size_t>(bytes);
   if (!a.has_side_product) {
     const int64_t gelu_blocks = a.carry ? (a.rows * a.carry_cols + kThreads - 1) / kThreads : 0;
     if (attention_blocks + gelu_blocks > std::numeric_limits<int32_t>::max()) return false;
-    split_attention<T, 0, 1><<<static_cast<unsigned>(attention_blocks + gelu_blocks), kThreads, shared, stream>>>(a);
+    launch(split_attention<T, 0, 1>, static_cast<unsigned>(attention_blocks + gelu_blocks), kThreads, shared, stream,
+           a.early_launch, a);
     return true;
   }
   const GemvArgs& g = a.side_product;
@@ -571,6 +656,11 @@ bool launch_attention(const AttentionArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+bool attention_fits(DType dtype, int64_t head_dim, int64_t chunk) {
+  const int64_t size = dtype == DType::f32 ? 4 : 2;
+  return chunk >= 1 && attention_shared_bytes(size, head_dim, chunk, true) <= kAttentionSharedBytes;
+}
 
 bool decode_attention(const AttentionArgs& args, cudaStream_t stream) {
   switch (args.dtype) {

@@ -51,6 +51,7 @@ struct GemvArgs {
   const void* gelu_bias = nullptr;  ///< n - gelu_from values
   void* gelu_out = nullptr;
   int64_t gelu_stride = 0;
+  bool early_launch = false;  ///< see AttentionArgs::early_launch
 };
 
 /// One layer's decode attention for one new token per row in one launch, split over the cache
@@ -92,9 +93,15 @@ struct AttentionArgs {
   void* carry_out = nullptr;  ///< GELU(carry) at carry_out[b * out_stride + c]
   bool has_side_product = false;  ///< instead of carry: side_product's blocks
   GemvArgs side_product;
+  /// Launched while the stream's previous kernel finishes (programmatic dependent launch, on
+  /// sm_90 and later; a plain launch elsewhere): the blocks prefetch what no kernel writes (the
+  /// weights, the cache's older slots) and wait for the previous kernel before anything else.
+  bool early_launch = false;
 };
-/// Launches the attention; false, launching nothing, where a side product does not fit (see
-/// gemv) or asks for layer_norm.
+/// Whether a block of `chunk` slots of heads of head_dim values fits the attention's shared memory.
+bool attention_fits(DType dtype, int64_t head_dim, int64_t chunk);
+/// Launches the attention; false, launching nothing, where attention_fits says no, or a side
+/// product does not fit (see gemv) or asks for layer_norm.
 bool decode_attention(const AttentionArgs& args, cudaStream_t stream);
 
 /// x += pending (a bias the previous product left out; optional), then
