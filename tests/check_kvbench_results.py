@@ -74,6 +74,7 @@ TOP = {  # field: check
     "native_step": lambda v: isinstance(v, bool),
     "native_gemv": lambda v: v in ("", "default", "0", "1"),
     "native_pdl": lambda v: v in ("", "default", "0", "1"),
+    "native_chunk": lambda v: v in ("", "default") or (isinstance(v, str) and v.isdigit() and 8 <= int(v) <= 512),
     "jit_optimize": lambda v: isinstance(v, bool),
     "skip_layers": lambda v: isinstance(v, list) and all(isinstance(x, int) and x >= 0 for x in v),
     "inputs": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),

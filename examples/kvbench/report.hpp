@@ -262,6 +262,9 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
   // Its kernels' launches: "default" = early (programmatic dependent launch) where the card allows.
   const char* native_pdl = std::getenv("KVC_NATIVE_PDL");
   j["native_pdl"] = o.native_step ? (native_pdl ? native_pdl : "default") : "";
+  // Its attention's slots per block: "default" = 64.
+  const char* native_chunk = std::getenv("KVC_NATIVE_CHUNK");
+  j["native_chunk"] = o.native_step ? (native_chunk ? native_chunk : "default") : "";
   j["jit_optimize"] = torch::jit::getGraphExecutorOptimize();
   j["skip_layers"] = o.skip_layers;
   j["generate"] = o.generate;

@@ -84,6 +84,7 @@ def kvbench_entry(name, path, label):
         "tpot_max_s": r.get("tpot_s_max"), "cuda_graph": doc.get("cuda_graph"), "native_step": doc.get("native_step"),
         "native_gemv": doc.get("native_gemv"),
         "native_pdl": doc.get("native_pdl"),
+        "native_chunk": doc.get("native_chunk"),
     }
 
 

@@ -1,13 +1,17 @@
 #pragma once
 // The one-token decode step of a GPT-NeoX (Pythia) contract model in kvcompress's own CUDA
 // kernels, beside the TorchScript `step` (the reference, and the CPU path). Per layer, at one
-// row (the latency case): one matrix product normalises the residual and computes QKV and the
-// MLP's input at once (the LayerNorms folded into the weights, as export_pythia.py --fuse-layers
-// does); one split-K decode attention applies rotary, writes the new key and value in place,
-// attends over the fixed-capacity cache, combines its splits and applies GELU; one matrix
-// product adds attention output, MLP output and their bias into the residual. Three launches
-// a layer where the TorchScript step launches about twelve. Larger batches normalise in a
-// kernel of its own and multiply in cuBLAS (KVC_NATIVE_GEMV chooses; docs/PERFORMANCE.md).
+// row (the latency case), three launches where the TorchScript step launches about twelve:
+// one matrix product normalises the residual and computes QKV and the MLP's input, GELU applied
+// as it writes the latter (the LayerNorms folded into the weights, as export_pythia.py
+// --fuse-layers does); one launch runs the split-K decode attention (rotary, the new key and
+// value written in place, attention over the fixed-capacity cache, its splits combined) and,
+// in blocks of the same grid, the MLP's share of the output product, whose weights stream while
+// the latency-bound attention runs; one matrix product adds the attention's share, that share
+// and the bias into the residual. On sm_90 and later each kernel launches while the previous
+// one finishes (programmatic dependent launch), prefetching its weights. Larger batches
+// normalise in a kernel of their own and multiply in cuBLAS. KVC_NATIVE_GEMV, KVC_NATIVE_PDL and
+// KVC_NATIVE_CHUNK tune it (docs/PERFORMANCE.md).
 // On the CPU the same algorithm runs in ATen operators, rounding where the kernels round: not a
 // fast path (the TorchScript step stays the CPU's), but the kernels' arithmetic checkable
 // against the TorchScript step on any machine (folded weights, layouts, rotary, masks).

@@ -3,7 +3,9 @@
 // write and the MLP input's GELU) and the two matrix products. On CUDA the first two are the
 // kernels of native_step_kernels.cu, built with KVC_RUNTIME_NATIVE_STEP (a LibTorch with CUDA
 // and the CUDA compiler, CMakeLists.txt); on the CPU they are ATen operators that round where
-// the kernels round: the same algorithm, testable anywhere against the TorchScript step.
+// the kernels round: the same algorithm, testable anywhere against the TorchScript step. At one
+// row on CUDA the products are the kernels' gemv with those operations fused in
+// (fused_products: three launches a layer, docs/PERFORMANCE.md).
 #include <kvcompress/runtime/native_step.hpp>
 #include <kvcompress/validate.hpp>
 
