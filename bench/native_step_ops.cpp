@@ -3,7 +3,8 @@
 // replayed, so that a figure includes the gaps between launches as the step's own graph has
 // them. Prints microseconds per launch, the bytes each moves per second, and each operation's
 // share of the step (layers x one layer's operations, then the final LayerNorm and logits),
-// beside one layer's operations replayed together and the card's copy bandwidth.
+// beside one layer's operations replayed together, the whole step (NativeStep::step) replayed
+// from a graph against its layers' sum, and the card's copy bandwidth.
 // Built with the native kernels only (a LibTorch with CUDA and the CUDA compiler).
 //
 //   native_step_ops [--rows 1] [--capacity 576] [--layers 32] [--hidden 2560] [--heads 32]
@@ -11,6 +12,7 @@
 //                   [--pdl 1]   (0: the kernels launched plainly, as KVC_NATIVE_PDL=0 does)
 //                   [--chunk 64] (slots per attention block, as KVC_NATIVE_CHUNK sets it)
 #include <kvcompress/runtime/device.hpp>
+#include <kvcompress/runtime/native_step.hpp>
 
 #include "../include/kvcompress/runtime/src/native_step_kernels_aten.hpp"
 
@@ -336,12 +338,14 @@ int main(int argc, char** argv) {
     const double layer_us = time_us([&] { layer_norm(); product_in(); attention(); product_out(); }, s.reps);
     std::printf("\none layer replayed whole: cuBLAS %.2f us (its operations' sum %.2f)", layer_us,
                 ops[0].us + ops[1].us + ops[2].us + ops[3].us);
+    double layer_fused_us = 0;
     if (fits) {
       settle();
-      const double fused_layer_us = time_us([&] { fused_in(); fused_second(); }, s.reps);
-      std::printf(", fused %.2f us (sum %.2f)", fused_layer_us, ops[6].us + ops[7].us + ops[8].us);
+      layer_fused_us = time_us([&] { fused_in(); fused_second(); }, s.reps);
+      std::printf(", fused %.2f us (sum %.2f)", layer_fused_us, ops[6].us + ops[7].us + ops[8].us);
     }
     std::printf("\n");
+
     if (!fits) return 0;
 
     // The fused products' largest difference from the unfused ones (LayerNorm kernel + cuBLAS),
@@ -378,6 +382,41 @@ int main(int argc, char** argv) {
     // The second product over the joined row the attention writes ([o | gelu], the same in both).
     compare("product out + bias", [&] { attention_mlp(); layer_at = 0; product_out(); layer_norm(); }, fused_second, x);
     compare("final LayerNorm + logits", [&] { norm_only(true); product_logits(); }, fused_logits, logits);
+    // The whole step (NativeStep::step on these weights, replayed from a graph as a decoder
+    // replays it): what it spends beyond its layers and logits -- the embedding, the float32
+    // copy of the logits, the gaps between unlike launches.
+    setenv("KVC_NATIVE_GEMV", "1", 1);  // the fused products at any rows that fit them, as timed above
+    setenv("KVC_NATIVE_PDL", s.early_launch ? "1" : "0", 1);
+    setenv("KVC_NATIVE_CHUNK", std::to_string(s.chunk).c_str(), 1);
+    rt::NativeStepModel model;
+    model.name = "native_step_ops";
+    model.num_layers = s.layers;
+    model.num_heads = s.heads;
+    model.head_dim = dim;
+    model.rotary_ndims = s.rotary;
+    model.parameters = {{"embed_in.weight", embed_out}, {"embed_out.weight", embed_out},
+                        {"final_layer_norm.weight", gamma}, {"final_layer_norm.bias", beta}};
+    for (int64_t l = 0; l < s.layers; ++l) {
+      const std::string at_ = "layers." + std::to_string(l) + ".";
+      model.parameters.emplace_back(at_ + "in_proj.weight", w_in[static_cast<size_t>(l)]);
+      model.parameters.emplace_back(at_ + "in_proj.bias", b_in);
+      model.parameters.emplace_back(at_ + "out_proj.weight", w_out[static_cast<size_t>(l)]);
+      model.parameters.emplace_back(at_ + "out_proj.bias", b_out);
+    }
+    rt::NativeStep step(model);
+    c10::List<at::Tensor> key_list, value_list;
+    for (int64_t l = 0; l < s.layers; ++l) {
+      key_list.push_back(keys[static_cast<size_t>(l)]);
+      value_list.push_back(values[static_cast<size_t>(l)]);
+    }
+    const at::Tensor ids = at::zeros({s.rows, 1}, opts.dtype(at::kLong));
+    const at::Tensor step_lengths = at::full({s.layers}, s.capacity - 1, opts.dtype(at::kLong));
+    constexpr int64_t kStepReps = 10;
+    const double whole_us = time_us([&] { step.step(ids, positions, key_list, value_list, step_lengths); }, kStepReps);
+    const double layers_us = layer_fused_us * static_cast<double>(s.layers) + ops[9].us;
+    std::printf("\nwhole step (NativeStep::step, fused products): %.1f us; %lld layers replayed whole + the logits: "
+                "%.1f us; the rest %.1f us\n",
+                whole_us, (long long)s.layers, layers_us, whole_us - layers_us);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "native_step_ops: error: %s\n", e.what());
     return 1;
