@@ -256,15 +256,16 @@ inline Json results_json(const Options& o, const rt::ContractModel& model, const
   j["shared_prompt"] = o.shared_prompt;
   j["cuda_graph"] = o.cuda_graph;
   j["native_step"] = o.native_step;
-  // The native step's products (runtime/native_step.hpp): "default" = the fused gemv at one row.
-  const char* native_gemv = std::getenv("KVC_NATIVE_GEMV");
-  j["native_gemv"] = o.native_step ? (native_gemv ? native_gemv : "default") : "";
-  // Its kernels' launches: "default" = early (programmatic dependent launch) where the card allows.
-  const char* native_pdl = std::getenv("KVC_NATIVE_PDL");
-  j["native_pdl"] = o.native_step ? (native_pdl ? native_pdl : "default") : "";
-  // Its attention's slots per block: "default" = 64.
-  const char* native_chunk = std::getenv("KVC_NATIVE_CHUNK");
-  j["native_chunk"] = o.native_step ? (native_chunk ? native_chunk : "default") : "";
+  // The native step's settings (runtime/native_step.hpp), "" without it: its products
+  // ("default" = the fused gemv at one row), its launches ("default" = early where the card
+  // allows) and its attention's slots per block ("default" = 64).
+  const auto native_setting = [&o](const char* name) -> std::string {
+    const char* value = std::getenv(name);
+    return o.native_step ? (value ? value : "default") : "";
+  };
+  j["native_gemv"] = native_setting("KVC_NATIVE_GEMV");
+  j["native_pdl"] = native_setting("KVC_NATIVE_PDL");
+  j["native_chunk"] = native_setting("KVC_NATIVE_CHUNK");
   j["jit_optimize"] = torch::jit::getGraphExecutorOptimize();
   j["skip_layers"] = o.skip_layers;
   j["generate"] = o.generate;

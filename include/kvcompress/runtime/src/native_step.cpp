@@ -26,6 +26,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <utility>
 
@@ -300,6 +301,15 @@ struct NativeStep::Impl {
 
 namespace {
 
+// A 0/1 switch from the environment: unset gives nothing, any other value is an error.
+std::optional<bool> switch_from_env(const char* name) {
+  const char* value = std::getenv(name);
+  if (!value) return std::nullopt;
+  const std::string v = value;
+  if (v != "0" && v != "1") throw Error(std::string("native step: ") + name + " must be 0 or 1, got '" + v + "'");
+  return v == "1";
+}
+
 at::Tensor take(const std::map<std::string, at::Tensor>& p, const std::string& name, const std::string& model) {
   auto it = p.find(name);
   if (it == p.end())
@@ -326,18 +336,12 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
   m.device = m.embed_in.device();
   m.dtype = m.embed_in.scalar_type();
   check_dtype(m.dtype);
-  if (const char* own = std::getenv("KVC_NATIVE_GEMV")) {
-    const std::string v = own;
-    if (v != "0" && v != "1") throw Error("native step: KVC_NATIVE_GEMV must be 0 or 1, got '" + v + "'");
+  if (const auto own = switch_from_env("KVC_NATIVE_GEMV")) {
 #ifdef KVC_NATIVE_KERNELS
-    m.gemv_rows = v == "1" ? kernels::kMaxGemvRows : 0;
+    m.gemv_rows = *own ? kernels::kMaxGemvRows : 0;
 #endif
   }
-  if (const char* early = std::getenv("KVC_NATIVE_PDL")) {
-    const std::string v = early;
-    if (v != "0" && v != "1") throw Error("native step: KVC_NATIVE_PDL must be 0 or 1, got '" + v + "'");
-    m.early_launch = v == "1";
-  }
+  if (const auto early = switch_from_env("KVC_NATIVE_PDL")) m.early_launch = *early;
   if (const char* chunk = std::getenv("KVC_NATIVE_CHUNK")) {
     char* end = nullptr;
     const long long v = std::strtoll(chunk, &end, 10);

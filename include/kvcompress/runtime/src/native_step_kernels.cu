@@ -10,6 +10,7 @@
 #include <cfloat>
 #include <cstdio>
 #include <limits>
+#include <mutex>
 #include <utility>
 
 namespace kvcompress {
@@ -518,11 +519,31 @@ __global__ void __launch_bounds__(kNormThreads)
 // less the kernel's static arrays).
 constexpr int64_t kGemvSharedBytes = 48 * 1024 - 1024;
 
-// Whether the current device takes programmatic dependent launches (sm_90 and later).
-bool early_launch_supported() {
-  int device = 0, major = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+// What the launches ask of the current device, queried once per device (not at every launch):
+// the warps its multiprocessors hold at full occupancy, and whether it takes programmatic
+// dependent launches (sm_90 and later). Zeros where a query fails.
+struct DeviceFacts {
+  int warps = 0;
+  bool early_launch = false;
+};
+const DeviceFacts& device_facts() {
+  constexpr int kDevices = 64;
+  static DeviceFacts facts[kDevices];
+  static std::once_flag queried[kDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) {
+    static const DeviceFacts none;
+    return none;
+  }
+  std::call_once(queried[device], [device] {
+    int sms = 0, threads = 0, major = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, device) == cudaSuccess)
+      facts[device].warps = sms * threads / 32;
+    facts[device].early_launch =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+  });
+  return facts[device];
 }
 
 // kernel<<<grid, threads, shared, stream>>>(args...), launched early (AttentionArgs::early_launch)
@@ -531,7 +552,7 @@ template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), unsigned grid, unsigned threads, size_t shared, cudaStream_t stream, bool early,
             Args&&... args) {
 #if CUDART_VERSION >= 11080
-  if (early && early_launch_supported()) {
+  if (early && device_facts().early_launch) {
     cudaLaunchAttribute attribute[1];
     attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute[0].val.programmaticStreamSerializationAllowed = 1;
@@ -572,14 +593,7 @@ bool launch_gemv_split(const GemvArgs& g, unsigned grid, size_t shared, cudaStre
 
 // Warps per output: enough warps for every multiprocessor's full occupancy, at most 4.
 int gemv_split(int64_t n) {
-  static const int warps_per_card = [] {
-    int device = 0, sms = 0, threads = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, device) != cudaSuccess)
-      return 0;
-    return sms * threads / 32;
-  }();
+  const int warps_per_card = device_facts().warps;
   int split = 1;
   while (split < 4 && n * split * 2 <= warps_per_card) split *= 2;
   return split;
