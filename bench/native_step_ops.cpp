@@ -7,10 +7,11 @@
 // from a graph against its layers' sum, and the card's copy bandwidth.
 // Built with the native kernels only (a LibTorch with CUDA and the CUDA compiler).
 //
-//   native_step_ops [--rows 1] [--capacity 576] [--layers 32] [--hidden 2560] [--heads 32]
+//   native_step_ops [--rows 1] [--capacity 576] [--length C-1] [--layers 32] [--hidden 2560] [--heads 32]
 //                   [--ffn 10240] [--vocab 50304] [--rotary 20] [--dtype float16] [--reps 100]
 //                   [--pdl 1]   (0: the kernels launched plainly, as KVC_NATIVE_PDL=0 does)
 //                   [--chunk 64] (slots per attention block, as KVC_NATIVE_CHUNK sets it)
+//                   [--prefetch 1] (0: the attention prefetches no keys and values into L2)
 #include <kvcompress/runtime/device.hpp>
 #include <kvcompress/runtime/native_step.hpp>
 
@@ -35,8 +36,9 @@ namespace {
 struct Shape {
   int64_t rows = 1, capacity = 576, layers = 32, hidden = 2560, heads = 32, ffn = 10240, vocab = 50304, rotary = 20;
   int64_t reps = 100;
+  int64_t length = -1;  // slots held before the new token: capacity - 1 unless set
   at::ScalarType dtype = at::kHalf;
-  bool early_launch = true;
+  bool early_launch = true, prefetch = true;
   int64_t chunk = 64;
 };
 
@@ -58,15 +60,16 @@ Shape parse(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") {
-      std::printf("native_step_ops [--rows N] [--capacity C] [--layers L] [--hidden H] [--heads N] [--ffn F]\n"
+      std::printf("native_step_ops [--rows N] [--capacity C] [--length L] [--layers L] [--hidden H] [--heads N] [--ffn F]\n"
                   "                [--vocab V] [--rotary R] [--dtype float16|bfloat16|float32] [--reps N]\n"
-                  "                [--pdl 0|1] [--chunk SLOTS]\n");
+                  "                [--pdl 0|1] [--chunk SLOTS] [--prefetch 0|1]\n");
       std::exit(0);
     }
     if (i + 1 >= argc) usage_error(flag + " needs a value");
     const char* v = argv[++i];
     if (flag == "--rows") s.rows = positive(flag, v, 1 << 16);
     else if (flag == "--capacity") s.capacity = positive(flag, v, 1 << 22);
+    else if (flag == "--length") s.length = positive(flag, v, 1 << 22);
     else if (flag == "--layers") s.layers = positive(flag, v, 1024);
     else if (flag == "--hidden") s.hidden = positive(flag, v, 1 << 16);
     else if (flag == "--heads") s.heads = positive(flag, v, 1024);
@@ -75,10 +78,10 @@ Shape parse(int argc, char** argv) {
     else if (flag == "--rotary") s.rotary = positive(flag, v, 1024);
     else if (flag == "--reps") s.reps = positive(flag, v, 10000);
     else if (flag == "--chunk") s.chunk = positive(flag, v, 512);
-    else if (flag == "--pdl") {
+    else if (flag == "--pdl" || flag == "--prefetch") {
       const std::string e = v;
-      if (e != "0" && e != "1") usage_error("--pdl must be 0 or 1, got '" + e + "'");
-      s.early_launch = e == "1";
+      if (e != "0" && e != "1") usage_error(flag + " must be 0 or 1, got '" + e + "'");
+      (flag == "--pdl" ? s.early_launch : s.prefetch) = e == "1";
     }
     else if (flag == "--dtype") {
       const std::string d = v;
@@ -94,6 +97,8 @@ Shape parse(int argc, char** argv) {
   const int64_t dim = s.hidden / s.heads;
   if (dim > 256) usage_error("head_dim (hidden / heads) must be at most 256, got " + std::to_string(dim));
   if (s.rotary > dim || s.rotary % 2 != 0) usage_error("--rotary must be even and at most head_dim");
+  if (s.length < 0) s.length = s.capacity - 1;
+  if (s.length >= s.capacity) usage_error("--length must leave the new token a slot: at most --capacity - 1");
   return s;
 }
 
@@ -144,8 +149,8 @@ int main(int argc, char** argv) {
     at::Tensor x = at::randn({s.rows, h}, opts), normed = at::empty({s.rows, h}, opts);
     at::Tensor projected = at::randn({s.rows, 3 * h + s.ffn}, opts), joined = at::empty({s.rows, h + s.ffn}, opts);
     at::Tensor logits = at::empty({s.rows, s.vocab}, opts);
-    const at::Tensor lengths = at::full({1}, s.capacity - 1, opts.dtype(at::kLong));  // the new token in the last slot
-    const at::Tensor positions = at::full({s.rows, 1}, s.capacity - 1, opts.dtype(at::kLong));
+    const at::Tensor lengths = at::full({1}, s.length, opts.dtype(at::kLong));  // the new token's slot
+    const at::Tensor positions = at::full({s.rows, 1}, s.length, opts.dtype(at::kLong));
     at::Tensor partial = at::empty({s.rows * s.heads * splits * (dim + 2)}, opts.dtype(at::kFloat));
     at::Tensor counters = at::zeros({s.rows * s.heads}, opts.dtype(at::kInt));
     int64_t layer_at = 0;  // the layer the next launch reads
@@ -182,6 +187,7 @@ int main(int argc, char** argv) {
     a.carry_cols = s.ffn;
     a.carry_out = static_cast<char*>(joined.data_ptr()) + h * esz;
     a.early_launch = s.early_launch;
+    a.prefetch = s.prefetch;
 
     auto stream = [] { return c10::cuda::getCurrentCUDAStream().stream(); };
     at::Tensor mlp_sums = at::empty({s.rows, h}, opts.dtype(at::kFloat));
@@ -282,7 +288,7 @@ int main(int argc, char** argv) {
     const double in_bytes = static_cast<double>((3 * h + s.ffn) * h * esz);
     const double out_bytes = static_cast<double>(h * (h + s.ffn) * esz);
     const double logit_bytes = static_cast<double>(s.vocab * h * esz);
-    const double kv_bytes = 2.0 * static_cast<double>(s.rows * s.heads * s.capacity * dim * esz);
+    const double kv_bytes = 2.0 * static_cast<double>(s.rows * s.heads * (s.length + 1) * dim * esz);  // the slots read
     std::vector<Op> ops{
         {"LayerNorm (+ pending bias)", layer_norm, 3.0 * act * h, s.layers, false, true},
         {"product in (cuBLAS)", product_in, in_bytes, s.layers, false, true},
@@ -310,12 +316,13 @@ int main(int argc, char** argv) {
     const double weight_bytes = static_cast<double>(s.layers) * (in_bytes + out_bytes) + logit_bytes;
     const double limit_us = weight_bytes / bandwidth * 1e6;
 
-    std::printf("native step operations: rows %lld, capacity %lld, %lld layers, hidden %lld, %lld heads x %lld, "
+    std::printf("native step operations: rows %lld, capacity %lld (%lld held), %lld layers, hidden %lld, %lld heads x %lld, "
                 "ffn %lld, vocab %lld, %s, %lld launches per graph (cycling through %lld layers' tensors), "
-                "early launch %s, %lld slots per attention block\n",
-                (long long)s.rows, (long long)s.capacity, (long long)s.layers, (long long)h, (long long)s.heads,
+                "early launch %s, %lld slots per attention block, keys and values prefetched %s\n",
+                (long long)s.rows, (long long)s.capacity, (long long)s.length, (long long)s.layers, (long long)h, (long long)s.heads,
                 (long long)dim, (long long)s.ffn, (long long)s.vocab, c10::toString(s.dtype), (long long)s.reps,
-                (long long)s.layers, s.early_launch ? "on (sm_90 and later)" : "off", (long long)s.chunk);
+                (long long)s.layers, s.early_launch ? "on (sm_90 and later)" : "off", (long long)s.chunk,
+                s.prefetch ? "yes" : "no (the whole step's lines prefetch)");
     std::printf("copy bandwidth %.2f TB/s (read + write, 512 MiB)\n\n", bandwidth / 1e12);
     std::printf("%-30s %10s %8s %12s %8s %8s\n", "operation", "us/launch", "TB/s", "us per step", "cuBLAS", "fused");
     for (const auto& op : ops) {
@@ -410,13 +417,42 @@ int main(int argc, char** argv) {
       value_list.push_back(values[static_cast<size_t>(l)]);
     }
     const at::Tensor ids = at::zeros({s.rows, 1}, opts.dtype(at::kLong));
-    const at::Tensor step_lengths = at::full({s.layers}, s.capacity - 1, opts.dtype(at::kLong));
+    const at::Tensor step_lengths = at::full({s.layers}, s.length, opts.dtype(at::kLong));
     constexpr int64_t kStepReps = 10;
     const double whole_us = time_us([&] { step.step(ids, positions, key_list, value_list, step_lengths); }, kStepReps);
     const double layers_us = layer_fused_us * static_cast<double>(s.layers) + ops[9].us;
     std::printf("\nwhole step (NativeStep::step, fused products): %.1f us; %lld layers replayed whole + the logits: "
                 "%.1f us; the rest %.1f us\n",
                 whole_us, (long long)s.layers, layers_us, whole_us - layers_us);
+    // As a decoder runs it: one step and its greedy choice per replay, then also with the
+    // decoder's work around each replay (StaticDecoder::upload_step_inputs: the lengths from
+    // pinned memory and the positions' fill; the chosen id copied into the output).
+    at::Tensor fed = ids.clone();
+    const at::Tensor generated = at::zeros({s.rows, 256}, fed.options());
+    rt::CudaGraph one;
+    one.capture([&] {
+      const at::Tensor logits = step.step(fed, positions, key_list, value_list, step_lengths);
+      at::argmax_out(fed, logits.select(1, -1), -1, /*keepdim=*/true);
+      return logits;
+    }, 1);
+    const auto decode_us = [&](bool with_uploads) {
+      one.replay();
+      rt::CudaEvents marks;
+      marks.record();
+      for (int64_t i = 0; i < generated.size(1); ++i) {
+        if (with_uploads) {
+          step_lengths.copy_(at::full({s.layers}, s.length, at::kLong).pin_memory(), /*non_blocking=*/true);
+          positions.fill_(s.length);
+        }
+        one.replay();
+        if (with_uploads) generated.narrow(1, i, 1).copy_(fed);
+      }
+      marks.record();
+      return marks.seconds(0, 1) * 1e6 / static_cast<double>(generated.size(1));
+    };
+    const double replayed_us = decode_us(false), uploads_us = decode_us(true);
+    std::printf("one step + greedy choice per replay: %.1f us; with the decoder's uploads and id copy: %.1f us\n",
+                replayed_us, uploads_us);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "native_step_ops: error: %s\n", e.what());
     return 1;

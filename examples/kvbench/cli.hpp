@@ -175,7 +175,7 @@ inline Options parse_args(int argc, char** argv) {
   cli.flag("--native-step", runtime,
            "one-token steps in kvcompress's own CUDA kernels instead of the model's\nTorchScript step (CUDA; the "
            "fixed-capacity cache, --schedule every\nunless given, and --no-one-pass; not for methods that score with\n"
-           "attention or queries). On an H100 1.23x faster than the TorchScript step\nat one row; "
+           "attention or queries). On an H100 1.33x faster than the TorchScript step\nat one row; "
            "KVC_NATIVE_GEMV, KVC_NATIVE_PDL and KVC_NATIVE_CHUNK tune it\n(docs/PERFORMANCE.md)",
            [&o] { o.native_step = true; });
   cli.count("--batch", o.batch, 1, runtime, "rows of the generation measurement (default 1)");

@@ -53,7 +53,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // Programmatic dependent launch (sm_90 and later): a kernel launched early waits here until the
 // previous kernel has finished and its writes are visible (at once when launched plainly), then
 // lets the next early-launched kernel start its blocks in turn. Before this, a kernel reads
-// nothing another kernel writes: it only prefetches.
+// nothing another kernel writes: only the step's inputs, and it prefetches.
 __device__ __forceinline__ void wait_for_previous_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -115,19 +115,19 @@ struct Vec {
   }
 };
 
-// The last split block of a (row, head) to finish combines the splits: partial results in
-// `part`, per split [output (head_dim) | max score | sum of exp]; read through L2 (__ldcg), as
-// other blocks wrote them.
+// The last split block of a (row, head) to finish combines its `active` splits: partial results
+// in `part`, per split [output (head_dim) | max score | sum of exp]; read through L2 (__ldcg),
+// as other blocks wrote them.
 template <typename T>
-__device__ void combine_splits(const AttentionArgs& a, int64_t b, int64_t h) {
+__device__ void combine_splits(const AttentionArgs& a, int64_t b, int64_t h, int64_t active) {
   const int D = static_cast<int>(a.head_dim);
   const float* part = a.partial + (b * a.heads + h) * a.splits * (a.head_dim + 2);
   float m = -INFINITY;
-  for (int64_t s = 0; s < a.splits; ++s)
+  for (int64_t s = 0; s < active; ++s)
     if (__ldcg(part + s * (D + 2) + D + 1) > 0.f) m = fmaxf(m, __ldcg(part + s * (D + 2) + D));
   for (int d = threadIdx.x; d < D; d += kThreads) {
     float o = 0.f, l = 0.f;
-    for (int64_t s = 0; s < a.splits; ++s) {
+    for (int64_t s = 0; s < active; ++s) {
       const float* p = part + s * (D + 2);
       const float ls = __ldcg(p + D + 1);
       if (ls <= 0.f) continue;
@@ -281,22 +281,6 @@ __device__ void score_chunk(const AttentionArgs& a, int64_t b, int64_t h, int64_
   }
 }
 
-// The first loads of w that gemv_block's warps will make (each lane's first kPrefetch 16-byte
-// pieces of its part of row j), into L2: issued before the block waits for its input (an early
-// launch) or normalises it (layer_norm), so that the weights stream meanwhile.
-template <typename T, int Split, int Warps>
-__device__ void prefetch_weights(const GemvArgs& g, int64_t block) {
-  constexpr int W = Vec<T>::kWidth, kPrefetch = 4;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part = warp % Split;
-  const int64_t j = block * (Warps / Split) + warp / Split;
-  if (j >= g.n) return;
-  const int64_t per_part = (g.k / W + Split - 1) / Split * W;
-  const int64_t c_end = min(g.k, (part + 1) * per_part);
-  const T* wj = static_cast<const T*>(g.w) + j * (g.w_stride > 0 ? g.w_stride : g.k);
-  int64_t c = part * per_part + static_cast<int64_t>(lane) * W;
-  for (int i = 0; i < kPrefetch && c < c_end; ++i, c += 32 * W) prefetch_l2(wj + c);
-}
-
 // One block of a gemv: y[r, j] = x[r, :] . w[j, :] for `Rows` rows over Warps warps, `Split`
 // warps per output j (each over a contiguous 1/Split of k, summed in shared memory in a fixed
 // order): one warp per output leaves too few warps for a card's multiprocessors when n is small.
@@ -399,7 +383,6 @@ __device__ void gemv_block(const GemvArgs& g, int64_t block) {
 // A gemv launch: 256 threads = 8 warps per block.
 template <typename T, int Rows, int Split>
 __global__ void __launch_bounds__(256) gemv_kernel(GemvArgs g) {
-  prefetch_weights<T, Split, 8>(g, blockIdx.x);
   wait_for_previous_kernel();
   gemv_block<T, Rows, Split, 8>(g, blockIdx.x);
 }
@@ -417,7 +400,6 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
   if (static_cast<int64_t>(blockIdx.x) >= attention_blocks) {
     const int64_t block = static_cast<int64_t>(blockIdx.x) - attention_blocks;
     if constexpr (SideRows > 0) {
-      prefetch_weights<T, SideSplit, kThreads / 32>(a.side_product, block);
       wait_for_previous_kernel();
       gemv_block<T, SideRows, SideSplit, kThreads / 32>(a.side_product, block);
     } else {  // GELU of the MLP's input
@@ -432,16 +414,8 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
     return;
   }
   const int64_t head = blockIdx.x / a.splits, s = blockIdx.x % a.splits, h = head % a.heads, b = head / a.heads;
-  const int D = static_cast<int>(a.head_dim);
-  {  // this block's slots of the keys and values (the older ones no kernel of this step writes)
-    const int64_t first = s * a.chunk, slots = min(a.chunk, a.capacity - first);
-    const int64_t bytes = slots * a.head_dim * static_cast<int64_t>(sizeof(T)), offset = ((b * a.heads + h) * a.capacity + first) * a.head_dim;
-    for (int64_t at = static_cast<int64_t>(threadIdx.x) * 128; at < bytes; at += kThreads * 128) {
-      prefetch_l2(reinterpret_cast<const char*>(static_cast<const T*>(a.keys) + offset) + at);
-      prefetch_l2(reinterpret_cast<const char*>(static_cast<const T*>(a.values) + offset) + at);
-    }
-  }
-  wait_for_previous_kernel();
+  // The step's inputs, written before it starts (no kernel of the step writes them): read
+  // before the wait.
   const int64_t len = a.lengths[b * a.lengths_stride];  // the new token goes to slot len
   if (len < 0 || len >= a.capacity) {  // the caller's bug: stop loudly, as an index check would
     if (threadIdx.x == 0 && s == 0)
@@ -449,27 +423,32 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
              static_cast<long long>(b), static_cast<long long>(len), static_cast<long long>(a.capacity));
     __trap();
   }
-  const int64_t start = s * a.chunk, end = min(start + a.chunk, len + 1);
-  float* part = a.partial + ((b * a.heads + h) * a.splits + s) * (a.head_dim + 2);
-  if (start >= end) {  // nothing of this row in this chunk
-    if (threadIdx.x == 0) {
-      part[D] = -INFINITY;
-      part[D + 1] = 0.f;
+  // Splits past slot len hold nothing of this row: a cache sized for a long prompt and
+  // compressed since leaves most of the grid with nothing to do, so those blocks leave at once.
+  const int64_t active = len / a.chunk + 1, start = s * a.chunk, end = min(start + a.chunk, len + 1);
+  if (s >= active) return;
+  if (a.prefetch) {  // this block's older slots (no kernel of the step writes them) into L2
+    const int64_t bytes = (min(end, len) - start) * a.head_dim * static_cast<int64_t>(sizeof(T));
+    const int64_t offset = ((b * a.heads + h) * a.capacity + start) * a.head_dim;
+    for (int64_t at = static_cast<int64_t>(threadIdx.x) * 128; at < bytes; at += kThreads * 128) {
+      prefetch_l2(reinterpret_cast<const char*>(static_cast<const T*>(a.keys) + offset) + at);
+      prefetch_l2(reinterpret_cast<const char*>(static_cast<const T*>(a.values) + offset) + at);
     }
-  } else {
-    score_chunk<T>(a, b, h, start, end, len, part);
   }
+  wait_for_previous_kernel();
+  float* part = a.partial + ((b * a.heads + h) * a.splits + s) * (a.head_dim + 2);
+  score_chunk<T>(a, b, h, start, end, len, part);
   // Every thread's writes visible device-wide before the count that may let another block read them.
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    last = atomicAdd(a.counters + head, 1) == static_cast<int>(a.splits) - 1;
-    if (last) a.counters[head] = 0;  // ready for the next launch (every split has counted)
+    last = atomicAdd(a.counters + head, 1) == static_cast<int>(active) - 1;
+    if (last) a.counters[head] = 0;  // ready for the next launch (every active split has counted)
   }
   __syncthreads();
   if (!last) return;
   __threadfence();
-  combine_splits<T>(a, b, h);
+  combine_splits<T>(a, b, h, active);
 }
 
 // LayerNorm threads per row, and the widest row kept in shared memory: a block's static and

@@ -56,9 +56,11 @@ struct GemvArgs {
 
 /// One layer's decode attention for one new token per row in one launch, split over the cache
 /// length (FlashDecoding): rotary on the new query and key, the new key and value written in
-/// place at slot lengths[b], attention over slots [0, lengths[b]], the splits combined by the
-/// last of a head's blocks to finish (a length outside [0, capacity) stops the kernel with a
-/// device-side trap, as an index check would). Blocks after the attention's, in the same grid,
+/// place at slot lengths[b], attention over slots [0, lengths[b]], the splits that hold those
+/// slots combined by the last of them to finish; the grid covers the capacity, and blocks of
+/// splits past a row's length leave at once (a length outside [0, capacity) stops the kernel
+/// with a device-side trap, as an index check would). lengths are an input of the step: no
+/// kernel before the attention in the same step may write them. Blocks after the attention's, in the same grid,
 /// do one of two things:
 ///   carry:        GELU of the MLP's input written beside the attention output, so that the
 ///                 layer's second product reads one contiguous row [o | gelu(carry)];
@@ -94,9 +96,13 @@ struct AttentionArgs {
   bool has_side_product = false;  ///< instead of carry: side_product's blocks
   GemvArgs side_product;
   /// Launched while the stream's previous kernel finishes (programmatic dependent launch, on
-  /// sm_90 and later; a plain launch elsewhere): the blocks prefetch what no kernel writes (the
-  /// weights, the cache's older slots) and wait for the previous kernel before anything else.
+  /// sm_90 and later; a plain launch elsewhere): the blocks read only the step's inputs (lengths)
+  /// and prefetch (below) before they wait for the previous kernel.
   bool early_launch = false;
+  /// Each attention block's older keys and values hinted into L2 before it waits for the previous
+  /// kernel (false: loaded when it gets to them). Weights are not prefetched: on an H100 that
+  /// cost about 1 us a layer (docs/PERFORMANCE.md).
+  bool prefetch = true;
 };
 /// Whether a block of `chunk` slots of heads of head_dim values fits the attention's shared memory.
 bool attention_fits(DType dtype, int64_t head_dim, int64_t chunk);
