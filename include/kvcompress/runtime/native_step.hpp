@@ -9,7 +9,7 @@
 // in blocks of the same grid, the MLP's share of the output product, whose weights stream while
 // the latency-bound attention runs; one matrix product adds the attention's share, that share
 // and the bias into the residual. On sm_90 and later each kernel launches while the previous
-// one finishes (programmatic dependent launch), prefetching its weights. Larger batches
+// one finishes (programmatic dependent launch). Larger batches
 // normalise in a kernel of their own and multiply in cuBLAS. KVC_NATIVE_GEMV, KVC_NATIVE_PDL and
 // KVC_NATIVE_CHUNK tune it (docs/PERFORMANCE.md).
 // On the CPU the same algorithm runs in ATen operators, rounding where the kernels round: not a

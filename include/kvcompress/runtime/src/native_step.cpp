@@ -6,6 +6,7 @@
 // the kernels round: the same algorithm, testable anywhere against the TorchScript step. At one
 // row on CUDA the products are the kernels' gemv with those operations fused in
 // (fused_products: three launches a layer, docs/PERFORMANCE.md).
+#include <kvcompress/params.hpp>
 #include <kvcompress/runtime/native_step.hpp>
 #include <kvcompress/validate.hpp>
 
@@ -156,8 +157,8 @@ struct NativeStep::Impl {
   int64_t gemv_rows = 1;
   bool weights_aligned = false;
   // The kernels launched early where the card allows (programmatic dependent launch, sm_90 and
-  // later: each kernel's blocks start, and prefetch their weights, while the previous kernel
-  // finishes). KVC_NATIVE_PDL=0 launches them plainly (read when the step is built).
+  // later: each kernel's blocks start while the previous kernel finishes, and wait for it).
+  // KVC_NATIVE_PDL=0 launches them plainly (read when the step is built).
   bool early_launch = true;
   int64_t chunk = kChunk;  // slots per block of the attention
 
@@ -343,9 +344,8 @@ NativeStep::NativeStep(const NativeStepModel& model) : impl_(std::make_unique<Im
   }
   if (const auto early = switch_from_env("KVC_NATIVE_PDL")) m.early_launch = *early;
   if (const char* chunk = std::getenv("KVC_NATIVE_CHUNK")) {
-    char* end = nullptr;
-    const long long v = std::strtoll(chunk, &end, 10);
-    if (end == chunk || *end != '\0' || v < kMinChunk || v > kMaxChunk)
+    int64_t v = 0;
+    if (!params::parse_int(chunk, v) || v < kMinChunk || v > kMaxChunk)
       throw Error("native step: KVC_NATIVE_CHUNK must be an integer in [" + std::to_string(kMinChunk) + ", " +
                   std::to_string(kMaxChunk) + "] (slots per block of the attention), got '" + chunk + "'");
     m.chunk = v;

@@ -399,11 +399,10 @@ __global__ void __launch_bounds__(kThreads) split_attention(AttentionArgs a) {
   const int64_t attention_blocks = a.rows * a.heads * a.splits;
   if (static_cast<int64_t>(blockIdx.x) >= attention_blocks) {
     const int64_t block = static_cast<int64_t>(blockIdx.x) - attention_blocks;
+    wait_for_previous_kernel();
     if constexpr (SideRows > 0) {
-      wait_for_previous_kernel();
       gemv_block<T, SideRows, SideSplit, kThreads / 32>(a.side_product, block);
     } else {  // GELU of the MLP's input
-      wait_for_previous_kernel();
       const int64_t e = block * kThreads + threadIdx.x;
       if (!a.carry || e >= a.rows * a.carry_cols) return;
       const int64_t b = e / a.carry_cols, c = e % a.carry_cols;

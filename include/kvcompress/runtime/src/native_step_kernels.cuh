@@ -60,8 +60,8 @@ struct GemvArgs {
 /// slots combined by the last of them to finish; the grid covers the capacity, and blocks of
 /// splits past a row's length leave at once (a length outside [0, capacity) stops the kernel
 /// with a device-side trap, as an index check would). lengths are an input of the step: no
-/// kernel before the attention in the same step may write them. Blocks after the attention's, in the same grid,
-/// do one of two things:
+/// kernel before the attention in the same step may write them. Blocks after the attention's,
+/// in the same grid, do one of two things:
 ///   carry:        GELU of the MLP's input written beside the attention output, so that the
 ///                 layer's second product reads one contiguous row [o | gelu(carry)];
 ///   side_product: a gemv (no layer_norm) that does not read the attention's output -- the
@@ -101,7 +101,7 @@ struct AttentionArgs {
   bool early_launch = false;
   /// Each attention block's older keys and values hinted into L2 before it waits for the previous
   /// kernel (false: loaded when it gets to them). Weights are not prefetched: on an H100 that
-  /// cost about 1 us a layer (docs/PERFORMANCE.md).
+  /// made each gemv 0.4-1.1 us slower (docs/PERFORMANCE.md).
   bool prefetch = true;
 };
 /// Whether a block of `chunk` slots of heads of head_dim values fits the attention's shared memory.
